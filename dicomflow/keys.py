@@ -1,0 +1,33 @@
+"""Every Redis key dicomflow writes, under one prefix, defined here only."""
+
+PREFIX = "dicomflow:"
+
+
+def claim(event_key: str) -> str:
+    """Short-lived lock taken while one event is planned (idempotency)."""
+    return f"{PREFIX}claim:{event_key}"
+
+
+def event_jobs(event_key: str) -> str:
+    """Hash jobName -> RQ job id of the latest run planned for an event key."""
+    return f"{PREFIX}event:{event_key}"
+
+
+def series_state(series_uid: str) -> str:
+    """Set of Orthanc instance ids already handed to series-level jobs."""
+    return f"{PREFIX}series-state:{series_uid}"
+
+
+def study_state(study_uid: str) -> str:
+    """Set of Orthanc series ids already handed to study-level jobs."""
+    return f"{PREFIX}study-state:{study_uid}"
+
+
+CALLBACK_ERRORS = f"{PREFIX}errors:callback"
+EVENT_ERRORS = f"{PREFIX}errors:event"
+STATS = f"{PREFIX}stats"
+
+
+def service_key(name: str) -> str:
+    """Namespace for a service's own keys: dicomflow:svc:<name>:..."""
+    return f"{PREFIX}svc:{name}:"

@@ -1,0 +1,76 @@
+"""The core settings, built once per process from the configuration and passed explicitly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dicomflow.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseModel):
+    """What the scheduler and the workers need; services read their own keys from `config`."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    home: Path = Field(default=REPO_ROOT / "state", alias="DICOMFLOW_HOME")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="DICOMFLOW_REDIS_URL")
+    services_dir: Path = Field(default=REPO_ROOT / "services", alias="DICOMFLOW_SERVICES_DIR")
+    #: RQ queue names, highest priority first; a service's `priority` must be one of them.
+    queues: tuple[str, ...] = Field(default=("high", "default", "low"), alias="DICOMFLOW_QUEUES")
+    scheduler_token: str = Field(default="", alias="DICOMFLOW_SCHEDULER_TOKEN")
+    scheduler_host: str = Field(default="127.0.0.1", alias="DICOMFLOW_SCHEDULER_HOST")
+    scheduler_port: int = Field(default=8642, alias="DICOMFLOW_SCHEDULER_PORT")
+    #: How often (seconds) the scheduler looks for changed services.
+    registry_poll: float = Field(default=2.0, alias="DICOMFLOW_REGISTRY_POLL")
+    orthanc_url: str = Field(default="http://127.0.0.1:8042", alias="ORTHANC_URL")
+    orthanc_username: str = Field(default="", alias="ORTHANC_USERNAME")
+    orthanc_password: str = Field(default="", alias="ORTHANC_PASSWORD")
+    #: Where workers keep the DICOM files they fetch from Orthanc (one copy per host).
+    cache_dir: Path | None = Field(default=None, alias="DICOMFLOW_CACHE_DIR")
+    #: Cached files untouched for this many seconds are removed.
+    cache_ttl: int = Field(default=3600, alias="DICOMFLOW_CACHE_TTL")
+    result_ttl: int = Field(default=86400, alias="DICOMFLOW_RESULT_TTL")
+    failure_ttl: int = Field(default=7 * 86400, alias="DICOMFLOW_FAILURE_TTL")
+    #: Default job timeout (seconds) for services that set none.
+    default_timeout: int = Field(default=3600, alias="DICOMFLOW_DEFAULT_TIMEOUT")
+    #: How many callback errors / event errors the scheduler keeps for operators.
+    error_log_length: int = Field(default=1000, alias="DICOMFLOW_ERROR_LOG_LENGTH")
+    #: Everything from the configuration file and the environment, for services.
+    config: Mapping[str, str] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(q.strip() for q in value.split(",") if q.strip())
+        if not value:
+            raise ValueError("at least one queue is needed")
+        return value
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir or self.home / "cache"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str]) -> "Settings":
+        """Build the settings from a flat configuration mapping (see `dicomflow.config`).
+
+        Raises:
+            ConfigError: a value has the wrong form; the message names the key.
+        """
+        known = {f.alias for f in cls.model_fields.values() if f.alias}
+        values: dict[str, Any] = {k: v for k, v in config.items() if k in known and v != ""}
+        try:
+            return cls.model_validate({**values, "config": MappingProxyType(dict(config))})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"invalid configuration: {problems}") from exc

@@ -1,0 +1,1 @@
+"""The scheduler: event intake, service registry, planning and enqueueing (a Flask app)."""

@@ -1,0 +1,64 @@
+"""Operator endpoints: health, installed services and their problems, errors, counters, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flask import Blueprint, current_app, jsonify, request
+
+from dicomflow import keys
+
+bp = Blueprint("status", __name__)
+
+OPENAPI = Path(__file__).with_name("openapi.json")
+
+
+@bp.get("/health")
+def health():
+    """Liveness plus whether Redis answers (no secrets, no patient data: unauthenticated)."""
+    state = current_app.extensions["dicomflow"]
+    try:
+        redis_ok = bool(state.connection.ping())
+    except Exception:  # health must answer whatever Redis does
+        redis_ok = False
+    return jsonify(status="ok" if redis_ok else "degraded", redis=redis_ok), (200 if redis_ok else 503)
+
+
+@bp.get("/api/v1/services")
+def services():
+    """Loaded jobs in planning order, inactive ones and why, and load problems."""
+    return jsonify(current_app.extensions["dicomflow"].registry.current().describe())
+
+
+@bp.post("/api/v1/services/reload")
+def reload_services():
+    """Reload the registry now (service.sh calls this after an install)."""
+    return jsonify(current_app.extensions["dicomflow"].registry.reload().describe())
+
+
+@bp.get("/api/v1/errors")
+def errors():
+    """Recent callback failures and invalid events, newest first (`?limit=N`)."""
+    state = current_app.extensions["dicomflow"]
+    limit = max(1, min(request.args.get("limit", 100, type=int), state.settings.error_log_length))
+    pipe = state.connection.pipeline(transaction=False)
+    pipe.lrange(keys.CALLBACK_ERRORS, 0, limit - 1)
+    pipe.lrange(keys.EVENT_ERRORS, 0, limit - 1)
+    callback_errors, event_errors = pipe.execute()
+    return jsonify(callbacks=[json.loads(e) for e in callback_errors],
+                   events=[json.loads(e) for e in event_errors])
+
+
+@bp.get("/api/v1/stats")
+def stats():
+    """Counters of events by outcome and jobs enqueued since Redis started."""
+    state = current_app.extensions["dicomflow"]
+    raw = state.connection.hgetall(keys.STATS)
+    return jsonify({k.decode(): int(v) for k, v in raw.items()})
+
+
+@bp.get("/api/v1/openapi.json")
+def openapi():
+    """The OpenAPI document of this API."""
+    return current_app.response_class(OPENAPI.read_text(), mimetype="application/json")

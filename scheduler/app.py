@@ -1,0 +1,70 @@
+"""The scheduler's Flask application factory."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from dicomflow.settings import Settings
+from scheduler.enqueue import Enqueuer
+from scheduler.registry import RegistryHolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerState:
+    """What the blueprints share, kept in `app.extensions["dicomflow"]`."""
+
+    settings: Settings
+    connection: redis.Redis
+    registry: RegistryHolder
+    enqueuer: Enqueuer
+
+
+def create_app(settings: Settings, connection: redis.Redis | None = None) -> Flask:
+    """Build the scheduler app.
+
+    Args:
+        settings: the core settings; `scheduler_token` must be set (no anonymous intake).
+        connection: a Redis client (default: one from `settings.redis_url`).
+    """
+    if not settings.scheduler_token:
+        from dicomflow.errors import ConfigError
+        raise ConfigError("DICOMFLOW_SCHEDULER_TOKEN is empty: the scheduler refuses to run without a token")
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    connection = connection or redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    holder = RegistryHolder(settings.services_dir / "registry", settings.queues, settings.config,
+                            poll_interval=settings.registry_poll)
+    app.extensions["dicomflow"] = SchedulerState(settings, connection, holder, Enqueuer(connection, settings))
+
+    from scheduler import api_events, api_status
+    app.register_blueprint(api_events.bp)
+    app.register_blueprint(api_status.bp)
+
+    @app.before_request
+    def _authenticate():
+        if request.endpoint in ("status.health", "status.openapi") or request.endpoint is None:
+            return None
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {settings.scheduler_token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return jsonify(error="unauthorized", message="missing or wrong bearer token"), 401
+        return None
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_down(exc: redis.RedisError):
+        log.error("Redis unavailable: %s", exc)
+        return jsonify(error="redis-unavailable", message=f"Redis is unavailable: {exc}"), 503
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        return jsonify(error=exc.name.lower().replace(" ", "-"), message=exc.description), exc.code
+
+    return app

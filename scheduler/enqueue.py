@@ -1,0 +1,211 @@
+"""Turning planned events into RQ jobs: idempotency checks and one transaction per batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.job import Dependency, Job, JobStatus
+
+from dicomflow import keys
+from dicomflow.events import Event, Level
+from dicomflow.settings import Settings
+from scheduler.planning import Plan, plan_event
+from scheduler.registry import Registry
+
+log = logging.getLogger(__name__)
+
+#: The function every job runs on the worker side; it resolves the service's worker.
+RUNNER = "worker.runtime.run_service_job"
+
+#: A previous run in one of these states makes a repeated instance event a duplicate.
+ACTIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.DEFERRED.value,
+          JobStatus.SCHEDULED.value}
+
+CLAIM_MS = 30_000
+
+
+@dataclass
+class EventResult:
+    """What became of one event; returned to the plugin and kept for operators."""
+
+    key: str
+    status: str  # scheduled | duplicate | unchanged | nothing | invalid
+    jobs: dict[str, str] = field(default_factory=dict)
+    declined: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "status": self.status}
+        for name in ("jobs", "declined", "notes", "errors"):
+            if value := getattr(self, name):
+                out[name] = value
+        return out
+
+
+def job_id_for(job_name: str, event_key: str) -> str:
+    """A job id RQ accepts, readable in the dashboard: `<jobName>-<event hash>-<run>`."""
+    digest = hashlib.sha1(event_key.encode()).hexdigest()[:12]
+    return f"{job_name}-{digest}-{uuid.uuid4().hex[:8]}"
+
+
+class Enqueuer:
+    """Plans and enqueues batches of events with a few Redis round trips per batch."""
+
+    def __init__(self, connection: Redis, settings: Settings):
+        self.connection = connection
+        self.settings = settings
+        self.queues = {name: Queue(name, connection=connection) for name in settings.queues}
+
+    def submit(self, events: Sequence[Event], registry: Registry,
+               plan: Callable[..., Plan] = plan_event) -> list[EventResult]:
+        """Plan and enqueue `events` (one batch from the plugin); results in the same order."""
+        conn = self.connection
+        token = uuid.uuid4().hex
+        # Round trip 1: claim each event key (concurrent duplicates lose), read its last run.
+        pipe = conn.pipeline(transaction=False)
+        for event in events:
+            pipe.set(keys.claim(event.key), token, nx=True, px=CLAIM_MS)
+            pipe.hgetall(keys.event_jobs(event.key))
+            if event.level is not Level.INSTANCE:
+                pipe.smembers(self._state_key(event))
+        replies = iter(pipe.execute())
+        claimed, previous, states = [], [], []
+        for event in events:
+            claimed.append(bool(next(replies)))
+            previous.append({k.decode(): v.decode() for k, v in next(replies).items()})
+            states.append({m.decode() for m in next(replies)} if event.level is not Level.INSTANCE else set())
+
+        # Round trip 2: are the previous runs still going?
+        prior_ids = sorted({jid for runs in previous for jid in runs.values()})
+        status: dict[str, str] = {}
+        if prior_ids:
+            pipe = conn.pipeline(transaction=False)
+            for jid in prior_ids:
+                pipe.hget(Job.key_for(jid), "status")
+            status = {jid: (s.decode() if s else "") for jid, s in zip(prior_ids, pipe.execute())}
+
+        results: list[EventResult] = []
+        plans: list[tuple[Plan, EventResult, set[str]]] = []
+        mine: list[str] = []
+        for event, got_claim, runs, state in zip(events, claimed, previous, states):
+            result = EventResult(event.key, "scheduled")
+            results.append(result)
+            if not got_claim:
+                result.status = "duplicate"
+                result.notes.append("the same event is being planned right now")
+                continue
+            mine.append(event.key)
+            new_members: set[str] = set()
+            if event.level is Level.INSTANCE:
+                active = {name: jid for name, jid in runs.items() if status.get(jid) in ACTIVE}
+                if active:
+                    result.status = "duplicate"
+                    result.jobs = active
+                    result.notes.append("jobs of an earlier copy of this instance are still queued or running")
+                    continue
+            else:
+                members = set(event.orthanc.get("instances" if event.level is Level.SERIES else "series") or [])
+                new_members = members - state
+                if state and not new_members:
+                    result.status = "unchanged"
+                    result.notes.append(f"already handed to jobs with the same {len(state)} members")
+                    continue
+            plan = plan(event, registry, self.settings.config)
+            plans.append((plan, result, new_members))
+
+        # Round trip 3: one transaction with every job of the batch.
+        pipe = conn.pipeline(transaction=True)
+        pipe.multi()
+        now = time.time()
+        for plan, result, new_members in plans:
+            self._record(plan, result, pipe, now)
+            if plan.jobs:
+                self._enqueue_plan(plan, result, pipe, new_members)
+            elif result.status == "scheduled":
+                result.status = "nothing"
+            if plan.event.level is not Level.INSTANCE and new_members:
+                pipe.sadd(self._state_key(plan.event), *sorted(new_members))
+                pipe.expire(self._state_key(plan.event), self.settings.failure_ttl)
+        for key in mine:
+            pipe.delete(keys.claim(key))
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[f"events:{r.status}"] = counts.get(f"events:{r.status}", 0) + 1
+            counts["jobs"] = counts.get("jobs", 0) + len(r.jobs) if r.status == "scheduled" else counts.get("jobs", 0)
+        for name, n in counts.items():
+            if n:
+                pipe.hincrby(keys.STATS, name, n)
+        pipe.execute()
+        return results
+
+    def _state_key(self, event: Event) -> str:
+        return keys.series_state(event.uid) if event.level is Level.SERIES else keys.study_state(event.uid)
+
+    def _record(self, plan: Plan, result: EventResult, pipe, now: float) -> None:
+        """Keep callback failures where an operator sees them (API + Redis list)."""
+        for failure in plan.failures:
+            result.errors.append(f"{failure.jobName}: {failure.error}")
+            pipe.lpush(keys.CALLBACK_ERRORS, json.dumps({
+                "time": now, "event": plan.event.key, "jobName": failure.jobName,
+                "error": failure.error, "traceback": failure.traceback,
+            }))
+        if plan.failures:
+            pipe.ltrim(keys.CALLBACK_ERRORS, 0, self.settings.error_log_length - 1)
+        result.declined = plan.declined
+
+    def _enqueue_plan(self, plan: Plan, result: EventResult, pipe, new_members: set[str]) -> None:
+        event = plan.event
+        context = event.context()
+        if new_members:
+            context["newMembers"] = sorted(new_members)
+        ids: dict[str, str] = {}
+        settings = self.settings
+        for planned in plan.jobs:
+            spec = planned.job.spec
+            queue = self.queues[spec.priority]
+            depends_on = None
+            if planned.waits_for:
+                depends_on = Dependency(jobs=[ids[d] for d in planned.waits_for],
+                                        allow_failure=spec.runOnDependencyFailure)
+            job = Job.create(
+                RUNNER,
+                kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": event.headers,
+                        "params": spec.params, "added_params": plan.added_params, "event": context},
+                connection=self.connection,
+                id=job_id_for(spec.jobName, event.key),
+                origin=queue.name,
+                description=f"{spec.jobName} {event.level.value} {event.uid}",
+                timeout=spec.timeout or settings.default_timeout,
+                result_ttl=settings.result_ttl,
+                failure_ttl=settings.failure_ttl,
+                retry=Retry(max=spec.retry.max, interval=spec.retry.interval) if spec.retry else None,
+                depends_on=depends_on,
+                meta={"event": event.key, "service": planned.job.service, "notes": planned.notes},
+            )
+            ids[spec.jobName] = job.id
+            pipe.sadd(queue.redis_queues_keys, queue.key)
+            if depends_on is None:
+                queue.enqueue_job(job, pipeline=pipe)
+            else:
+                # Its dependencies are created in this same transaction, so none can have
+                # finished yet: register it as deferred without RQ's WATCH round trips.
+                job.set_status(JobStatus.DEFERRED, pipeline=pipe)
+                job.register_dependency(pipeline=pipe)
+                job.save(pipeline=pipe)
+                job.cleanup(ttl=job.ttl, pipeline=pipe)
+            result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
+        result.jobs = ids
+        event_key = keys.event_jobs(event.key)
+        pipe.delete(event_key)
+        pipe.hset(event_key, mapping=ids)
+        pipe.expire(event_key, settings.failure_ttl)

@@ -1,0 +1,254 @@
+"""Installing, removing and backing up services (what `service.sh` runs).
+
+A service to install is a folder with `registry/` (settings.json + callback package) and
+`module/` (the worker package, optional requirements.txt). It is validated together with
+the installed services before anything is touched; a broken one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import click
+import requests
+
+from dicomflow.config import load_config
+from dicomflow.errors import DicomflowError, ServiceNameError
+from dicomflow.service import check_service_name
+from dicomflow.settings import Settings
+from scheduler.registry import Problem, load_registry
+
+
+class InstallError(DicomflowError):
+    """A service cannot be installed, removed or backed up; the message says why."""
+
+
+def validate(name: str, source: Path, settings: Settings) -> list[Problem]:
+    """Problems of service `name` from `source` when added to the installed ones.
+
+    Loads the installed services plus the candidate (as `name`) in a scratch folder, and
+    imports the candidate's worker functions in a fresh interpreter.
+    """
+    check_service_name(name)
+    registry_src, module_src = source / "registry", source / "module"
+    for folder in (registry_src, module_src):
+        if not folder.is_dir():
+            raise InstallError(f"{folder} does not exist: a service folder holds registry/ and module/")
+    installed = settings.services_dir / "registry"
+    with tempfile.TemporaryDirectory(prefix="dicomflow-check-") as scratch:
+        scratch_dir = Path(scratch)
+        if installed.is_dir():
+            for other in installed.iterdir():
+                if other.is_dir() and other.name != name and not other.name.startswith("."):
+                    os.symlink(other.resolve(), scratch_dir / other.name)
+        shutil.copytree(registry_src, scratch_dir / name)
+        registry, importer = load_registry(scratch_dir, settings.queues, settings.config)
+        importer.retire()
+        problems = [p for p in registry.problems if p.service == name or p.severity == "error"]
+        before, before_importer = load_registry(installed, settings.queues, settings.config)
+        before_importer.retire()
+        known = {(p.service, p.message) for p in before.problems}
+        problems = [p for p in problems if p.service == name or (p.service, p.message) not in known]
+        if any(p.severity == "error" and p.service == name for p in problems):
+            return problems
+        modules_dir = scratch_dir / "_modules"
+        modules_dir.mkdir()
+        shutil.copytree(module_src, modules_dir / name)
+        for dotted in _worker_paths(scratch_dir / name):
+            problem = _check_worker(dotted, [str(modules_dir), str(settings.services_dir / "modules")])
+            if problem:
+                problems.append(Problem(name, str(module_src), problem, "worker"))
+    return problems
+
+
+def _worker_paths(registry_dir: Path) -> list[str]:
+    """The `worker` of every job in a (valid) settings.json, enabled or not."""
+    data = json.loads((registry_dir / "settings.json").read_text())
+    entries = data if isinstance(data, list) else [data]
+    return sorted({e["worker"] for e in entries if isinstance(e, dict) and isinstance(e.get("worker"), str)})
+
+
+def _check_worker(dotted: str, path: list[str]) -> str | None:
+    """Import `package.function` in a fresh interpreter; a message when that fails."""
+    module, _, attr = dotted.rpartition(".")
+    code = ("import importlib, sys; sys.path[:0] = sys.argv[3:]; "
+            "m = importlib.import_module(sys.argv[1]); f = getattr(m, sys.argv[2], None); "
+            "sys.exit(0 if callable(f) else 'no function ' + sys.argv[2] + ' in ' + sys.argv[1])")
+    proc = subprocess.run([sys.executable, "-c", code, module, attr, *path],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["import failed"])[-1]
+        return f"worker {dotted!r} is not importable: {last}"
+    return None
+
+
+def _install_requirements(module_src: Path) -> None:
+    requirements = module_src / "requirements.txt"
+    if not requirements.is_file():
+        return
+    lines = [ln for ln in requirements.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        return
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-r", str(requirements)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InstallError(f"installing {requirements} failed:\n{proc.stderr.strip()[-2000:]}")
+
+
+def _replace_tree(source: Path, target: Path) -> None:
+    """Copy `source` to `target`, replacing it in one rename (no half-installed service)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.new-{uuid.uuid4().hex[:6]}"
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"))
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def install(name: str, source: Path, settings: Settings) -> list[Problem]:
+    """Validate then install; returns warnings. Raises InstallError with every problem."""
+    source = source.resolve()
+    _install_requirements(source / "module") if (source / "module").is_dir() else None
+    problems = validate(name, source, settings)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise InstallError(f"service {name!r} refused, nothing changed:\n" + "\n".join(f"  {p}" for p in errors))
+    _replace_tree(source / "module", settings.services_dir / "modules" / name)
+    _replace_tree(source / "registry", settings.services_dir / "registry" / name)
+    return [p for p in problems if p.severity != "error"]
+
+
+def backup(name: str, target: Path, settings: Settings) -> Path:
+    """Copy an installed service to `target` as registry/ + module/ (installable again)."""
+    check_service_name(name)
+    registry = settings.services_dir / "registry" / name
+    module = settings.services_dir / "modules" / name
+    if not registry.is_dir() and not module.is_dir():
+        raise InstallError(f"service {name!r} is not installed")
+    if target.exists() and any(target.iterdir()):
+        raise InstallError(f"backup folder {target} exists and is not empty")
+    target.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__")
+    if registry.is_dir():
+        shutil.copytree(registry, target / "registry", ignore=ignore)
+    if module.is_dir():
+        shutil.copytree(module, target / "module", ignore=ignore)
+    return target
+
+
+def remove(name: str, settings: Settings, backup_to: Path | None = None) -> None:
+    """Remove an installed service, after backing it up when asked."""
+    check_service_name(name)
+    registry = settings.services_dir / "registry" / name
+    module = settings.services_dir / "modules" / name
+    if not registry.is_dir() and not module.is_dir():
+        raise InstallError(f"service {name!r} is not installed")
+    if backup_to is not None:
+        backup(name, backup_to, settings)
+    for folder in (registry, module):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def notify_scheduler(settings: Settings) -> str:
+    """Ask a running scheduler to reload now (it also notices by itself within seconds)."""
+    url = f"http://{settings.scheduler_host}:{settings.scheduler_port}/api/v1/services/reload"
+    try:
+        response = requests.post(url, headers={"Authorization": f"Bearer {settings.scheduler_token}"}, timeout=5)
+    except requests.RequestException:
+        return "scheduler not running; it loads the services when it starts"
+    return "scheduler reloaded" if response.ok else f"scheduler answered {response.status_code}"
+
+
+def _settings(config_path: str | None) -> Settings:
+    config: Mapping[str, str] = load_config(config_path)
+    return Settings.from_config(config)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="DICOMFLOW_CONFIG", help="the .env-style configuration file")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Install, remove and back up dicomflow services."""
+    ctx.obj = config_path
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+@main.command("install")
+@click.argument("name")
+@click.option("-p", "--path", "path", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder with registry/ and module/")
+@click.pass_obj
+def install_cmd(config_path: str | None, name: str, path: Path) -> None:
+    """Validate and install service NAME from PATH."""
+    try:
+        settings = _settings(config_path)
+        warnings = install(name, path, settings)
+    except (DicomflowError, ServiceNameError) as exc:
+        _fail(exc)
+    for w in warnings:
+        click.echo(str(w), err=True)
+    click.echo(f"installed {name}: {notify_scheduler(settings)}")
+
+
+@main.command("check")
+@click.argument("name")
+@click.option("-p", "--path", "path", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.pass_obj
+def check_cmd(config_path: str | None, name: str, path: Path) -> None:
+    """Validate service NAME from PATH without installing it."""
+    try:
+        problems = validate(name, path.resolve(), _settings(config_path))
+    except DicomflowError as exc:
+        _fail(exc)
+    for p in problems:
+        click.echo(str(p), err=True)
+    if any(p.severity == "error" for p in problems):
+        sys.exit(1)
+    click.echo(f"{name}: ok")
+
+
+@main.command("remove")
+@click.argument("name")
+@click.option("-b", "--backup", "backup_to", type=click.Path(path_type=Path), help="back it up here first")
+@click.pass_obj
+def remove_cmd(config_path: str | None, name: str, backup_to: Path | None) -> None:
+    """Remove service NAME (after a backup with -b)."""
+    try:
+        settings = _settings(config_path)
+        remove(name, settings, backup_to)
+    except DicomflowError as exc:
+        _fail(exc)
+    click.echo(f"removed {name}" + (f" (backup in {backup_to})" if backup_to else "")
+               + f": {notify_scheduler(settings)}")
+
+
+@main.command("backup")
+@click.argument("name")
+@click.option("-b", "--backup", "backup_to", required=True, type=click.Path(path_type=Path))
+@click.pass_obj
+def backup_cmd(config_path: str | None, name: str, backup_to: Path) -> None:
+    """Copy service NAME to BACKUP (registry/ + module/)."""
+    try:
+        backup(name, backup_to, _settings(config_path))
+    except DicomflowError as exc:
+        _fail(exc)
+    click.echo(f"backed up {name} to {backup_to}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Planning one event: ask each service's callback, in order, whether it wants the event."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dicomflow.events import Event
+from scheduler.registry import LoadedJob, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedJob:
+    """A job a callback accepted, with the dependencies it will wait for."""
+
+    job: LoadedJob
+    waits_for: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.job.spec.jobName
+
+
+@dataclass
+class CallbackFailure:
+    """A callback that raised or returned something unusable; its job is not scheduled."""
+
+    jobName: str
+    error: str
+    traceback: str
+
+
+@dataclass
+class Plan:
+    """What one event leads to."""
+
+    event: Event
+    jobs: list[PlannedJob] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)
+    failures: list[CallbackFailure] = field(default_factory=list)
+    added_params: dict[str, Any] = field(default_factory=dict)
+
+
+class CallbackResultError(TypeError):
+    """A callback returned a tuple that is not `(bool, dict)`."""
+
+
+def _interpret(result: Any) -> tuple[bool, dict[str, Any] | None]:
+    if isinstance(result, tuple):
+        if len(result) != 2 or not isinstance(result[1], (dict, type(None))):
+            raise CallbackResultError(f"callback returned {result!r}; expected a bool or (bool, dict)")
+        return bool(result[0]), result[1]
+    return bool(result), None
+
+
+def plan_event(event: Event, registry: Registry, config: Mapping[str, str]) -> Plan:
+    """Run the callbacks for `event` in planning order and decide which jobs to enqueue.
+
+    Every event gets a fresh `added_params`; a callback sees what earlier callbacks added.
+    A callback that raises is recorded in `Plan.failures` and its job is not scheduled
+    (the one error boundary around service code in the scheduler).
+    """
+    plan = Plan(event=event)
+    accepted: set[str] = set()
+    context = event.context()
+    for job in registry.for_level(event.level):
+        spec = job.spec
+        if job.callback is None:
+            wanted, extra = True, None
+        else:
+            try:
+                wanted, extra = _interpret(job.callback(
+                    jobName=spec.jobName, headers=event.headers, params=spec.params,
+                    added_params=plan.added_params, event=context, config=config,
+                ))
+            except Exception as exc:  # service code: report, never break the other services
+                plan.failures.append(CallbackFailure(spec.jobName, f"{type(exc).__name__}: {exc}",
+                                                     traceback.format_exc(limit=5)))
+                log.warning("callback of %s failed for %s: %s", spec.jobName, event.key, exc)
+                continue
+        if extra is not None:
+            plan.added_params[spec.jobName] = extra
+        if not wanted:
+            plan.declined.append(spec.jobName)
+            continue
+        planned = PlannedJob(job, waits_for=[d for d in spec.dependsOn if d in accepted])
+        for dep in spec.dependsOn:
+            if dep not in accepted:
+                planned.notes.append(f"dependency {dep} was not scheduled for this event; not waited for")
+        plan.jobs.append(planned)
+        accepted.add(spec.jobName)
+    return plan

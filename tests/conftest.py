@@ -1,0 +1,61 @@
+"""Shared fixtures: a real redis-server on a free port for the whole session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.procs import free_port, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+SAG_ANON = REPO.parent / "shared" / "data" / "sag-anon"
+
+os.environ.setdefault("TCP_NODELAY", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """A real redis-server started for this test session (never the machine's own)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: run .ci/run or build.sh first")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    wait_for(lambda: _pings(client), timeout=10, what="redis-server to start")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture()
+def connection(redis_url) -> redis.Redis:
+    """A client of the session's Redis, flushed before each test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    return client
+
+
+@pytest.fixture(scope="session")
+def sag_anon() -> Path:
+    if not SAG_ANON.is_dir():
+        pytest.skip(f"the sag-anon test series is not at {SAG_ANON} (it ships beside the repo in CI)")
+    return SAG_ANON

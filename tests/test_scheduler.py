@@ -1,0 +1,168 @@
+"""The scheduler app with real Redis: planning, added_params, idempotency, errors, auth."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+
+from scheduler.app import create_app
+from tests.support.procs import free_port
+from tests.support.services import instance_event, job, make_service, settings_for
+
+AUTH = {"Authorization": "Bearer test-token"}
+
+
+@pytest.fixture()
+def services(tmp_path):
+    return tmp_path / "services"
+
+
+@pytest.fixture()
+def make_client(tmp_path, redis_url, services, connection):
+    def make(**extra):
+        app = create_app(settings_for(tmp_path, redis_url, services, **extra), connection)
+        return app.test_client()
+    return make
+
+
+def post(client, *events):
+    response = client.post("/api/v1/events", json={"events": list(events)}, headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["results"]
+
+
+def test_jobs_are_enqueued_in_order_with_dependencies(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a", sortPosition=1))
+    make_service(services, "b", job("bJob", "b", sortPosition=2))
+    make_service(services, "c", job("cJob", "c", sortPosition=3, dependsOn=["aJob", "bJob"], priority="high"))
+    (result,) = post(make_client(), instance_event("1.1"))
+    assert result["status"] == "scheduled" and set(result["jobs"]) == {"aJob", "bJob", "cJob"}
+    c = Job.fetch(result["jobs"]["cJob"], connection=connection)
+    assert c.get_status() == JobStatus.DEFERRED and c.origin == "high"
+    assert set(c.dependency_ids) == {result["jobs"]["aJob"], result["jobs"]["bJob"]}
+    assert Queue("default", connection=connection).job_ids == [result["jobs"]["aJob"], result["jobs"]["bJob"]]
+    # Later callbacks see what earlier ones added; every worker gets all of it.
+    assert c.kwargs["added_params"]["cJob"]["seen"] == ["aJob", "bJob"]
+    assert set(c.kwargs["added_params"]) == {"aJob", "bJob", "cJob"}
+
+
+def test_declined_and_unscheduled_dependency_is_not_waited_for(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a", sortPosition=1),
+                 callback_code="def callback(**kw):\n    return False\n")
+    make_service(services, "b", job("bJob", "b", sortPosition=2, dependsOn="aJob"))
+    (result,) = post(make_client(), instance_event("1.2"))
+    assert result["declined"] == ["aJob"] and list(result["jobs"]) == ["bJob"]
+    assert "bJob: dependency aJob was not scheduled for this event; not waited for" in result["notes"]
+    assert Job.fetch(result["jobs"]["bJob"], connection=connection).get_status() == JobStatus.QUEUED
+
+
+def test_raising_callback_is_recorded_and_others_run(make_client, services):
+    make_service(services, "boom", job("boomJob", "boom"),
+                 callback_code="def callback(**kw):\n    raise ValueError('bad header')\n")
+    make_service(services, "fine", job("fineJob", "fine"))
+    client = make_client()
+    (result,) = post(client, instance_event("1.3"))
+    assert list(result["jobs"]) == ["fineJob"]
+    assert result["errors"] == ["boomJob: ValueError: bad header"]
+    errors = client.get("/api/v1/errors", headers=AUTH).get_json()["callbacks"]
+    assert errors[0]["jobName"] == "boomJob" and errors[0]["event"] == "instance:1.3"
+    assert "ValueError: bad header" in errors[0]["traceback"]
+
+
+def test_callback_with_unusable_result_is_an_error(make_client, services):
+    make_service(services, "odd", job("oddJob", "odd"), callback_code="def callback(**kw):\n    return (1, 2, 3)\n")
+    (result,) = post(make_client(), instance_event("1.4"))
+    assert result["status"] == "nothing" and "expected a bool or (bool, dict)" in result["errors"][0]
+
+
+def test_added_params_do_not_leak_between_concurrent_events(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a", sortPosition=1))
+    make_service(services, "b", job("bJob", "b", sortPosition=2, dependsOn="aJob"))
+    client = make_client()
+    results: dict[str, dict] = {}
+
+    def send(first: int):
+        for i in range(first, 50, 10):  # 10 threads, interleaved SOP UIDs
+            (res,) = post(client, instance_event(f"2.{i}", patient=f"P{i}"))
+            results[f"2.{i}"] = res
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 50
+    for sop, res in results.items():
+        for job_id in res["jobs"].values():
+            kwargs = Job.fetch(job_id, connection=connection).kwargs
+            assert kwargs["headers"]["SOPInstanceUID"] == sop
+            assert {v["sop"] for v in kwargs["added_params"].values()} == {sop}
+            assert set(kwargs["added_params"]) == {"aJob", "bJob"}
+
+
+def test_duplicate_instance_is_not_run_twice(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a"))
+    client = make_client()
+    first, again_in_batch = post(client, instance_event("3.1"), instance_event("3.1"))
+    assert first["status"] == "scheduled" and again_in_batch["status"] == "duplicate"
+    (later,) = post(client, instance_event("3.1"))
+    assert later["status"] == "duplicate" and later["jobs"] == first["jobs"]
+    assert Queue("default", connection=connection).count == 1
+    # Once the first run finished, a re-sent instance is processed again.
+    SimpleWorker(["default"], connection=connection).work(burst=True)
+    (rerun,) = post(client, instance_event("3.1"))
+    assert rerun["status"] == "scheduled" and rerun["jobs"]["aJob"] != first["jobs"]["aJob"]
+
+
+def test_invalid_events_are_reported_and_the_rest_planned(make_client, services):
+    make_service(services, "a", job("aJob", "a"))
+    client = make_client()
+    bad = {"level": "instance", "headers": {"PatientID": "x"}}
+    results = post(client, bad, instance_event("4.1"))
+    assert results[0]["status"] == "invalid" and "without SOPInstanceUID" in results[0]["errors"][0]
+    assert results[1]["status"] == "scheduled"
+    assert "without SOPInstanceUID" in client.get("/api/v1/errors", headers=AUTH).get_json()["events"][0]["error"]
+    stats = client.get("/api/v1/stats", headers=AUTH).get_json()
+    assert stats["events:invalid"] == 1 and stats["events:scheduled"] == 1 and stats["jobs"] == 1
+
+
+def test_authentication_and_bad_bodies(make_client):
+    client = make_client()
+    assert client.post("/api/v1/events", json={"events": []}).status_code == 401
+    assert client.post("/api/v1/events", json={"events": []},
+                       headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/v1/services").status_code == 401
+    assert client.post("/api/v1/events", data="nope", headers=AUTH).status_code == 400
+    assert client.post("/api/v1/events", json={"event": []}, headers=AUTH).status_code == 400
+    assert client.get("/health").status_code == 200
+    assert client.get("/api/v1/openapi.json").get_json()["openapi"].startswith("3.")
+
+
+def test_services_endpoint_lists_jobs_inactive_and_problems(make_client, services):
+    make_service(services, "a", job("aJob", "a"))
+    make_service(services, "b", job("bJob", "b", requiresConfig="CHRIS_URL"))
+    make_service(services, "c", "[]")
+    body = make_client().get("/api/v1/services", headers=AUTH).get_json()
+    assert [j["jobName"] for j in body["jobs"]] == ["aJob"]
+    assert body["inactive"] == {"bJob": "waiting for configuration: CHRIS_URL"}
+    assert body["problems"][0]["service"] == "c"
+
+
+def test_redis_down_answers_503(tmp_path, services):
+    make_service(services, "a", job("aJob", "a"))
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app(settings_for(tmp_path, url, services), redis.Redis.from_url(url))
+    response = app.test_client().post("/api/v1/events", json={"events": [instance_event("5.1")]}, headers=AUTH)
+    assert response.status_code == 503 and response.get_json()["error"] == "redis-unavailable"
+    assert app.test_client().get("/health").status_code == 503
+
+
+def test_refuses_to_start_without_token(tmp_path, redis_url, services):
+    from dicomflow.errors import ConfigError
+    settings = settings_for(tmp_path, redis_url, services).model_copy(update={"scheduler_token": ""})
+    with pytest.raises(ConfigError, match="DICOMFLOW_SCHEDULER_TOKEN"):
+        create_app(settings)

@@ -1,0 +1,113 @@
+"""Local copies of Orthanc's DICOM files for the jobs of one host: fetched once, swept later."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+from dicomflow.errors import OrthancError
+from dicomflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SWEEP_EVERY = 60.0
+
+
+class DicomCache:
+    """`<cache>/instances/<orthanc id>.dcm`, shared by every worker process of the host.
+
+    A file is downloaded by one process while the others wait on its lock file; files not
+    used for `cache_ttl` seconds are removed by a sweep that runs at most once a minute.
+    Series folders are hard links into the instance cache, removed when their job ends.
+    """
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None):
+        self.root = settings.effective_cache_dir
+        self.instances = self.root / "instances"
+        self.jobs = self.root / "jobs"
+        self.instances.mkdir(parents=True, exist_ok=True)
+        self.jobs.mkdir(parents=True, exist_ok=True)
+        self.base_url = settings.orthanc_url.rstrip("/")
+        self.ttl = settings.cache_ttl
+        self.session = session or requests.Session()
+        if settings.orthanc_username:
+            self.session.auth = (settings.orthanc_username, settings.orthanc_password)
+        self._last_sweep = 0.0
+
+    def instance(self, orthanc_id: str) -> Path:
+        """The local file of an Orthanc instance, downloading it if this host has none."""
+        if not orthanc_id or "/" in orthanc_id or orthanc_id.startswith("."):
+            raise OrthancError(f"invalid Orthanc instance id {orthanc_id!r}")
+        path = self.instances / f"{orthanc_id}.dcm"
+        if path.exists():
+            os.utime(path)
+            return path
+        with open(self.instances / f"{orthanc_id}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                self._download(orthanc_id, path)
+        return path
+
+    def folder(self, orthanc_ids: Sequence[str], job_id: str) -> Path:
+        """A folder with every listed instance as `<id>.dcm` (hard links into the cache)."""
+        folder = self.jobs / f"{job_id}-{uuid.uuid4().hex[:6]}"
+        folder.mkdir(parents=True)
+        for orthanc_id in orthanc_ids:
+            source = self.instance(orthanc_id)
+            target = folder / source.name
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        return folder
+
+    def release(self, path: Path) -> None:
+        """Remove a job's series folder (instance files stay cached for other jobs)."""
+        if path.is_dir() and path.parent == self.jobs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _download(self, orthanc_id: str, path: Path) -> None:
+        url = f"{self.base_url}/instances/{orthanc_id}/file"
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with self.session.get(url, stream=True, timeout=(5, 120)) as response:
+                if response.status_code != 200:
+                    raise OrthancError(f"GET {url} answered {response.status_code}: {response.text[:200]}")
+                with open(tmp, "wb") as out:
+                    for chunk in response.iter_content(1 << 20):
+                        out.write(chunk)
+            os.replace(tmp, path)
+        except requests.RequestException as exc:
+            raise OrthancError(f"cannot fetch instance {orthanc_id} from Orthanc at {self.base_url}: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove cached files unused for `ttl` seconds (at most once a minute); how many went."""
+        now = time.time() if now is None else now
+        if now - self._last_sweep < SWEEP_EVERY:
+            return 0
+        self._last_sweep = now
+        removed = 0
+        for entry in os.scandir(self.instances):
+            try:
+                if now - entry.stat().st_mtime > self.ttl:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        for entry in os.scandir(self.jobs):
+            try:
+                if now - entry.stat().st_mtime > max(self.ttl, 86400):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            except FileNotFoundError:
+                continue
+        return removed

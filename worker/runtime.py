@@ -1,0 +1,81 @@
+"""What every dicomflow job runs on a worker: resolve the service's worker and call it."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq import get_current_job
+
+from dicomflow.config import load_config
+from dicomflow.settings import Settings
+from worker.dicomcache import DicomCache
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    """Per-process state of a worker: settings, configuration and the DICOM cache."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.cache = DicomCache(settings)
+        modules = str(settings.services_dir / "modules")
+        if modules not in sys.path:
+            sys.path.append(modules)
+
+    def resolve(self, dotted: str):
+        """Import `package.function` from services/modules."""
+        module_path, _, attr = dotted.rpartition(".")
+        module = importlib.import_module(module_path)
+        return getattr(module, attr)
+
+    def dcmpath(self, event: Mapping[str, Any], job_id: str) -> Path | None:
+        """The local file (instance events) or folder (series/study events) for a job."""
+        orthanc = event.get("orthanc") or {}
+        if event.get("level", "instance") == "instance":
+            return self.cache.instance(orthanc["instance"]) if orthanc.get("instance") else None
+        if orthanc.get("instances"):
+            return self.cache.folder(orthanc["instances"], job_id)
+        return None
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def install(runtime: WorkerRuntime) -> None:
+    """Make `runtime` the one jobs of this process use (the worker CLI does this once)."""
+    global _runtime
+    _runtime = runtime
+
+
+def current_runtime() -> WorkerRuntime:
+    """The installed runtime; built from the configuration when a plain `rq worker` runs jobs."""
+    global _runtime
+    if _runtime is None:
+        _runtime = WorkerRuntime(Settings.from_config(load_config()))
+    return _runtime
+
+
+def run_service_job(*, jobName: str, worker: str, headers: dict, params: dict, added_params: dict,
+                    event: dict, **extra: Any) -> Any:
+    """The RQ job function: call the service's worker with the dcm-processor keywords + ours."""
+    runtime = current_runtime()
+    job = get_current_job()
+    connection: redis.Redis = job.connection if job else redis.Redis.from_url(runtime.settings.redis_url)
+    job_id = job.id if job else jobName
+    func = runtime.resolve(worker)
+    dcmpath = runtime.dcmpath(event, job_id)
+    try:
+        return func(jobName=jobName, headers=headers, params=params, added_params=added_params,
+                    dcmpath=str(dcmpath) if dcmpath else None, event=event,
+                    config=runtime.settings.config, connection=connection, **extra)
+    finally:
+        if dcmpath is not None and dcmpath.is_dir():
+            runtime.cache.release(dcmpath)
+        runtime.cache.sweep()
