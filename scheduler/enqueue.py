@@ -67,7 +67,7 @@ class Enqueuer:
         self.queues = {name: Queue(name, connection=connection) for name in settings.queues}
 
     def submit(self, events: Sequence[Event], registry: Registry,
-               plan: Callable[..., Plan] = plan_event) -> list[EventResult]:
+               planner: Callable[..., Plan] = plan_event) -> list[EventResult]:
         """Plan and enqueue `events` (one batch from the plugin); results in the same order."""
         conn = self.connection
         token = uuid.uuid4().hex
@@ -120,7 +120,7 @@ class Enqueuer:
                     result.status = "unchanged"
                     result.notes.append(f"already handed to jobs with the same {len(state)} members")
                     continue
-            plan = plan(event, registry, self.settings.config)
+            plan = planner(event, registry, self.settings.config)
             plans.append((plan, result, new_members))
 
         # Round trip 3: one transaction with every job of the batch.

@@ -1,0 +1,144 @@
+"""Running jobs with real RQ worker processes: order, failures, finalisers, timeouts, retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from rq.job import Job, JobStatus
+
+from scheduler.app import create_app
+from tests.conftest import REPO
+from tests.support.services import instance_event, job, make_service, settings_for
+
+AUTH = {"Authorization": "Bearer test-token"}
+
+
+@pytest.fixture()
+def services(tmp_path):
+    return tmp_path / "services"
+
+
+@pytest.fixture()
+def submit(tmp_path, redis_url, services, connection):
+    def submit(*events):
+        app = create_app(settings_for(tmp_path, redis_url, services), connection)
+        response = app.test_client().post("/api/v1/events", json={"events": list(events)}, headers=AUTH)
+        assert response.status_code == 200
+        return response.get_json()["results"]
+    return submit
+
+
+@pytest.fixture()
+def run_workers(tmp_path, redis_url, services):
+    """Run N real `dicomflow-worker --burst` processes until the queues are drained."""
+    def run(count: int = 2, worker_class: str = "simple"):
+        env = {**os.environ, "DICOMFLOW_REDIS_URL": redis_url, "DICOMFLOW_SERVICES_DIR": str(services),
+               "DICOMFLOW_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+        procs = [subprocess.Popen([sys.executable, "-m", "worker.cli", "--burst", "--worker-class", worker_class],
+                                  env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(count)]
+        outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+        return outputs
+    return run
+
+
+def log_entries(connection) -> list[dict]:
+    return [json.loads(e) for e in connection.lrange("test:log", 0, -1)]
+
+
+def status(connection, job_id: str) -> JobStatus:
+    return Job.fetch(job_id, connection=connection).get_status()
+
+
+@pytest.mark.parametrize("worker_class", ["simple", "fork"])
+def test_dependents_start_after_all_their_dependencies(services, submit, run_workers, connection, worker_class):
+    make_service(services, "a", job("aJob", "a", sortPosition=1, params={"sleep": 0.3}))
+    make_service(services, "b", job("bJob", "b", sortPosition=2, params={"sleep": 0.1}))
+    make_service(services, "c", job("cJob", "c", sortPosition=3, dependsOn=["aJob", "bJob"]))
+    make_service(services, "d", job("dJob", "d", sortPosition=4, dependsOn="cJob", priority="high"))
+    results = submit(instance_event("7.1"), instance_event("7.2"))
+    run_workers(2, worker_class)
+    entries = log_entries(connection)
+    for res in results:
+        sop = res["key"].split(":", 1)[1]
+        at = {(e["job"], e["what"]): e["at"] for e in entries if e["sop"] == sop}
+        assert len(at) == 8, at
+        assert at[("cJob", "start")] >= max(at[("aJob", "end")], at[("bJob", "end")])
+        assert at[("dJob", "start")] >= at[("cJob", "end")]
+        for job_id in res["jobs"].values():
+            assert status(connection, job_id) == JobStatus.FINISHED
+    result = Job.fetch(results[0]["jobs"]["dJob"], connection=connection).return_value()
+    assert result["sop"] == "7.1" and set(result["added_params"]) == {"aJob", "bJob", "cJob", "dJob"}
+
+
+def test_failed_job_blocks_dependents_but_runs_its_finaliser(services, submit, run_workers, connection):
+    make_service(services, "a", job("aJob", "a", sortPosition=1, params={"fail": True}))
+    make_service(services, "b", job("bJob", "b", sortPosition=2, dependsOn="aJob"))
+    make_service(services, "cleanup", job("cleanupJob", "cleanup", sortPosition=3, dependsOn="aJob",
+                                          runOnDependencyFailure=True))
+    (res,) = submit(instance_event("8.1"))
+    run_workers(1)
+    assert status(connection, res["jobs"]["aJob"]) == JobStatus.FAILED
+    assert "aJob fails on purpose" in Job.fetch(res["jobs"]["aJob"], connection=connection).latest_result().exc_string
+    assert status(connection, res["jobs"]["bJob"]) == JobStatus.DEFERRED
+    assert status(connection, res["jobs"]["cleanupJob"]) == JobStatus.FINISHED
+    assert [e["job"] for e in log_entries(connection)] == ["aJob", "cleanupJob", "cleanupJob"]
+
+
+def test_failed_job_is_rerunnable_and_then_releases_dependents(services, submit, run_workers, connection):
+    make_service(services, "a", job("aJob", "a", sortPosition=1),
+                 worker_code="""
+def worker(connection=None, **kw):
+    if connection.incr("test:attempts") == 1:
+        raise RuntimeError("first attempt fails")
+    return "ok"
+""")
+    make_service(services, "b", job("bJob", "b", sortPosition=2, dependsOn="aJob"))
+    (res,) = submit(instance_event("8.2"))
+    run_workers(1)
+    assert status(connection, res["jobs"]["aJob"]) == JobStatus.FAILED
+    from rq.job import requeue_job
+    requeue_job(res["jobs"]["aJob"], connection=connection)
+    run_workers(1)
+    assert status(connection, res["jobs"]["aJob"]) == JobStatus.FINISHED
+    assert status(connection, res["jobs"]["bJob"]) == JobStatus.FINISHED
+
+
+def test_timeout_kills_a_slow_job(services, submit, run_workers, connection):
+    make_service(services, "slow", job("slowJob", "slow", timeout="1s", params={"sleep": 30}))
+    (res,) = submit(instance_event("9.1"))
+    run_workers(1)
+    job_ = Job.fetch(res["jobs"]["slowJob"], connection=connection)
+    assert job_.get_status() == JobStatus.FAILED
+    assert "JobTimeoutException" in job_.latest_result().exc_string
+    assert [e["what"] for e in log_entries(connection)] == ["start"]
+
+
+def test_retry_runs_a_failed_job_again(services, submit, run_workers, connection):
+    make_service(services, "flaky", job("flakyJob", "flaky", retry={"max": 2, "interval": 0}),
+                 worker_code="""
+def worker(connection=None, **kw):
+    n = connection.incr("test:flaky")
+    if n < 3:
+        raise RuntimeError(f"attempt {n} fails")
+    return n
+""")
+    (res,) = submit(instance_event("9.2"))
+    run_workers(1)
+    job_ = Job.fetch(res["jobs"]["flakyJob"], connection=connection)
+    assert job_.get_status() == JobStatus.FINISHED and job_.return_value() == 3
+
+
+def test_worker_without_orthanc_ids_gets_no_dcmpath(services, submit, run_workers, connection):
+    make_service(services, "p", job("pJob", "p"), worker_code="""
+def worker(dcmpath=None, event=None, config=None, **kw):
+    return {"dcmpath": dcmpath, "level": event["level"], "has_config": "DICOMFLOW_REDIS_URL" in config}
+""")
+    (res,) = submit(instance_event("9.3"))
+    run_workers(1)
+    assert Job.fetch(res["jobs"]["pJob"], connection=connection).return_value() == {
+        "dcmpath": None, "level": "instance", "has_config": True}

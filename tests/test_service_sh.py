@@ -1,0 +1,134 @@
+"""service.sh install / remove / backup, run as a user would (bash, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.support.procs import free_port
+
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture()
+def services(tmp_path) -> Path:
+    return tmp_path / "services"
+
+
+@pytest.fixture()
+def sh(services, redis_url):
+    env = {**os.environ, "DICOMFLOW_SERVICES_DIR": str(services), "DICOMFLOW_PYTHON": sys.executable,
+           "DICOMFLOW_REDIS_URL": redis_url, "DICOMFLOW_SCHEDULER_PORT": str(free_port()),
+           "DICOMFLOW_SCHEDULER_TOKEN": "t", "DICOMFLOW_CONFIG": ""}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(REPO / "service.sh"), *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+    return run
+
+
+def test_install_backup_remove_round_trip(sh, services, tmp_path):
+    done = sh("install", "temp", "-p", str(EXAMPLES / "temp"))
+    assert done.returncode == 0, done.stderr
+    assert "installed temp" in done.stdout
+    assert (services / "registry/temp/settings.json").is_file() and (services / "modules/temp/__init__.py").is_file()
+    assert sh("install", "tempfollow", "-p", str(EXAMPLES / "tempfollow")).returncode == 0
+
+    backup = tmp_path / "backup-temp"
+    assert sh("backup", "temp", "-b", str(backup)).returncode == 0
+    assert json.loads((backup / "registry/settings.json").read_text())["jobName"] == "tempJob"
+    assert (backup / "module/__init__.py").read_text() == (EXAMPLES / "temp/module/__init__.py").read_text()
+
+    removed = sh("remove", "tempfollow", "-b", str(tmp_path / "backup-follow"))
+    assert removed.returncode == 0, removed.stderr
+    assert not (services / "registry/tempfollow").exists() and not (services / "modules/tempfollow").exists()
+    assert (tmp_path / "backup-follow/registry/settings.json").is_file()
+
+    # A backup installs again as it was.
+    assert sh("install", "tempfollow", "-p", str(tmp_path / "backup-follow")).returncode == 0
+    assert (services / "registry/tempfollow/__init__.py").is_file()
+
+
+def test_broken_service_is_refused_and_installed_one_untouched(sh, services, tmp_path):
+    assert sh("install", "temp", "-p", str(EXAMPLES / "temp")).returncode == 0
+    before = (services / "registry/temp/settings.json").read_text()
+    broken = tmp_path / "broken"
+    shutil.copytree(EXAMPLES / "temp", broken)
+    (broken / "registry/settings.json").write_text('{"jobName": "tempJob", "worker": "temp.worker", "timeout": "x"}')
+    refused = sh("install", "temp", "-p", str(broken))
+    assert refused.returncode == 1
+    assert "refused, nothing changed" in refused.stderr and "[timeout]" in refused.stderr
+    assert (services / "registry/temp/settings.json").read_text() == before
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: (d / "registry/__init__.py").write_text("import nonexistent_lib\n"),
+     "ModuleNotFoundError: No module named 'nonexistent_lib'"),
+    (lambda d: (d / "module/__init__.py").write_text("def other(**kw): pass\n"),
+     "worker 'brk.worker' is not importable: no function worker in brk"),
+    (lambda d: (d / "registry/settings.json").write_text(json.dumps(
+        {"jobName": "brkJob", "worker": "brk.worker", "callback": "brk.callback", "dependsOn": "ghost"})),
+     "depends on 'ghost', which is not a known job"),
+    (lambda d: shutil.rmtree(d / "module"), "module does not exist"),
+])
+def test_refusals_say_why(sh, services, tmp_path, mutate, expected):
+    source = tmp_path / "brk"
+    shutil.copytree(EXAMPLES / "temp", source)
+    (source / "registry/settings.json").write_text(json.dumps(
+        {"jobName": "brkJob", "worker": "brk.worker", "callback": "brk.callback"}))
+    mutate(source)
+    refused = sh("install", "brk", "-p", str(source))
+    assert refused.returncode == 1 and expected in refused.stderr, refused.stderr
+    assert not (services / "registry/brk").exists() and not (services / "modules/brk").exists()
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "1abc", "with-dash", "class", "worker", ""])
+def test_bad_names_are_refused(sh, services, name):
+    refused = sh("install", name, "-p", str(EXAMPLES / "temp"))
+    assert refused.returncode != 0
+    assert "error:" in refused.stderr or "Usage" in refused.stderr
+    assert not services.exists() or not any(services.rglob("settings.json"))
+
+
+def test_usage_errors(sh):
+    for args in ([], ["frobnicate", "x"], ["install"], ["install", "temp"], ["backup", "temp"]):
+        done = sh(*args)
+        assert done.returncode != 0, args
+        assert "service.sh install NAME -p PATH" in done.stderr or "Usage" in done.stderr or "Missing" in done.stderr
+
+
+def test_remove_unknown_service(sh):
+    done = sh("remove", "ghost")
+    assert done.returncode == 1 and "not installed" in done.stderr
+
+
+def test_requirements_are_installed_at_install_time(sh, services, tmp_path):
+    source = tmp_path / "withreq"
+    shutil.copytree(EXAMPLES / "temp", source)
+    (source / "registry/settings.json").write_text(json.dumps(
+        {"jobName": "reqJob", "worker": "withreq.worker", "callback": "withreq.callback"}))
+    # A local package (no network needed) stands for a real requirement.
+    pkg = tmp_path / "dicomflow_reqdemo"
+    (pkg / "dicomflow_reqdemo").mkdir(parents=True)
+    (pkg / "dicomflow_reqdemo/__init__.py").write_text("VALUE = 42\n")
+    (pkg / "pyproject.toml").write_text('[project]\nname = "dicomflow-reqdemo"\nversion = "1.0"\n'
+                                        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
+    (source / "module/requirements.txt").write_text(f"{pkg}\n")
+    (source / "module/__init__.py").write_text("import dicomflow_reqdemo\n\ndef worker(**kw):\n"
+                                              "    return dicomflow_reqdemo.VALUE\n")
+    try:
+        done = sh("install", "withreq", "-p", str(source))
+        assert done.returncode == 0, done.stderr
+        check = subprocess.run([sys.executable, "-c", "import dicomflow_reqdemo; print(dicomflow_reqdemo.VALUE)"],
+                               capture_output=True, text=True)
+        assert check.stdout.strip() == "42"
+    finally:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "dicomflow-reqdemo"],
+                       capture_output=True)
