@@ -60,3 +60,30 @@ def load_config(path: str | os.PathLike | None = None,
         if key in values or key.startswith(ENV_PREFIXES):
             values[key] = value
     return values
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m dicomflow.config --shell`: the merged configuration as shell assignments."""
+    import argparse
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(description="print the dicomflow configuration")
+    parser.add_argument("--config", default=None, help="the .env-style file (default $DICOMFLOW_CONFIG)")
+    parser.add_argument("--shell", action="store_true", help="print KEY='value' lines for eval in bash")
+    args = parser.parse_args(argv)
+    try:
+        values = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for key in sorted(values):
+        if args.shell:
+            print(f"{key}={shlex.quote(values[key])}")
+        else:
+            print(f"{key}={values[key]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -29,6 +29,10 @@ class Settings(BaseModel):
     scheduler_port: int = Field(default=8642, alias="DICOMFLOW_SCHEDULER_PORT")
     #: How often (seconds) the scheduler looks for changed services.
     registry_poll: float = Field(default=2.0, alias="DICOMFLOW_REGISTRY_POLL")
+    dashboard_host: str = Field(default="127.0.0.1", alias="DICOMFLOW_DASHBOARD_HOST")
+    dashboard_port: int = Field(default=9181, alias="DICOMFLOW_DASHBOARD_PORT")
+    dashboard_username: str = Field(default="admin", alias="DICOMFLOW_DASHBOARD_USERNAME")
+    dashboard_password: str = Field(default="", alias="DICOMFLOW_DASHBOARD_PASSWORD")
     orthanc_url: str = Field(default="http://127.0.0.1:8042", alias="ORTHANC_URL")
     orthanc_username: str = Field(default="", alias="ORTHANC_USERNAME")
     orthanc_password: str = Field(default="", alias="ORTHANC_PASSWORD")

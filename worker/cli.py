@@ -27,7 +27,7 @@ CLASSES = {"simple": SimpleWorker, "fork": Worker}
 def main(config_path: str | None, worker_class: str, burst: bool, name: str | None, max_jobs: int | None) -> None:
     """Run one worker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = Settings.from_config(load_config(config_path))
+    settings = Settings.from_config(load_config(config_path or None))
     install(WorkerRuntime(settings))
     connection = redis.Redis.from_url(settings.redis_url)
     worker = CLASSES[worker_class](list(settings.queues), connection=connection, name=name)

@@ -1,0 +1,134 @@
+"""Events per second through the scheduler into Redis (real Redis, no Orthanc).
+
+Side by side in one run:
+  rq-baseline   RQ's own enqueue_many of the same jobs (no planning, no idempotency)
+  enqueuer      dicomflow's planning + idempotency + one transaction per batch
+  http          the same through the real scheduler (gunicorn) over HTTP, batches of B
+  worker-*      trivial jobs drained by one SimpleWorker vs one forking Worker
+
+Run: .venv/bin/python -m bench.scheduler [--events 5000] [--batch 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import requests
+from rq import Queue, SimpleWorker, Worker
+
+from bench.support import best_rate, private_redis
+from dicomflow.events import Event
+from scheduler.enqueue import Enqueuer
+from scheduler.registry import RegistryHolder
+from tests.support.procs import free_port, wait_for
+from tests.support.services import instance_event, job, make_service, settings_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def trivial(**kwargs):
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--worker-jobs", type=int, default=500)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="dicomflow-bench-"))
+    services = tmp / "services"
+    # Two services like the examples: tempJob, and tempFollowJob depending on it.
+    make_service(services, "temp", job("tempJob", "temp", sortPosition=0))
+    make_service(services, "follow", job("followJob", "follow", sortPosition=1, dependsOn="tempJob"))
+    figures: dict[str, float] = {}
+    with private_redis() as url:
+        conn = redis.Redis.from_url(url)
+        settings = settings_for(tmp, url, services)
+        holder = RegistryHolder(services / "registry", settings.queues, settings.config)
+        enqueuer = Enqueuer(conn, settings)
+        counter = iter(range(10**9))
+
+        def batches():
+            for start in range(0, args.events, args.batch):
+                yield [instance_event(f"1.2.{next(counter)}") for _ in range(min(args.batch, args.events - start))]
+
+        def run_baseline() -> int:
+            conn.flushall()
+            q = Queue("default", connection=conn)
+            for batch in batches():
+                datas = [Queue.prepare_data("bench.scheduler.trivial", kwargs=e) for e in batch]
+                jobs = q.enqueue_many(datas)
+                q.enqueue_many([Queue.prepare_data("bench.scheduler.trivial", kwargs=e, depends_on=j)
+                                for e, j in zip(batch, jobs)])
+            return args.events
+
+        def run_enqueuer() -> int:
+            conn.flushall()
+            for batch in batches():
+                results = enqueuer.submit([Event.model_validate(e) for e in batch], holder.current())
+                assert all(r.status == "scheduled" for r in results)
+            return args.events
+
+        figures["rq-baseline"], _ = best_rate(run_baseline)
+        figures["enqueuer"], _ = best_rate(run_enqueuer)
+
+        # Over HTTP, through the production server.
+        port = free_port()
+        env = {**os.environ, "DICOMFLOW_REDIS_URL": url, "DICOMFLOW_SERVICES_DIR": str(services),
+               "DICOMFLOW_HOME": str(tmp / "home"), "DICOMFLOW_SCHEDULER_TOKEN": "bench",
+               "DICOMFLOW_SCHEDULER_PORT": str(port), "DICOMFLOW_CONFIG": ""}
+        server = subprocess.Popen([sys.executable, "-m", "scheduler.cli"], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            session = requests.Session()
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _ok(session, base + "/health"), timeout=30, what="scheduler")
+
+            def run_http() -> int:
+                conn.flushall()
+                for batch in batches():
+                    r = session.post(base + "/api/v1/events", json={"events": batch},
+                                     headers={"Authorization": "Bearer bench"})
+                    r.raise_for_status()
+                return args.events
+            figures["http"], _ = best_rate(run_http)
+        finally:
+            server.terminate()
+            server.wait(10)
+
+        # Worker classes: trivial jobs, one worker each.
+        for name, cls in (("worker-simple", SimpleWorker), ("worker-fork", Worker)):
+            conn.flushall()
+            q = Queue("default", connection=conn)
+            q.enqueue_many([Queue.prepare_data("bench.scheduler.trivial") for _ in range(args.worker_jobs)])
+            start = time.perf_counter()
+            cls(["default"], connection=conn).work(burst=True, logging_level="WARNING")
+            figures[name] = args.worker_jobs / (time.perf_counter() - start)
+
+    print(f"scheduler benchmark: {args.events} instance events, batches of {args.batch}, "
+          "2 jobs per event (one depends on the other), real redis-server")
+    for name, rate in figures.items():
+        unit = "jobs/s" if name.startswith("worker") else "events/s"
+        print(f"  {name:<12} {rate:9.0f} {unit}")
+    print(f"  ratio enqueuer/rq-baseline   {figures['enqueuer'] / figures['rq-baseline']:.2f}")
+    print(f"  ratio http/enqueuer          {figures['http'] / figures['enqueuer']:.2f}")
+    print(f"  ratio simple/fork workers    {figures['worker-simple'] / figures['worker-fork']:.2f}")
+
+
+def _ok(session, url) -> bool:
+    try:
+        return session.get(url, timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""What the benchmarks share: a private redis-server, timing, printing."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+
+from tests.support.procs import free_port, wait_for
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server on a free port for one benchmark run; yields its URL."""
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix="dicomflow-bench-redis-")
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", folder],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up():
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+    wait_for(up, timeout=10, what="redis-server")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def best_rate(run: Callable[[], int], repeats: int = 3) -> tuple[float, list[float]]:
+    """Run `run` (returns items done) `repeats` times; median items/s and all rates."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates), rates

@@ -1,0 +1,34 @@
+"""Serving a Flask app with gunicorn (threads; gunicorn sets TCP_NODELAY on its sockets)."""
+
+from __future__ import annotations
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+
+class _Server(BaseApplication):
+    def __init__(self, app: Flask, options: dict):
+        self.application, self.options = app, options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self.application
+
+
+def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
+    """Serve `app` on host:port in one gunicorn process with `threads` threads, until stopped."""
+    _Server(app, {
+        "bind": f"{host}:{port}",
+        "workers": 1,  # one process: one registry and one Redis pool; threads for concurrency
+        "worker_class": "gthread",
+        "threads": threads,
+        "accesslog": None,
+        "errorlog": "-",
+        "timeout": 120,
+        "keepalive": 75,
+        "control_socket_disable": True,  # one default path for every gunicorn of the host would clash
+    }).run()
