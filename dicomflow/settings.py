@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -24,6 +24,8 @@ class Settings(BaseModel):
     services_dir: Path = Field(default=REPO_ROOT / "services", alias="DICOMFLOW_SERVICES_DIR")
     #: RQ queue names, highest priority first; a service's `priority` must be one of them.
     queues: tuple[str, ...] = Field(default=("high", "default", "low"), alias="DICOMFLOW_QUEUES")
+    #: RQ worker class: "simple" runs jobs in the worker process, "fork" forks a child per job.
+    worker_class: Literal["simple", "fork"] = Field(default="simple", alias="DICOMFLOW_WORKER_CLASS")
     scheduler_token: str = Field(default="", alias="DICOMFLOW_SCHEDULER_TOKEN")
     scheduler_host: str = Field(default="127.0.0.1", alias="DICOMFLOW_SCHEDULER_HOST")
     scheduler_port: int = Field(default=8642, alias="DICOMFLOW_SCHEDULER_PORT")

@@ -18,19 +18,19 @@ CLASSES = {"simple": SimpleWorker, "fork": Worker}
 
 @click.command()
 @click.option("--config", "config_path", envvar="DICOMFLOW_CONFIG", help="the .env-style configuration file")
-@click.option("--worker-class", type=click.Choice(sorted(CLASSES)), envvar="DICOMFLOW_WORKER_CLASS",
-              default="simple", show_default=True,
-              help="simple: jobs run in the worker process (faster); fork: one child per job")
+@click.option("--worker-class", type=click.Choice(sorted(CLASSES)), default=None,
+              help="simple: jobs run in the worker process (faster); fork: one child per job "
+                   "[default: DICOMFLOW_WORKER_CLASS, else simple]")
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 @click.option("--name", default=None, help="worker name (default: RQ's)")
 @click.option("--max-jobs", type=int, default=None, help="exit after this many jobs (the supervisor restarts)")
-def main(config_path: str | None, worker_class: str, burst: bool, name: str | None, max_jobs: int | None) -> None:
+def main(config_path: str | None, worker_class: str | None, burst: bool, name: str | None, max_jobs: int | None) -> None:
     """Run one worker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_config(load_config(config_path or None))
     install(WorkerRuntime(settings))
     connection = redis.Redis.from_url(settings.redis_url)
-    worker = CLASSES[worker_class](list(settings.queues), connection=connection, name=name)
+    worker = CLASSES[worker_class or settings.worker_class](list(settings.queues), connection=connection, name=name)
     ok = worker.work(burst=burst, with_scheduler=True, max_jobs=max_jobs)
     sys.exit(0 if ok or burst else 1)
 

@@ -1,0 +1,108 @@
+"""run.sh and docker-compose.yml as an operator uses them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from dicomflow.config import load_config, parse_env_file
+from dicomflow.errors import ConfigError
+from dicomflow.settings import Settings
+from tests.conftest import REPO
+from tests.support.procs import free_port, wait_for
+
+
+def _pids_under(home: Path) -> list[str]:
+    """Processes whose command line mentions the state folder (what run.sh started)."""
+    out = subprocess.run(["pgrep", "-af", str(home)], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
+    home = tmp_path / "state"
+    env = {**os.environ, "DICOMFLOW_HOME": str(home), "DICOMFLOW_NATIVE": "1",
+           "DICOMFLOW_REDIS_PORT": str(free_port()), "DICOMFLOW_SCHEDULER_PORT": str(free_port()),
+           "DICOMFLOW_DASHBOARD_PORT": str(free_port()), "ORTHANC_HTTP_PORT": str(free_port()),
+           "ORTHANC_DICOM_PORT": str(free_port())}
+    env.pop("DICOMFLOW_CONFIG", None)
+    run = lambda *a: subprocess.run(["bash", str(REPO / "run.sh"), *a], env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=180)
+    try:
+        started = run("--workers", "3")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "Orthanc Explorer" in started.stdout and "RQ dashboard" in started.stdout
+        conf = home / "dicomflow.env"
+        assert oct(conf.stat().st_mode & 0o777) == "0o600"
+        values = parse_env_file(conf.read_text())
+        for secret in ("DICOMFLOW_SCHEDULER_TOKEN", "DICOMFLOW_DASHBOARD_PASSWORD", "ORTHANC_PASSWORD",
+                       "DICOMFLOW_REDIS_PASSWORD"):
+            assert len(values[secret]) >= 24, secret
+        status = run("status")
+        assert status.returncode == 0
+        assert len(re.findall(r"worker:worker-\d+\s+RUNNING", status.stdout)) == 3, status.stdout
+        for program in ("redis", "orthanc", "scheduler", "dashboard"):
+            assert re.search(rf"^{program}\s+RUNNING", status.stdout, re.M), status.stdout
+        sched = f"http://127.0.0.1:{values['DICOMFLOW_SCHEDULER_PORT']}"
+        assert requests.get(sched + "/api/v1/services", timeout=5).status_code == 401
+        assert requests.get(sched + "/api/v1/services", timeout=5,
+                            headers={"Authorization": f"Bearer {values['DICOMFLOW_SCHEDULER_TOKEN']}"}).ok
+        dash = f"http://127.0.0.1:{values['DICOMFLOW_DASHBOARD_PORT']}/"
+        assert requests.get(dash, timeout=5).status_code == 401
+        assert requests.get(dash, timeout=5, auth=("admin", values["DICOMFLOW_DASHBOARD_PASSWORD"])).ok
+        orthanc = f"http://127.0.0.1:{values['ORTHANC_HTTP_PORT']}"
+        assert requests.get(orthanc + "/system", timeout=5).status_code == 401
+        assert requests.get(orthanc + "/dicomflow/status", timeout=5,
+                            auth=(values["ORTHANC_USERNAME"], values["ORTHANC_PASSWORD"])).json()["sender"]
+        assert _pids_under(home), "run.sh should have started processes"
+        assert run().stdout.strip().endswith("already running") or "already running" in run().stdout
+        # A second start keeps the same secrets.
+        assert parse_env_file(conf.read_text()) == values
+    finally:
+        stopped = run("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not _pids_under(home), timeout=30, what="every process run.sh started to exit")
+    assert run("status").returncode == 3
+
+
+def test_run_sh_usage_errors(tmp_path):
+    env = {**os.environ, "DICOMFLOW_HOME": str(tmp_path), "DICOMFLOW_NATIVE": "1"}
+    for args in (["--workers", "zero"], ["--workers"], ["bogus"]):
+        done = subprocess.run(["bash", str(REPO / "run.sh"), *args], env=env, capture_output=True, text=True)
+        assert done.returncode != 0, args
+    assert not (tmp_path / "dicomflow.env").exists()
+
+
+def test_compose_file_parses_and_uses_the_native_names():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"redis", "orthanc", "scheduler", "worker", "dashboard"}
+    env = compose["services"]["worker"]["environment"]
+    known = {f.alias for f in Settings.model_fields.values() if f.alias}
+    dicomflow_names = {k for k in env if k.startswith("DICOMFLOW_")}
+    assert dicomflow_names <= known, dicomflow_names - known
+    run_sh = (REPO / "run.sh").read_text()
+    for name in re.findall(r"\$\{([A-Z_]+)", (REPO / "docker-compose.yml").read_text()):
+        assert name in run_sh or name in known or name.startswith(("CHRIS_", "REPACK_", "ORTHANC_")), name
+    for service in compose["services"].values():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{port} must bind to loopback"
+    assert compose["services"]["orthanc"]["environment"]["ORTHANC__STORAGE_COMPRESSION"] == "false"
+    assert compose["services"]["orthanc"]["environment"]["TCP_NODELAY"] == "1"
+
+
+def test_config_file_and_environment(tmp_path):
+    path = tmp_path / "c.env"
+    path.write_text("# comment\nDICOMFLOW_QUEUES=a,b\nexport ORTHANC_URL='http://x:1'\nOTHER=1 # trailing\n")
+    config = load_config(path, environ={"DICOMFLOW_QUEUES": "z", "CHRIS_URL": "http://c/", "HOME": "/root"})
+    assert config == {"DICOMFLOW_QUEUES": "z", "ORTHANC_URL": "http://x:1", "OTHER": "1", "CHRIS_URL": "http://c/"}
+    assert Settings.from_config(config).queues == ("z",)
+    path.write_text("not an assignment\n")
+    with pytest.raises(ConfigError, match=r"c.env:1: expected KEY=VALUE"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="DICOMFLOW_SCHEDULER_PORT"):
+        Settings.from_config({"DICOMFLOW_SCHEDULER_PORT": "eighty"})
