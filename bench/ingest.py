@@ -1,0 +1,162 @@
+"""Ingest benchmark: what the dicomflow plugin costs Orthanc, measured side by side in one run.
+
+Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY) to
+  (a) Orthanc without any plugin,
+  (b) Orthanc with a Python plugin whose on-stored callback only returns (the design's floor),
+  (b') Orthanc with a Python plugin that only registers a change callback (no instance hand-over),
+  (c) Orthanc with the full dicomflow plugin delivering to a target (an in-process sink by
+      default; `--scheduler-url` for the real scheduler),
+for small (64x64) and CT-sized (512x512, 16-bit) instances, each setup `--repeat` times
+interleaved; prints median throughput, the ratios (c)/(a) and (c)/(b), and the
+stored -> delivered latency p50/p99 (event `receivedAt` vs. the sink's arrival time).
+
+    .venv/bin/python -m bench.ingest --small 2000 --ct 300 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
+
+NOOP_STORED = '''"""Benchmark floor: an on-stored callback that only returns."""
+import orthanc
+
+
+def on_stored(dicom, instance_id):
+    return None
+
+
+orthanc.RegisterOnStoredInstanceCallback(on_stored)
+'''
+
+NOOP_CHANGE = '''"""Benchmark: a plugin that only listens to changes (Orthanc hands over no instance)."""
+import orthanc
+
+
+def on_change(change_type, level, resource_id):
+    return None
+
+
+orthanc.RegisterOnChangeCallback(on_change)
+'''
+
+SETUPS = ("a", "b", "b'", "c")
+LABELS = {
+    "a": "(a) no plugin",
+    "b": "(b) on-stored callback that only returns",
+    "b'": "(b') change callback only",
+    "c": "(c) full dicomflow plugin",
+}
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[str, Path],
+             scheduler_url: str | None, token: str) -> dict[str, float]:
+    """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
+    sink = None
+    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"], "c": True}[setup]
+    url = scheduler_url or "http://127.0.0.1:9"
+    if setup == "c" and scheduler_url is None:
+        sink = EventSink(token=token).start()
+        url = sink.url
+    server = OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600)
+    try:
+        server.start()
+        started = time.perf_counter()
+        server.store([files_dir])
+        elapsed = time.perf_counter() - started
+        result = {"rate": count / elapsed, "seconds": elapsed}
+        if setup == "c":
+            if sink is not None:
+                sink.wait_for_events(count, timeout=120, level="instance")
+                result["drained"] = time.perf_counter() - started
+                latencies = [b.arrived - e["receivedAt"] for b in sink.delivered_batches()
+                             for e in b.events if e["level"] == "instance"]
+                result["p50_ms"] = _percentile(latencies, 0.50) * 1000
+                result["p99_ms"] = _percentile(latencies, 0.99) * 1000
+                result["posts"] = len(sink.delivered_batches())
+            status = server.status()
+            result["callbackErrors"] = status["callbackErrors"]
+            result["spooled"] = status["spooled"]
+        return result
+    finally:
+        server.stop()
+        if sink is not None:
+            sink.stop()
+        if leftovers([server]):
+            raise RuntimeError(f"Orthanc {sorted(server.pids)} did not stop")
+
+
+def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, scripts: dict[str, Path],
+               scheduler_url: str | None, token: str) -> dict[str, dict[str, float]]:
+    """Every setup `repeat` times, interleaved, for one instance size; medians."""
+    files_dir = root / f"{name}-dicom"
+    started = time.perf_counter()
+    write_series(files_dir, count, rows=rows, columns=rows, patient_id=f"BENCH{name.upper()}")
+    size_kb = sum(p.stat().st_size for p in files_dir.iterdir()) / count / 1024
+    print(f"\n## {name}: {count} instances {rows}x{rows} 16-bit, {size_kb:.0f} KB each "
+          f"(generated in {time.perf_counter() - started:.1f} s)", flush=True)
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in SETUPS}
+    for round_ in range(repeat):
+        for setup in SETUPS:
+            result = run_once(setup, files_dir, count, root / f"{name}-{setup}-{round_}", scripts,
+                              scheduler_url, token)
+            runs[setup].append(result)
+            extra = (f", p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+                     f"{result['posts']} POSTs" if "p50_ms" in result else "")
+            print(f"  round {round_ + 1} {LABELS[setup]:<45} {result['rate']:7.1f} inst/s{extra}", flush=True)
+    medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+    a, b, b2, c = (medians[s]["rate"] for s in SETUPS)
+    print(f"  median rates: (a) {a:.1f}  (b) {b:.1f}  (b') {b2:.1f}  (c) {c:.1f} instances/s")
+    print(f"  (c)/(a) = {c / a:.3f}   (c)/(b) = {c / b:.3f}   (b)/(a) = {b / a:.3f}   (b')/(a) = {b2 / a:.3f}")
+    if "p50_ms" in medians["c"]:
+        print(f"  stored -> delivered latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "
+              f"p99 {medians['c']['p99_ms']:.1f} ms; all delivered "
+              f"{medians['c']['drained'] - medians['c']['seconds']:.2f} s after the last C-STORE")
+    return medians
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the figures (JSON too with --json)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=2000, help="64x64 instances (0: skip)")
+    parser.add_argument("--ct", type=int, default=300, help="512x512 instances (0: skip)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per setup (medians)")
+    parser.add_argument("--scheduler-url", help="deliver (c) to this scheduler instead of a sink")
+    parser.add_argument("--token", default="bench-token", help="bearer token for (c)")
+    parser.add_argument("--json", type=Path, help="also write the medians here")
+    options = parser.parse_args(args)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="dicomflow-bench-") as tmp:
+        root = Path(tmp)
+        scripts = {"b": root / "noop_stored.py", "b'": root / "noop_change.py"}
+        scripts["b"].write_text(NOOP_STORED)
+        scripts["b'"].write_text(NOOP_CHANGE)
+        print(f"storescu -> Orthanc 1.10, one association, TCP_NODELAY=1; {options.repeat} rounds, "
+              f"target of (c): {options.scheduler_url or 'in-process HTTP sink'}")
+        if options.small:
+            results["small"] = bench_size("small", options.small, 64, options.repeat, root, scripts,
+                                          options.scheduler_url, options.token)
+        if options.ct:
+            results["ct"] = bench_size("ct", options.ct, 512, options.repeat, root, scripts,
+                                       options.scheduler_url, options.token)
+    if options.json:
+        options.json.parent.mkdir(parents=True, exist_ok=True)
+        options.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

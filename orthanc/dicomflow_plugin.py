@@ -1,0 +1,595 @@
+"""dicomflow's Orthanc plugin: hands every stored instance and stable series/study to the scheduler.
+
+Runs in Orthanc's embedded CPython (Debian's 3.11, orthanc-python 4.0 or newer): standard
+library only. The on-stored callback reads the headers Orthanc already parsed, puts one
+event on a bounded in-memory queue and returns; one sender thread delivers the events in
+batches (``POST {"events": [...]}`` with a bearer token) and keeps what it cannot deliver
+in a durable SQLite spool, re-sent in reception order. Settings: the ``"Dicomflow"``
+section of Orthanc's configuration (see docs/readme/plugin.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import http.client
+import itertools
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import orthanc
+
+#: Tags every built-in service reads; the "Tags" setting replaces this list.
+DEFAULT_TAGS = (
+    "PatientID", "PatientName", "PatientBirthDate", "PatientAge", "PatientSex",
+    "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber", "StudyID",
+    "ReferringPhysicianName", "InstitutionName", "StationName", "Manufacturer",
+    "Modality", "ProtocolName", "BodyPartExamined", "PerformedStationAETitle",
+    "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
+    "SeriesDate", "SeriesTime", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
+    "AcquisitionNumber", "ImageType", "NumberOfSeriesRelatedInstances",
+    "NumberOfStudyRelatedInstances", "NumberOfFrames", "Rows", "Columns",
+)
+
+#: Answers that will not improve by sending the same batch again: dead letters.
+REJECTED = frozenset({400, 401, 403, 404, 405, 413, 422})
+
+_KIND_INSTANCE = "instance"
+_LEVELS = {"series", "study"}
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """The "Dicomflow" section of Orthanc's configuration, validated once at start."""
+
+    scheduler_url: str
+    token: str
+    spool_path: str
+    tags: tuple[str, ...] = DEFAULT_TAGS
+    batch_size: int = 200
+    max_batch_delay: float = 0.05
+    queue_size: int = 20000
+    connect_timeout: float = 3.0
+    request_timeout: float = 30.0
+    retry_min_delay: float = 0.5
+    retry_max_delay: float = 30.0
+    max_string_length: int = 256
+    events_path: str = "/api/v1/events"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_configuration(cls, configuration: dict[str, Any]) -> PluginSettings:
+        """Build the settings from Orthanc's whole configuration.
+
+        Raises:
+            ValueError: a setting is missing or has the wrong form.
+        """
+        section = configuration.get("Dicomflow")
+        if not isinstance(section, dict):
+            raise TypeError('the configuration has no "Dicomflow" section (an object)')
+        token = str(section.get("Token") or "")
+        token_file = section.get("TokenFile")
+        if not token and token_file:
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        url = str(section.get("SchedulerUrl") or "")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"Dicomflow.SchedulerUrl must be an http(s) URL, got {url!r}")
+        spool = str(section.get("SpoolPath") or "")
+        if not spool:
+            raise ValueError("Dicomflow.SpoolPath is required")
+        tags = section.get("Tags") or DEFAULT_TAGS
+        if isinstance(tags, str):
+            tags = [t.strip() for t in tags.split(",") if t.strip()]
+        numbers = {
+            "batch_size": ("BatchSize", int), "max_batch_delay": ("MaxBatchDelay", float),
+            "queue_size": ("QueueSize", int), "connect_timeout": ("ConnectTimeout", float),
+            "request_timeout": ("RequestTimeout", float),
+            "retry_min_delay": ("RetryMinDelay", float), "retry_max_delay": ("RetryMaxDelay", float),
+            "max_string_length": ("MaxStringLength", int),
+        }
+        values: dict[str, Any] = {}
+        for attr, (key, kind) in numbers.items():
+            if key in section:
+                values[attr] = kind(section[key])
+                if values[attr] <= 0:
+                    raise ValueError(f"Dicomflow.{key} must be positive")
+        if "EventsPath" in section:
+            values["events_path"] = str(section["EventsPath"])
+        return cls(scheduler_url=url, token=token, spool_path=spool, tags=tuple(tags), **values)
+
+
+def orthanc_id(*parts: str) -> str:
+    """Orthanc's resource id: SHA-1 of the '|'-joined identifiers in five dash-separated groups."""
+    digest = hashlib.sha1("|".join(parts).encode("utf-8")).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+
+
+class Spool:
+    """Durable, ordered store of undelivered events (``spool``) and refused ones (``dead``).
+
+    Rows are keyed by the event's reception sequence number, so events written later by a
+    different path (queue overflow, a failed batch, the in-memory queue at shutdown)
+    still come out in the order Orthanc received them.
+    """
+
+    def __init__(self, path: str):
+        self._lock = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY, event TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY, event TEXT NOT NULL,"
+            " status INTEGER, reason TEXT, at REAL)"
+        )
+        self.length = self._count("spool")
+        self.dead_length = self._count("dead")
+
+    def _count(self, table: str) -> int:
+        return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    def last_seq(self) -> int:
+        """The highest sequence number stored (spool or dead), -1 when empty."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(m) FROM (SELECT MAX(seq) AS m FROM spool UNION ALL SELECT MAX(seq) FROM dead)"
+            ).fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    def append(self, rows: list[tuple[int, str]]) -> None:
+        """Store events (seq, JSON text); an event already spooled is kept once."""
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO spool (seq, event) VALUES (?, ?)", rows)
+            self._db.execute("COMMIT")
+            self.length = self._count("spool")
+
+    def head(self, limit: int) -> list[tuple[int, str]]:
+        """The oldest `limit` spooled events, in reception order."""
+        with self._lock:
+            return self._db.execute("SELECT seq, event FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+
+    def remove(self, seqs: list[int]) -> None:
+        """Forget delivered events."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
+            self._db.execute("COMMIT")
+            self.length = self._count("spool")
+
+    def bury(self, rows: list[tuple[int, str]], status: int, reason: str) -> None:
+        """Move refused events to the dead letters (removing them from the spool if there)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO dead (seq, event, status, reason, at) VALUES (?, ?, ?, ?, ?)",
+                [(seq, text, status, reason, now) for seq, text in rows],
+            )
+            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(seq,) for seq, _ in rows])
+            self._db.execute("COMMIT")
+            self.length = self._count("spool")
+            self.dead_length = self._count("dead")
+
+    def resurrect(self) -> int:
+        """Move every dead letter back to the spool; returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            moved = self._db.execute("INSERT OR IGNORE INTO spool (seq, event) SELECT seq, event FROM dead").rowcount
+            self._db.execute("DELETE FROM dead")
+            self._db.execute("COMMIT")
+            self.length = self._count("spool")
+            self.dead_length = 0
+        return moved
+
+    def dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        """The oldest `limit` dead letters with why they were refused."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, status, reason, at, event FROM dead ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [{"seq": s, "status": st, "reason": r, "at": at, "event": json.loads(e)}
+                for s, st, r, at, e in rows]
+
+    def close(self) -> None:
+        """Close the database (the WAL is checkpointed)."""
+        with self._lock:
+            self._db.close()
+
+
+class DeliveryError(Exception):
+    """The scheduler could not be reached or answered with a transient error."""
+
+
+class Delivery:
+    """One keep-alive HTTP connection to the scheduler's event intake, Nagle off."""
+
+    def __init__(self, settings: PluginSettings):
+        url = urllib.parse.urlsplit(settings.scheduler_url)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "127.0.0.1"
+        self._port = url.port or (443 if self._https else 80)
+        base = url.path.rstrip("/")
+        self._path = base if base.endswith(settings.events_path) else base + settings.events_path
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {settings.token}"}
+        self._settings = settings
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = kind(self._host, self._port, timeout=self._settings.connect_timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.settimeout(self._settings.request_timeout)
+        return conn
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        """POST one batch; returns (status, body).
+
+        Raises:
+            DeliveryError: connection refused/reset, timeout, or a broken answer.
+        """
+        for attempt in (1, 2):  # a kept-alive connection the server closed: reconnect once
+            fresh = self._conn is None
+            try:
+                if self._conn is None:
+                    self._conn = self._connect()
+                self._conn.request("POST", self._path, body=body, headers=self._headers)
+                answer = self._conn.getresponse()
+                data = answer.read()
+                if answer.will_close:
+                    self.close()
+                return answer.status, data
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if fresh or attempt == 2 or isinstance(exc, TimeoutError):
+                    raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Drop the connection (the next post opens a new one)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class Relay:
+    """The queue, the sender thread, the spool and the counters; Orthanc's callbacks call into it."""
+
+    def __init__(self, settings: PluginSettings):
+        self.settings = settings
+        self.spool = Spool(settings.spool_path)
+        self._seq = itertools.count(self.spool.last_seq() + 1)
+        # A deque, not queue.Queue: append/popleft are atomic and wake nobody, so the
+        # callback never hands the GIL to the sender per event; the sender polls every
+        # MaxBatchDelay and is woken early only when a full batch waits.
+        self._queue: collections.deque = collections.deque()
+        self._batch_ready = threading.Event()
+        self._stop = threading.Event()
+        self._delivery = Delivery(settings)
+        self._tags = settings.tags
+        self._json_format = orthanc.DicomToJsonFormat.HUMAN
+        self._json_flags = orthanc.DicomToJsonFlags.NONE
+        self.counters = {
+            "received": 0, "delivered": 0, "spooled": 0, "rejected": 0, "failed": 0,
+            "overflow": 0, "batches": 0, "callbackErrors": 0, "unresolved": 0, "idLookups": 0,
+        }
+        self._counters_lock = threading.Lock()
+        self.last_error: str | None = None
+        self.last_delivery: float | None = None
+        self._thread = threading.Thread(target=self._run, name="dicomflow-sender", daemon=True)
+
+    # ---- Orthanc callbacks (Orthanc's threads) -------------------------------------------
+
+    def on_stored(self, dicom: Any, instance_id: str) -> None:
+        """Capture the instance's headers and context, queue them; nothing slow happens here."""
+        try:
+            item = (
+                next(self._seq), _KIND_INSTANCE, instance_id,
+                dicom.GetInstanceAdvancedJson(self._json_format, self._json_flags,
+                                              self.settings.max_string_length),
+                dicom.GetInstanceRemoteAet(),
+                dicom.GetInstanceMetadata("RemoteIP") if dicom.HasInstanceMetadata("RemoteIP") else None,
+                dicom.GetInstanceMetadata("CalledAET") if dicom.HasInstanceMetadata("CalledAET") else None,
+                dicom.GetInstanceTransferSyntaxUid(),
+                time.time(),
+            )
+            self._bump("received")
+            self._offer(item)
+        except Exception as exc:  # noqa: BLE001 - the boundary: nothing may raise into Orthanc's ingest path
+            self._bump("callbackErrors")
+            self.last_error = f"on-stored {instance_id}: {type(exc).__name__}: {exc}"
+            orthanc.LogError(f"dicomflow: {self.last_error}")
+
+    def on_change(self, change_type: int, level: int, resource_id: str) -> None:
+        """Queue STABLE_SERIES/STABLE_STUDY; start and stop the sender with Orthanc."""
+        try:
+            if change_type == orthanc.ChangeType.STABLE_SERIES:
+                self._offer((next(self._seq), "series", resource_id, None, None, None, None, None, time.time()))
+            elif change_type == orthanc.ChangeType.STABLE_STUDY:
+                self._offer((next(self._seq), "study", resource_id, None, None, None, None, None, time.time()))
+            elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+                self._thread.start()
+            elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+                self.stop()
+        except Exception as exc:  # noqa: BLE001 - the boundary, as in on_stored
+            self._bump("callbackErrors")
+            self.last_error = f"on-change {resource_id}: {type(exc).__name__}: {exc}"
+            orthanc.LogError(f"dicomflow: {self.last_error}")
+
+    def _bump(self, name: str, amount: int = 1) -> None:
+        with self._counters_lock:  # Orthanc runs one callback thread per association
+            self.counters[name] += amount
+
+    def _offer(self, item: tuple) -> None:
+        length = len(self._queue)
+        if length >= self.settings.queue_size:
+            # Never dropped: the overflow goes to disk, ordered by its sequence number.
+            self._bump("overflow")
+            self._spool_items([item])
+            return
+        self._queue.append(item)
+        if length + 1 == self.settings.batch_size:
+            self._batch_ready.set()
+
+    def stop(self) -> None:
+        """Stop the sender; events still in memory are spooled for the next start."""
+        self._stop.set()
+        self._batch_ready.set()
+        if self._thread.is_alive():
+            self._thread.join(self.settings.request_timeout + 5)
+        else:
+            self._drain_queue_to_spool()
+        self._delivery.close()
+        self.spool.close()
+
+    def status(self) -> dict[str, Any]:
+        """Counters for the status route."""
+        return {
+            **self.counters,
+            "queueLength": len(self._queue),
+            "spoolLength": self.spool.length,
+            "deadLetters": self.spool.dead_length,
+            "lastError": self.last_error,
+            "lastDelivery": self.last_delivery,
+            "sender": "running" if self._thread.is_alive() else "stopped",
+            "schedulerUrl": self.settings.scheduler_url,
+        }
+
+    # ---- building events (sender thread) ------------------------------------------------
+
+    def _finish(self, item: tuple) -> dict[str, Any] | None:
+        """The event for a queued item (parse headers, Orthanc ids, REST for series/study)."""
+        _seq, kind, resource_id, raw, aet, ip, called, syntax, received = item
+        if kind != _KIND_INSTANCE:
+            return self._resource_event(kind, resource_id, received)
+        dataset = json.loads(raw)
+        headers = {tag: dataset[tag] for tag in self._tags if dataset.get(tag) is not None}
+        return {
+            "level": "instance", "headers": headers,
+            "orthanc": self._instance_ids(resource_id, dataset),
+            "remoteAet": aet, "remoteIp": ip, "calledAet": called,
+            "transferSyntax": syntax, "receivedAt": received,
+        }
+
+    def _instance_ids(self, instance_id: str, dataset: dict[str, Any]) -> dict[str, str]:
+        """Orthanc's ids of the instance's parents, computed as Orthanc does; REST when that fails."""
+        uids = [str(dataset.get(k) or "") for k in
+                ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        if orthanc_id(*uids) == instance_id:
+            return {"instance": instance_id, "series": orthanc_id(*uids[:3]),
+                    "study": orthanc_id(*uids[:2]), "patient": orthanc_id(uids[0])}
+        # The hash differs (a character-set conversion we did not reproduce): ask Orthanc.
+        self._bump("idLookups")
+        try:
+            series = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}"))["ParentSeries"]
+            study = json.loads(orthanc.RestApiGet(f"/series/{series}"))["ParentStudy"]
+            patient = json.loads(orthanc.RestApiGet(f"/studies/{study}"))["ParentPatient"]
+        except orthanc.OrthancException as exc:  # deleted meanwhile: send what is known
+            self._bump("unresolved")
+            self.last_error = f"instance {instance_id}: parents unknown: {exc}"
+            return {"instance": instance_id}
+        return {"instance": instance_id, "series": series, "study": study, "patient": patient}
+
+    def _resource_event(self, level: str, resource_id: str, received: float) -> dict[str, Any] | None:
+        """A series/study event with its main tags and every instance id, from Orthanc's REST API."""
+        try:
+            if level == "series":
+                series = json.loads(orthanc.RestApiGet(f"/series/{resource_id}"))
+                study = json.loads(orthanc.RestApiGet(f"/studies/{series['ParentStudy']}"))
+                headers = {**study.get("PatientMainDicomTags", {}), **study["MainDicomTags"],
+                           **series["MainDicomTags"]}
+                ids = {"series": resource_id, "study": series["ParentStudy"],
+                       "patient": study["ParentPatient"], "instances": list(series["Instances"])}
+            else:
+                study = json.loads(orthanc.RestApiGet(f"/studies/{resource_id}"))
+                instances: list[str] = []
+                for series_id in study["Series"]:
+                    instances += json.loads(orthanc.RestApiGet(f"/series/{series_id}"))["Instances"]
+                headers = {**study.get("PatientMainDicomTags", {}), **study["MainDicomTags"]}
+                ids = {"study": resource_id, "patient": study["ParentPatient"],
+                       "seriesIds": list(study["Series"]), "instances": instances}
+        except (orthanc.OrthancException, KeyError, ValueError) as exc:
+            # Deleted before it could be sent: nothing to process, but say so.
+            self._bump("unresolved")
+            self.last_error = f"{level} {resource_id} could not be resolved: {exc}"
+            orthanc.LogWarning(f"dicomflow: {self.last_error}")
+            return None
+        return {"level": level, "headers": headers, "orthanc": ids, "receivedAt": received}
+
+    def _rows(self, items: list[tuple]) -> list[tuple[int, str]]:
+        """(seq, event JSON) for each item; an item that cannot be made an event becomes a dead letter."""
+        rows, broken = [], []
+        for item in items:
+            try:
+                event = self._finish(item)
+            except (ValueError, TypeError, KeyError) as exc:
+                broken.append((item[0], json.dumps({"unprocessed": list(item)}), f"{type(exc).__name__}: {exc}"))
+                continue
+            if event is not None:
+                rows.append((item[0], json.dumps(event, separators=(",", ":"))))
+        for seq, text, reason in broken:
+            self._bump("rejected")
+            self.last_error = f"event {seq} could not be built: {reason}"
+            self.spool.bury([(seq, text)], 0, reason)
+        return rows
+
+    def _spool_items(self, items: list[tuple]) -> None:
+        rows = self._rows(items)
+        self.spool.append(rows)
+        self._bump("spooled", len(rows))
+
+    # ---- the sender thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.settings.retry_min_delay
+        while not self._stop.is_set():
+            try:
+                ok = self._step()
+            except Exception as exc:  # noqa: BLE001 - the thread's boundary: log, back off, keep sending
+                ok = False
+                self.last_error = f"sender: {type(exc).__name__}: {exc}"
+                orthanc.LogError(f"dicomflow: {self.last_error}")
+            if ok:
+                delay = self.settings.retry_min_delay
+            else:
+                self._drain_queue_to_spool()
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.settings.retry_max_delay)
+        self._drain_queue_to_spool()
+
+    def _take(self, limit: int) -> list[tuple]:
+        """Pop up to `limit` queued items, oldest first."""
+        items = []
+        pop = self._queue.popleft
+        try:
+            while len(items) < limit:
+                items.append(pop())
+        except IndexError:
+            pass
+        return items
+
+    def _drain_queue_to_spool(self) -> None:
+        items = self._take(len(self._queue))
+        if items:
+            self._spool_items(items)
+
+    def _step(self) -> bool:
+        """Send one batch: from the spool while it holds anything, else from the queue."""
+        if not self.spool.length:
+            items = self._collect()
+            if not self.spool.length:
+                return self._send_items(items)
+            # Spooled meanwhile (re-queued dead letters, overflow): older events go first.
+            self._spool_items(items)
+        if self.spool.length:
+            self._drain_queue_to_spool()  # newer events go behind the spooled ones
+            rows = self.spool.head(self.settings.batch_size)
+            outcome = self._send(rows)
+            if outcome == "delivered":
+                self.spool.remove([seq for seq, _ in rows])
+            return outcome != "failed"
+        return True
+
+    def _send_items(self, items: list[tuple]) -> bool:
+        """Send queued items as one batch; spool them when the scheduler cannot take them."""
+        if not items:
+            return True
+        rows = self._rows(items)
+        if not rows:
+            return True
+        outcome = self._send(rows)
+        if outcome == "failed":
+            self.spool.append(rows)
+            self._bump("spooled", len(rows))
+            return False
+        return True
+
+    def _collect(self) -> list[tuple]:
+        """Up to BatchSize queued items, once a batch is full or MaxBatchDelay has passed."""
+        if len(self._queue) < self.settings.batch_size:
+            self._batch_ready.wait(self.settings.max_batch_delay)
+        self._batch_ready.clear()
+        return self._take(self.settings.batch_size)
+
+    def _send(self, rows: list[tuple[int, str]]) -> str:
+        """POST the rows as one batch: 'delivered', 'rejected' (now dead letters) or 'failed'."""
+        body = ('{"events":[' + ",".join(text for _, text in rows) + "]}").encode("utf-8")
+        self._bump("batches")
+        try:
+            status, answer = self._delivery.post(body)
+        except DeliveryError as exc:
+            self._bump("failed", len(rows))
+            self.last_error = f"delivery: {exc}"
+            return "failed"
+        if 200 <= status < 300:
+            self._bump("delivered", len(rows))
+            self.last_delivery = time.time()
+            return "delivered"
+        reason = answer[:500].decode("utf-8", "replace")
+        self.last_error = f"scheduler answered {status}: {reason}"
+        if status in REJECTED:
+            self._bump("rejected", len(rows))
+            self.spool.bury(rows, status, reason)
+            orthanc.LogWarning(f"dicomflow: {len(rows)} events refused ({status}), kept as dead letters")
+            return "rejected"
+        self._bump("failed", len(rows))
+        return "failed"
+
+
+def _answer(output: Any, payload: Any) -> None:
+    output.AnswerBuffer(json.dumps(payload, indent=1), "application/json")
+
+
+def install() -> Relay | None:
+    """Read the settings, open the spool and register the callbacks with Orthanc."""
+    try:
+        settings = PluginSettings.from_configuration(json.loads(orthanc.GetConfiguration()))
+    except (ValueError, TypeError, OSError) as exc:
+        orthanc.LogError(f"dicomflow: plugin disabled, bad configuration: {exc}")
+        return None
+    relay = Relay(settings)
+
+    def status_route(output: Any, uri: str, **request: Any) -> None:
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+        else:
+            _answer(output, relay.status())
+
+    def retry_route(output: Any, uri: str, **request: Any) -> None:
+        if request["method"] != "POST":
+            output.SendMethodNotAllowed("POST")
+        else:
+            _answer(output, {"requeued": relay.spool.resurrect()})
+
+    def dead_route(output: Any, uri: str, **request: Any) -> None:
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+        else:
+            limit = int((request.get("get") or {}).get("limit", 100))
+            _answer(output, relay.spool.dead_letters(limit))
+
+    orthanc.RegisterOnStoredInstanceCallback(relay.on_stored)
+    orthanc.RegisterOnChangeCallback(relay.on_change)
+    orthanc.RegisterRestCallback("/dicomflow/status", status_route)
+    orthanc.RegisterRestCallback("/dicomflow/spool/retry", retry_route)
+    orthanc.RegisterRestCallback("/dicomflow/spool/dead", dead_route)
+    orthanc.LogWarning(
+        f"dicomflow: delivering to {settings.scheduler_url}; spool {settings.spool_path} holds "
+        f"{relay.spool.length} events, {relay.spool.dead_length} dead letters"
+    )
+    return relay
+
+
+RELAY = install()

@@ -1,0 +1,150 @@
+"""The plugin in a real Orthanc: one event per stored instance, batches, series/study events, status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
+from tests.support.procs import wait_for
+
+CALLING_AET = "OXITESTORTHANC"
+COMPARED_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                 "StudyDescription", "AccessionNumber", "Modality", "ProtocolName", "StudyInstanceUID",
+                 "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SOPInstanceUID", "SOPClassUID",
+                 "InstanceNumber")
+
+
+def _expected(path: Path) -> tuple[dict[str, str], str]:
+    """The headers pydicom reads (as Orthanc's strings) and the file's transfer syntax."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    headers = {}
+    for tag in COMPARED_TAGS:
+        if tag in ds and ds[tag].value not in (None, ""):
+            headers[tag] = str(ds[tag].value)
+    return headers, str(ds.file_meta.TransferSyntaxUID)
+
+
+@pytest.fixture(scope="module")
+def ingest(tmp_path_factory, sag_anon):
+    """One Orthanc with the plugin and a sink; sag-anon and a generated series sent once."""
+    folder = tmp_path_factory.mktemp("plugin-events")
+    sink = EventSink().start()
+    server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2).start()
+    generated = write_series(folder / "generated", 25, patient_id="GEN0001")
+    try:
+        server.store([sag_anon], aet=CALLING_AET, pattern="*.dcm")
+        server.store(generated, aet=CALLING_AET)
+        sink.wait_for_events(192 + 25, level="instance", timeout=60)
+        yield server, sink, sorted(sag_anon.glob("*.dcm")) + generated, folder
+    finally:
+        server.stop()
+        sink.stop()
+        assert not leftovers([server]), "the Orthanc started by the test is still running"
+
+
+def test_every_instance_gives_one_event_with_its_headers(ingest):
+    server, sink, files, _ = ingest
+    events = [e for e in sink.delivered() if e["level"] == "instance"]
+    by_uid = {}
+    for event in events:
+        uid = event["headers"]["SOPInstanceUID"]
+        assert uid not in by_uid, f"two events for {uid}"
+        by_uid[uid] = event
+    assert len(by_uid) == len(files) == 217
+    for path in files:
+        headers, syntax = _expected(path)
+        event = by_uid[headers["SOPInstanceUID"]]
+        for tag, value in headers.items():
+            assert event["headers"][tag] == value, (path.name, tag)
+        assert event["transferSyntax"] == syntax
+        assert event["remoteAet"] == CALLING_AET
+        assert event["calledAet"] == server.aet
+        assert event["remoteIp"] == "127.0.0.1"
+        assert isinstance(event["receivedAt"], float)
+
+
+def test_orthanc_ids_are_orthancs_own(ingest):
+    server, sink, _, _ = ingest
+    events = [e for e in sink.delivered() if e["level"] == "instance"]
+    for series_id in server.get("/series"):
+        series = server.get(f"/series/{series_id}")
+        study = server.get(f"/studies/{series['ParentStudy']}")
+        mine = [e for e in events if e["orthanc"]["series"] == series_id]
+        assert {e["orthanc"]["instance"] for e in mine} == set(series["Instances"])
+        for event in mine:
+            assert event["orthanc"]["study"] == series["ParentStudy"]
+            assert event["orthanc"]["patient"] == study["ParentPatient"]
+    assert server.status()["idLookups"] == 0, "ids should be computed, not looked up"
+
+
+def test_events_travel_in_batches(ingest):
+    _, sink, _, _ = ingest
+    batches = sink.delivered_batches()
+    assert all(b.authorization == "Bearer test-token" for b in batches)
+    instance_batches = [b for b in batches if any(e["level"] == "instance" for e in b.events)]
+    assert len(instance_batches) < 217 / 4, f"{len(instance_batches)} POSTs for 217 events"
+
+
+def test_stable_series_and_study_events_list_every_instance(ingest):
+    server, sink, _, _ = ingest
+    ours = ("1449c1d", "GEN0001")  # sag-anon's and the generated series' patients
+
+    def events(level: str) -> list[dict]:
+        return [e for e in sink.delivered() if e["level"] == level and e["headers"]["PatientID"] in ours]
+
+    wait_for(lambda: len(events("series")) >= 2 and len(events("study")) >= 2, timeout=30,
+             what="the series and study events")
+    series_events, study_events = events("series"), events("study")
+    assert len(series_events) == 2 and len(study_events) == 2
+    for event in series_events:
+        series = server.get(f"/series/{event['orthanc']['series']}")
+        assert sorted(event["orthanc"]["instances"]) == sorted(series["Instances"])
+        assert event["headers"]["SeriesInstanceUID"] == series["MainDicomTags"]["SeriesInstanceUID"]
+        assert event["headers"]["StudyInstanceUID"]
+        assert event["headers"]["PatientID"]
+        assert event["orthanc"]["study"] == series["ParentStudy"]
+    counts = sorted(len(e["orthanc"]["instances"]) for e in series_events)
+    assert counts == [25, 192]
+    for event in study_events:
+        study = server.get(f"/studies/{event['orthanc']['study']}")
+        assert event["headers"]["StudyInstanceUID"] == study["MainDicomTags"]["StudyInstanceUID"]
+        assert sorted(event["orthanc"]["seriesIds"]) == sorted(study["Series"])
+        assert len(event["orthanc"]["instances"]) in (25, 192)
+
+
+def test_a_series_stable_again_after_late_instances_is_sent_again(ingest):
+    server, sink, _, folder = ingest
+    first = write_series(folder / "late", 5, patient_id="LATE001")
+    uid = pydicom.dcmread(first[0], stop_before_pixels=True)
+
+    def mine() -> list[dict]:
+        return [e for e in sink.delivered()
+                if e["level"] == "series" and e["headers"]["SeriesInstanceUID"] == uid.SeriesInstanceUID]
+
+    server.store(first)
+    wait_for(lambda: len(mine()) == 1, timeout=30, what="the first series event")
+    late = write_series(folder / "late2", 3, patient_id="LATE001", study_uid=uid.StudyInstanceUID,
+                        series_uid=uid.SeriesInstanceUID, start=6)
+    server.store(late)
+    wait_for(lambda: len(mine()) == 2, timeout=30, what="the series event after late instances")
+    before, after = mine()
+    assert len(before["orthanc"]["instances"]) == 5
+    assert len(after["orthanc"]["instances"]) == 8
+    assert set(before["orthanc"]["instances"]) < set(after["orthanc"]["instances"])
+
+
+def test_status_route_counts(ingest):
+    server, sink, _, _ = ingest
+    status = server.status()
+    assert status["received"] >= 217
+    assert status["delivered"] == len(sink.delivered())
+    assert status["queueLength"] == 0
+    assert status["spoolLength"] == 0
+    assert status["rejected"] == 0 and status["deadLetters"] == 0
+    assert status["callbackErrors"] == 0
+    assert status["sender"] == "running"
+    answer = server.session.post(server.url + "/dicomflow/status", timeout=10)
+    assert answer.status_code == 405
