@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,7 +115,7 @@ class Enqueuer:
                     result.notes.append("jobs of an earlier copy of this instance are still queued or running")
                     continue
             else:
-                members = set(event.orthanc.get("instances" if event.level is Level.SERIES else "series") or [])
+                members = set(event.orthanc.get("instances") or [])
                 new_members = members - state
                 if state and not new_members:
                     result.status = "unchanged"
@@ -138,10 +139,8 @@ class Enqueuer:
                 pipe.expire(self._state_key(plan.event), self.settings.failure_ttl)
         for key in mine:
             pipe.delete(keys.claim(key))
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[f"events:{r.status}"] = counts.get(f"events:{r.status}", 0) + 1
-            counts["jobs"] = counts.get("jobs", 0) + len(r.jobs) if r.status == "scheduled" else counts.get("jobs", 0)
+        counts = Counter(f"events:{r.status}" for r in results)
+        counts["jobs"] = sum(len(r.jobs) for r in results if r.status == "scheduled")
         for name, n in counts.items():
             if n:
                 pipe.hincrby(keys.STATS, name, n)
@@ -149,6 +148,7 @@ class Enqueuer:
         return results
 
     def _state_key(self, event: Event) -> str:
+        """Where the instance ids already handed to this series'/study's jobs are kept."""
         return keys.series_state(event.uid) if event.level is Level.SERIES else keys.study_state(event.uid)
 
     def _record(self, plan: Plan, result: EventResult, pipe, now: float) -> None:

@@ -166,3 +166,27 @@ def test_refuses_to_start_without_token(tmp_path, redis_url, services):
     settings = settings_for(tmp_path, redis_url, services).model_copy(update={"scheduler_token": ""})
     with pytest.raises(ConfigError, match="DICOMFLOW_SCHEDULER_TOKEN"):
         create_app(settings)
+
+
+def test_series_events_run_again_only_for_a_new_state(make_client, services, connection):
+    make_service(services, "s", job("seriesJob", "s", triggerLevel="series"))
+    make_service(services, "st", job("studyJob", "st", triggerLevel="study"))
+    client = make_client()
+
+    def series(*ids):
+        return {"level": "series", "headers": {"SeriesInstanceUID": "9.9", "StudyInstanceUID": "9"},
+                "orthanc": {"series": "os", "instances": list(ids)}}
+
+    (first,) = post(client, series("i1", "i2"))
+    assert first["status"] == "scheduled" and list(first["jobs"]) == ["seriesJob"]
+    (same,) = post(client, series("i2", "i1"))
+    assert same["status"] == "unchanged"
+    (grown,) = post(client, series("i1", "i2", "i3"))
+    assert grown["status"] == "scheduled"
+    event = Job.fetch(grown["jobs"]["seriesJob"], connection=connection).kwargs["event"]
+    assert event["newMembers"] == ["i3"] and event["orthanc"]["instances"] == ["i1", "i2", "i3"]
+    study = {"level": "study", "headers": {"StudyInstanceUID": "9"},
+             "orthanc": {"study": "ost", "seriesIds": ["os"], "instances": ["i1", "i2", "i3"]}}
+    (st,) = post(client, study)
+    assert st["status"] == "scheduled" and list(st["jobs"]) == ["studyJob"]
+    assert post(client, study)[0]["status"] == "unchanged"
