@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import seahash
 
 _UNSAFE_RUN = re.compile(r"[^A-Za-z0-9.\-]+")
 
 
-def clean_value(raw: Any) -> str | None:
+def clean_value(raw: object) -> str | None:
     """One tag value as a clean string, or None when missing, empty or multi-valued.
 
     Accepts what the readers produce: a str (DICOM multi-values joined by a backslash,
@@ -38,7 +37,7 @@ def clean_value(raw: Any) -> str | None:
     return text
 
 
-def read_tag(headers: Mapping[str, Any], keyword: str) -> str | None:
+def read_tag(headers: Mapping[str, object], keyword: str) -> str | None:
     """`clean_value` of `headers[keyword]` (None when absent)."""
     return clean_value(headers.get(keyword))
 
