@@ -4,11 +4,15 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
   (a) Orthanc without any plugin,
   (b) Orthanc with a Python plugin whose on-stored callback only returns (the design's floor),
   (b') Orthanc with a Python plugin that only registers a change callback (no instance hand-over),
-  (c) Orthanc with the full dicomflow plugin delivering to a target (an in-process sink by
-      default; `--scheduler-url` for the real scheduler),
+  (c) the full pipeline: Orthanc with the dicomflow plugin delivering to the real scheduler
+      (gunicorn) with its own redis-server and the two example services (tempJob, and
+      tempFollowJob depending on it), so every instance becomes two RQ jobs; with `--sink`,
+      an in-process HTTP sink instead (delivery only); `--scheduler-url` for one you run,
 for small (64x64) and CT-sized (512x512, 16-bit) instances, each setup `--repeat` times
 interleaved; prints median throughput, the ratios (c)/(a) and (c)/(b), and the
-stored -> delivered latency p50/p99 (event `receivedAt` vs. the sink's arrival time).
+stored -> enqueued latency p50/p99 (event `receivedAt` vs. the RQ job's `enqueued_at`;
+with `--sink`: vs. the sink's arrival time). No worker runs during (c): the figure is what
+delivery and scheduling cost the ingest.
 
     .venv/bin/python -m bench.ingest --small 2000 --ct 300 --repeat 3
 """
@@ -16,14 +20,27 @@ stored -> delivered latency p50/p99 (event `receivedAt` vs. the sink's arrival t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import timezone
 from pathlib import Path
 
+import redis
+import requests
+from rq import Queue
+from rq.job import Job
+
+from bench.support import private_redis
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
+from tests.support.procs import free_port, wait_for
 
 NOOP_STORED = '''"""Benchmark floor: an on-stored callback that only returns."""
 import orthanc
@@ -48,6 +65,57 @@ orthanc.RegisterOnChangeCallback(on_change)
 '''
 
 SETUPS = ("a", "b", "b'", "c")
+REPO = Path(__file__).resolve().parent.parent
+
+
+class RealScheduler:
+    """The scheduler (gunicorn) + a private redis-server + the example services, for (c)."""
+
+    token = "bench-token"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "RealScheduler":
+        services = self.folder / "services"
+        for name in ("temp", "tempfollow"):
+            shutil.copytree(REPO / "examples" / name / "registry", services / "registry" / name)
+            shutil.copytree(REPO / "examples" / name / "module", services / "modules" / name)
+        self._redis = private_redis()
+        redis_url = self._redis.__enter__()
+        self.connection = redis.Redis.from_url(redis_url)
+        env = {**os.environ, "DICOMFLOW_CONFIG": "", "DICOMFLOW_REDIS_URL": redis_url,
+               "DICOMFLOW_SERVICES_DIR": str(services), "DICOMFLOW_HOME": str(self.folder / "home"),
+               "DICOMFLOW_SCHEDULER_TOKEN": self.token, "DICOMFLOW_SCHEDULER_PORT": str(self.port)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli"], env=env, cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._up, timeout=30, what="the scheduler")
+        return self
+
+    def _up(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def reset(self) -> None:
+        self.connection.flushall()
+
+    def wait_for_jobs(self, count: int) -> list[float]:
+        """Wait until `count` instance events were scheduled; stored -> enqueued latencies (s)."""
+        wait_for(lambda: int(self.connection.hget("dicomflow:stats", "events:scheduled") or 0) >= count,
+                 timeout=120, what=f"{count} scheduled events")
+        queue = Queue("default", connection=self.connection)
+        jobs = [j for j in Job.fetch_many(queue.job_ids, connection=self.connection) if j is not None]
+        return [j.enqueued_at.replace(tzinfo=timezone.utc).timestamp() - j.kwargs["event"]["receivedAt"]
+                for j in jobs]
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self._redis.__exit__(*exc)
 LABELS = {
     "a": "(a) no plugin",
     "b": "(b) on-stored callback that only returns",
@@ -62,9 +130,12 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[str, Path],
-             scheduler_url: str | None, token: str) -> dict[str, float]:
+             scheduler_url: str | None, token: str, pipeline: "RealScheduler | None" = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
     sink = None
+    if setup == "c" and pipeline is not None:
+        pipeline.reset()
+        scheduler_url, token = pipeline.url, pipeline.token
     plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"], "c": True}[setup]
     url = scheduler_url or "http://127.0.0.1:9"
     if setup == "c" and scheduler_url is None:
@@ -78,7 +149,13 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
         elapsed = time.perf_counter() - started
         result = {"rate": count / elapsed, "seconds": elapsed}
         if setup == "c":
-            if sink is not None:
+            if pipeline is not None:
+                latencies = pipeline.wait_for_jobs(count)
+                result["drained"] = time.perf_counter() - started
+                result["p50_ms"] = _percentile(latencies, 0.50) * 1000
+                result["p99_ms"] = _percentile(latencies, 0.99) * 1000
+                result["posts"] = server.status()["batches"]
+            elif sink is not None:
                 sink.wait_for_events(count, timeout=120, level="instance")
                 result["drained"] = time.perf_counter() - started
                 latencies = [b.arrived - e["receivedAt"] for b in sink.delivered_batches()
@@ -99,7 +176,8 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
 
 
 def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, scripts: dict[str, Path],
-               scheduler_url: str | None, token: str) -> dict[str, dict[str, float]]:
+               scheduler_url: str | None, token: str,
+               pipeline: "RealScheduler | None" = None) -> dict[str, dict[str, float]]:
     """Every setup `repeat` times, interleaved, for one instance size; medians."""
     files_dir = root / f"{name}-dicom"
     started = time.perf_counter()
@@ -111,7 +189,7 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
     for round_ in range(repeat):
         for setup in SETUPS:
             result = run_once(setup, files_dir, count, root / f"{name}-{setup}-{round_}", scripts,
-                              scheduler_url, token)
+                              scheduler_url, token, pipeline)
             runs[setup].append(result)
             extra = (f", p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
                      f"{result['posts']} POSTs" if "p50_ms" in result else "")
@@ -121,7 +199,8 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
     print(f"  median rates: (a) {a:.1f}  (b) {b:.1f}  (b') {b2:.1f}  (c) {c:.1f} instances/s")
     print(f"  (c)/(a) = {c / a:.3f}   (c)/(b) = {c / b:.3f}   (b)/(a) = {b / a:.3f}   (b')/(a) = {b2 / a:.3f}")
     if "p50_ms" in medians["c"]:
-        print(f"  stored -> delivered latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "
+        what = "enqueued" if pipeline is not None else "delivered"
+        print(f"  stored -> {what} latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "
               f"p99 {medians['c']['p99_ms']:.1f} ms; all delivered "
               f"{medians['c']['drained'] - medians['c']['seconds']:.2f} s after the last C-STORE")
     return medians
@@ -134,7 +213,8 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=2000, help="64x64 instances (0: skip)")
     parser.add_argument("--ct", type=int, default=300, help="512x512 instances (0: skip)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per setup (medians)")
-    parser.add_argument("--scheduler-url", help="deliver (c) to this scheduler instead of a sink")
+    parser.add_argument("--scheduler-url", help="deliver (c) to this scheduler (you run it)")
+    parser.add_argument("--sink", action="store_true", help="deliver (c) to an in-process HTTP sink")
     parser.add_argument("--token", default="bench-token", help="bearer token for (c)")
     parser.add_argument("--json", type=Path, help="also write the medians here")
     options = parser.parse_args(args)
@@ -144,14 +224,20 @@ def main(args: Sequence[str] | None = None) -> int:
         scripts = {"b": root / "noop_stored.py", "b'": root / "noop_change.py"}
         scripts["b"].write_text(NOOP_STORED)
         scripts["b'"].write_text(NOOP_CHANGE)
-        print(f"storescu -> Orthanc 1.10, one association, TCP_NODELAY=1; {options.repeat} rounds, "
-              f"target of (c): {options.scheduler_url or 'in-process HTTP sink'}")
-        if options.small:
-            results["small"] = bench_size("small", options.small, 64, options.repeat, root, scripts,
-                                          options.scheduler_url, options.token)
-        if options.ct:
-            results["ct"] = bench_size("ct", options.ct, 512, options.repeat, root, scripts,
-                                       options.scheduler_url, options.token)
+        with contextlib.ExitStack() as stack:
+            pipeline = None
+            if not options.sink and not options.scheduler_url:
+                pipeline = stack.enter_context(RealScheduler(root / "pipeline"))
+            target = (options.scheduler_url or ("in-process HTTP sink" if options.sink else
+                      "the real scheduler + redis-server, 2 jobs per instance"))
+            print(f"storescu -> Orthanc 1.10, one association, TCP_NODELAY=1; {options.repeat} rounds, "
+                  f"target of (c): {target}")
+            if options.small:
+                results["small"] = bench_size("small", options.small, 64, options.repeat, root, scripts,
+                                              options.scheduler_url, options.token, pipeline)
+            if options.ct:
+                results["ct"] = bench_size("ct", options.ct, 512, options.repeat, root, scripts,
+                                           options.scheduler_url, options.token, pipeline)
     if options.json:
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(results, indent=2))
