@@ -1,0 +1,263 @@
+"""The three ChRIS jobs: store an instance, register it (CUBE 5), finish a series (register / mark it)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from dicomflow.chris.client import ChrisClient
+from dicomflow.chris.errors import ChrisError, ChrisRequestError, InvalidTagError, SeriesIncompleteError
+from dicomflow.chris.instance import read_instance_tags
+from dicomflow.chris.lonk import LonkNotifier
+from dicomflow.chris.markers import (
+    ATTEMPTED_PUSH_COUNT,
+    NUMBER_OF_SERIES_RELATED_INSTANCES,
+    marker_fields,
+    marker_path,
+)
+from dicomflow.chris.metadata import check_pacs_name, registration_fields
+from dicomflow.chris.paths import instance_path
+from dicomflow.chris.progress import SeriesProgress
+from dicomflow.chris.settings import ChrisSettings, Registration
+from dicomflow.chris.store import count_dicom_files, storage_target, write_empty, write_file
+from dicomflow.dicomtags import clean_value
+from dicomflow.errors import MissingTagError
+
+log = logging.getLogger(__name__)
+#: How often a series job looks at the counters while it waits for its instances.
+POLL_INTERVAL = 0.1
+#: Series registrations retried at once when files appeared while CUBE counted them.
+SERIES_RECOUNTS = 3
+
+
+def pacs_name_for(settings: ChrisSettings, event: Mapping[str, Any]) -> str:
+    """CHRIS_PACS_NAME, else the sender's calling AE title (as oxidicom).
+
+    Raises:
+        InvalidTagError: neither is set.
+    """
+    name = settings.pacs_name or str(event.get("remoteAet") or "").strip()
+    if not name:
+        raise InvalidTagError("pacs_name", "", "is unknown: set CHRIS_PACS_NAME or send with a calling AE title")
+    return name
+
+
+def instance_key(event: Mapping[str, Any], sop_uid: str) -> str:
+    """How series jobs recognise an instance: Orthanc's instance id, else the SOPInstanceUID."""
+    return str((event.get("orthanc") or {}).get("instance") or sop_uid)
+
+
+def _announced(tags: Mapping[str, Any]) -> int | None:
+    value = clean_value(tags.get("NumberOfSeriesRelatedInstances"))
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _notifier(settings: ChrisSettings, connection: redis.Redis) -> LonkNotifier:
+    return LonkNotifier(settings.nats_url, connection, settings.progress_interval)
+
+
+def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
+                   event: Mapping[str, Any]) -> dict[str, Any]:
+    """Write one instance under CHRIS_FILES_ROOT at its cube.md path and count it.
+
+    Raises:
+        MissingTagError: a required tag is missing (recorded for the series when it is known).
+        InvalidTagError: the PACS name is unusable.
+        StorageWriteError: the file cannot be read or written.
+    """
+    tags = read_instance_tags(dcmpath)
+    series_uid = clean_value(tags.get("SeriesInstanceUID"))
+    sop_uid = clean_value(tags.get("SOPInstanceUID")) or Path(dcmpath).stem
+    key = instance_key(event, sop_uid)
+    notifier = _notifier(settings, connection)
+    pacs = ""
+    try:
+        pacs = pacs_name_for(settings, event)
+        location = instance_path(tags, pacs)
+        pacs = check_pacs_name(location.pacs_name)
+        progress = SeriesProgress(connection, series_uid) if series_uid else None
+        if progress is not None:
+            progress.begin(pacs, location.series_folder, _announced(tags))
+        write_file(Path(dcmpath), settings.files_root, location.path)
+    except (MissingTagError, ChrisError) as exc:
+        if series_uid:
+            SeriesProgress(connection, series_uid).failed(key, str(exc))
+            notifier.error(pacs or "unknown", series_uid, f"{sop_uid}: {exc}")
+            notifier.flush()
+        raise
+    assert progress is not None  # SeriesInstanceUID is required by instance_path
+    count, new = progress.stored(key, sop_uid)
+    notifier.progress(pacs, series_uid, count)
+    info = progress.info()
+    result: dict[str, Any] = {"path": location.path, "stored": count}
+    if new and "registeredCount" in info and count > int(info["registeredCount"]):
+        # Series mode: CUBE registered this series before this instance came; it cannot be
+        # added to a registered series, so it is reported rather than silently lost.
+        extra = count - int(info["registeredCount"])
+        progress.grown(extra)
+        message = (f"series grew after registration: {extra} instance(s) stored but not in CUBE "
+                   f"({location.path})")
+        log.warning(message)
+        notifier.error(pacs, series_uid, message)
+        result["grownAfterRegistration"] = extra
+    notifier.flush()
+    return result
+
+
+def register_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
+                      event: Mapping[str, Any]) -> dict[str, Any]:
+    """Register one stored instance with CUBE 5's pacsfiles API (nothing to do in series mode).
+
+    Raises:
+        MissingTagError, InvalidTagError: the tags cannot make a valid registration.
+        ChrisRequestError: CUBE refused it.
+        ChrisUnavailableError: CUBE did not answer within CHRIS_HTTP_RETRIES attempts.
+    """
+    tags = read_instance_tags(dcmpath)
+    sop_uid = clean_value(tags.get("SOPInstanceUID")) or Path(dcmpath).stem
+    location = instance_path(tags, pacs_name_for(settings, event))
+    series_uid = str(clean_value(tags.get("SeriesInstanceUID")))
+    progress = SeriesProgress(connection, series_uid)
+    key = instance_key(event, sop_uid)
+    notifier = _notifier(settings, connection)
+    with ChrisClient(settings, connection) as client:
+        try:
+            if client.detect_registration() is not Registration.PACSFILES:
+                return {"skipped": "CUBE registers per series (series mode)"}
+            fields = registration_fields(tags, location.pacs_name)
+            fields["path"] = location.path
+            outcome = client.register_file(fields)
+            attempt = progress.info().get("attempt")
+            if attempt and not progress.has_marker(attempt, NUMBER_OF_SERIES_RELATED_INSTANCES):
+                # Idempotent (same path per attempt, locked, "already registered" is success),
+                # so it is remembered only once CUBE has it: a failure here is retried.
+                announced = _announced(tags)
+                _register_marker(client, settings, fields, location.series_folder, attempt,
+                                 NUMBER_OF_SERIES_RELATED_INSTANCES,
+                                 str(announced) if announced is not None else "unknown")
+                progress.marked(attempt, NUMBER_OF_SERIES_RELATED_INSTANCES)
+        except (MissingTagError, ChrisError) as exc:
+            # Recorded for the series' progress (and LONK), then raised: the job fails visibly.
+            progress.failed(key, str(exc))
+            notifier.error(location.pacs_name, series_uid, f"{sop_uid}: {exc}")
+            notifier.flush()
+            raise
+    registered = progress.registered(key, sop_uid)
+    return {"path": location.path, "created": outcome.created, "registered": registered}
+
+
+def _register_marker(client: ChrisClient, settings: ChrisSettings, series_fields: Mapping[str, Any],
+                     folder: str, attempt: str, key: str, value: str) -> None:
+    """Write an empty marker file and register it under the pseudo-PACS org.fnndsc.oxidicom."""
+    write_empty(settings.files_root, marker_path(folder, attempt, key, value))
+    client.register_file(marker_fields(series_fields, folder, attempt, key, value))
+
+
+def _expected_instances(dcmpath: Path, event: Mapping[str, Any]) -> list[str]:
+    """The instances a series event covers: Orthanc's ids from the event, else the folder's files."""
+    ids = (event.get("orthanc") or {}).get("instances")
+    if ids:
+        return [str(i) for i in ids]
+    return sorted(p.stem for p in Path(dcmpath).glob("*.dcm"))
+
+
+def _wait(progress: SeriesProgress, keys: list[str], registration: bool, timeout: float) -> None:
+    """Poll the Redis counters until every key is settled.
+
+    Raises:
+        SeriesIncompleteError: still unsettled after `timeout` seconds (the job is retried).
+    """
+    deadline = time.monotonic() + timeout
+    while pending := progress.pending(keys, registration):
+        if time.monotonic() >= deadline:
+            what = "registered" if registration else "stored"
+            raise SeriesIncompleteError(
+                f"series {progress.series_uid}: {len(pending)} of {len(keys)} instance(s) not "
+                f"{what} after {timeout:.0f}s (first: {pending[0]})")
+        time.sleep(POLL_INTERVAL)
+
+
+def _first_file(folder: Path) -> Path | None:
+    return min(folder.rglob("*.dcm"), default=None)
+
+
+def finish_series(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
+                  event: Mapping[str, Any], series_uid: str) -> dict[str, Any]:
+    """Once per stable series: wait for its instance jobs, then register it (series mode) or
+    write the oxidicom marker files (pacsfiles mode); then LONK done.
+
+    Raises:
+        SeriesIncompleteError: instance jobs still running after CHRIS_SERIES_WAIT seconds.
+        ChrisRequestError, ChrisUnavailableError: CUBE refused or did not answer.
+    """
+    progress = SeriesProgress(connection, series_uid)
+    keys = _expected_instances(dcmpath, event)
+    notifier = _notifier(settings, connection)
+    with ChrisClient(settings, connection) as client:
+        mode = client.detect_registration()
+        _wait(progress, keys, registration=mode is Registration.PACSFILES, timeout=settings.series_wait)
+        info = progress.info()
+        stored, registered, errors = progress.counts()
+        result: dict[str, Any] = {"mode": mode.value, "attempted": len(keys), "stored": stored,
+                                  "errors": errors}
+        if "path" not in info:
+            # Nothing of this series could be stored: nothing to register; say so.
+            notifier.error(pacs_name_for(settings, event), series_uid, "no instance of the series was stored")
+            notifier.done(pacs_name_for(settings, event), series_uid)
+            notifier.flush()
+            progress.finish(len(keys))
+            return result
+        pacs, folder = info["pacs_name"], info["path"]
+        sample = _first_file(storage_target(settings.files_root, folder))
+        if sample is None:
+            raise SeriesIncompleteError(f"series {series_uid}: no .dcm file in {folder}")
+        fields = registration_fields(read_instance_tags(sample), pacs)
+        try:
+            if mode is Registration.SERIES:
+                result.update(_register_series(client, settings, progress, fields, folder))
+            else:
+                attempt = info.get("attempt")
+                if attempt:
+                    _register_marker(client, settings, fields, folder, attempt, ATTEMPTED_PUSH_COUNT,
+                                     str(len(keys)))
+                result["registered"] = registered
+        except ChrisError as exc:
+            notifier.error(pacs, series_uid, str(exc))
+            notifier.flush()
+            raise
+    stored, _, errors = progress.counts()
+    notifier.progress(pacs, series_uid, stored, force=True)
+    if errors:
+        notifier.error(pacs, series_uid, f"{errors} instance(s) of the series failed; see its progress")
+    notifier.done(pacs, series_uid)
+    notifier.flush()
+    progress.finish(len(keys))
+    return result
+
+
+def _register_series(client: ChrisClient, settings: ChrisSettings, progress: SeriesProgress,
+                     fields: dict[str, Any], folder: str) -> dict[str, Any]:
+    """POST the series folder with ndicom = the .dcm files in it; recount if files came meanwhile."""
+    target = storage_target(settings.files_root, folder)
+    previous = progress.info().get("registeredCount")
+    for attempt in range(1, SERIES_RECOUNTS + 1):
+        ndicom = count_dicom_files(target)
+        try:
+            outcome = client.register_series({**fields, "path": folder, "ndicom": ndicom})
+        except ChrisRequestError as exc:
+            # A file written while CUBE counted makes it answer 400 at once: count again.
+            if attempt < SERIES_RECOUNTS and exc.status == 400 and count_dicom_files(target) != ndicom:
+                continue
+            raise
+        break
+    if outcome.created or previous is None:
+        progress.series_registered(ndicom)
+    elif ndicom > int(previous):
+        progress.grown(ndicom - int(previous))
+    return {"registered": ndicom if outcome.created or previous is None else int(previous),
+            "created": outcome.created, "path": folder}

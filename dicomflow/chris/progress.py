@@ -1,0 +1,200 @@
+"""Per-series progress in Redis: announced, stored, registered, errors; read by the scheduler's API."""
+
+from __future__ import annotations
+
+import os
+import time
+from enum import Enum
+from typing import Any
+
+import redis
+
+from dicomflow.keys import service_key
+
+_KEYS = service_key("chris")
+#: Sorted set SeriesInstanceUID -> last update (unix time): the listing of recent series.
+INDEX_KEY = _KEYS + "series-index"
+#: Progress of a series is kept this long after its last change (seconds).
+PROGRESS_TTL = 7 * 86400
+INDEX_LENGTH = 10000
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class SeriesState(str, Enum):
+    """Where a series is in the store/register flow."""
+
+    RECEIVING = "receiving"  # instances arriving, not registered yet
+    REGISTERED = "registered"  # series mode: CUBE has the series
+    DONE = "done"  # every instance handled; errors, if any, are listed
+    GROWN = "grown"  # instances arrived after the series was registered (not in CUBE)
+
+
+def new_attempt_id(now: float | None = None) -> str:
+    """A ULID (time-ordered, 26 Crockford base-32 characters) naming one push of a series."""
+    value = (int((now if now is not None else time.time()) * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class SeriesProgress:
+    """The Redis record of one series: a hash of facts plus sets of instances, keyed by its UID."""
+
+    def __init__(self, connection: redis.Redis, series_uid: str):
+        self.connection = connection
+        self.series_uid = series_uid
+        base = f"{_KEYS}series:{series_uid}"
+        self.info_key = base
+        self.done_key = base + ":done"  # instance keys handled (stored or failed)
+        self.stored_key = base + ":stored"  # SOPInstanceUIDs written to storage
+        self.registered_key = base + ":registered"  # SOPInstanceUIDs registered (pacsfiles mode)
+        self.errors_key = base + ":errors"  # instance key -> message
+        self.regdone_key = base + ":regdone"  # instance keys whose registration is settled
+        self._all = (self.info_key, self.done_key, self.stored_key, self.registered_key, self.errors_key,
+                     self.regdone_key)
+
+    def _touch(self, pipe: Any, **fields: Any) -> None:
+        now = time.time()
+        fields["updatedAt"] = now
+        pipe.hset(self.info_key, mapping={k: str(v) for k, v in fields.items()})
+        pipe.zadd(INDEX_KEY, {self.series_uid: now})
+        pipe.zremrangebyrank(INDEX_KEY, 0, -INDEX_LENGTH - 1)
+        for key in self._all:
+            pipe.expire(key, PROGRESS_TTL)
+
+    def info(self) -> dict[str, str]:
+        """The facts hash (pacs_name, path, announced, attempt, state, ...)."""
+        return _decode(self.connection.hgetall(self.info_key))
+
+    def begin(self, pacs_name: str, folder: str, announced: int | None) -> str:
+        """Record the series on its first (or a later) instance; returns the current push attempt id."""
+        pipe = self.connection.pipeline()
+        pipe.hsetnx(self.info_key, "attempt", new_attempt_id())
+        pipe.hsetnx(self.info_key, "state", SeriesState.RECEIVING.value)
+        fields: dict[str, Any] = {"pacs_name": pacs_name, "path": folder}
+        if announced is not None:
+            fields["announced"] = announced
+        self._touch(pipe, **fields)
+        pipe.hget(self.info_key, "attempt")
+        return pipe.execute()[-1].decode()
+
+    def stored(self, instance_key: str, sop_uid: str) -> tuple[int, bool]:
+        """Count an instance as written; returns (instances stored, whether this SOP is new)."""
+        pipe = self.connection.pipeline()
+        pipe.sadd(self.stored_key, sop_uid)
+        pipe.sadd(self.done_key, instance_key)
+        pipe.hdel(self.errors_key, instance_key)
+        pipe.scard(self.stored_key)
+        self._touch(pipe)
+        added, _, _, count = pipe.execute()[:4]
+        return int(count), bool(added)
+
+    def failed(self, instance_key: str, message: str) -> None:
+        """Record an instance that could not be stored or registered.
+
+        Either way it counts as handled: series jobs stop waiting for it.
+        """
+        pipe = self.connection.pipeline()
+        pipe.sadd(self.done_key, instance_key)
+        pipe.sadd(self.regdone_key, instance_key)
+        pipe.hset(self.errors_key, instance_key, message[:2000])
+        self._touch(pipe)
+        pipe.execute()
+
+    def registered(self, instance_key: str, sop_uid: str) -> int:
+        """Count an instance as registered (pacsfiles mode); returns how many are."""
+        pipe = self.connection.pipeline()
+        pipe.sadd(self.registered_key, sop_uid)
+        pipe.sadd(self.regdone_key, instance_key)
+        pipe.hdel(self.errors_key, instance_key)
+        pipe.scard(self.registered_key)
+        self._touch(pipe)
+        return int(pipe.execute()[2])
+
+    def series_registered(self, ndicom: int) -> None:
+        """Record the series registration (series mode): ndicom files are in CUBE now."""
+        pipe = self.connection.pipeline()
+        pipe.hdel(self.info_key, "grown")
+        self._touch(pipe, state=SeriesState.REGISTERED.value, registeredCount=ndicom,
+                    registeredAt=time.time())
+        pipe.execute()
+
+    def grown(self, extra: int) -> None:
+        """Record instances stored after the series was registered (CUBE does not have them)."""
+        pipe = self.connection.pipeline()
+        self._touch(pipe, state=SeriesState.GROWN.value, grown=extra)
+        pipe.execute()
+
+    def finish(self, attempted: int) -> None:
+        """Close the current push attempt: the next instance of this series starts a new one."""
+        pipe = self.connection.pipeline()
+        pipe.hdel(self.info_key, "attempt")
+        pipe.hget(self.info_key, "state")
+        self._touch(pipe, attempted=attempted, finishedAt=time.time())
+        state = pipe.execute()[1]
+        if state in (None, SeriesState.RECEIVING.value.encode()):
+            self.connection.hset(self.info_key, "state", SeriesState.DONE.value)
+
+    def pending(self, instance_keys: list[str], registration: bool = False) -> list[str]:
+        """Which of `instance_keys` are not settled yet: not stored nor failed, or with
+        `registration`, not registered nor failed."""
+        if not instance_keys:
+            return []
+        key = self.regdone_key if registration else self.done_key
+        flags = self.connection.smismember(key, instance_keys)
+        return [k for k, flag in zip(instance_keys, flags) if not flag]
+
+    def has_marker(self, attempt: str, marker: str) -> bool:
+        """True when the marker of this push attempt is registered already."""
+        return bool(self.connection.hexists(self.info_key, f"marker:{marker}:{attempt}"))
+
+    def marked(self, attempt: str, marker: str) -> None:
+        """Remember that the marker of this push attempt is registered."""
+        self.connection.hset(self.info_key, f"marker:{marker}:{attempt}", "1")
+
+    def counts(self) -> tuple[int, int, int]:
+        """(stored, registered, errors) right now."""
+        pipe = self.connection.pipeline()
+        pipe.scard(self.stored_key)
+        pipe.scard(self.registered_key)
+        pipe.hlen(self.errors_key)
+        stored, registered, errors = pipe.execute()
+        return int(stored), int(registered), int(errors)
+
+
+def series_progress(connection: redis.Redis, series_uid: str) -> dict[str, Any] | None:
+    """What a client needs to know about one series; None when it is unknown (or expired).
+
+    Keys: SeriesInstanceUID, pacs_name, path (the series folder in CUBE's storage), state,
+    announced (NumberOfSeriesRelatedInstances or None), stored, registered (files CUBE has),
+    errors ({instance: message}), grownAfterRegistration, updatedAt.
+    """
+    series = SeriesProgress(connection, series_uid)
+    info = series.info()
+    if not info:
+        return None
+    stored, registered_files, _ = series.counts()
+    errors = _decode(connection.hgetall(series.errors_key))
+    registered = int(info["registeredCount"]) if "registeredCount" in info else registered_files
+    return {
+        "SeriesInstanceUID": series_uid,
+        "pacs_name": info.get("pacs_name"),
+        "path": info.get("path"),
+        "state": info.get("state", SeriesState.RECEIVING.value),
+        "announced": int(info["announced"]) if "announced" in info else None,
+        "stored": stored,
+        "registered": registered,
+        "errors": errors,
+        "grownAfterRegistration": int(info.get("grown", 0)),
+        "attempted": int(info["attempted"]) if "attempted" in info else None,
+        "updatedAt": float(info.get("updatedAt", 0.0)),
+    }
+
+
+def recent_series(connection: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
+    """The progress of the most recently updated series, newest first."""
+    uids = connection.zrevrange(INDEX_KEY, 0, max(limit, 1) - 1)
+    found = (series_progress(connection, uid.decode()) for uid in uids)
+    return [item for item in found if item is not None]

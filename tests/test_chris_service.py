@@ -1,0 +1,270 @@
+"""The ChRIS service end to end without Orthanc: worker functions, RQ, the CUBE double, Redis."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from rq import Queue, SimpleWorker
+from rq.job import JobStatus
+from rq.registry import FailedJobRegistry
+
+from dicomflow.chris.progress import recent_series, series_progress
+from dicomflow.errors import MissingTagError
+from tests.support.chris_env import (
+    SAG_FOLDER,
+    SAG_SERIES_UID,
+    SERVICE_MODULES,
+    chris_config,
+    instance_event,
+    job_kwargs,
+    load_callbacks,
+    orthanc_id,
+    series_event,
+)
+
+pytest_plugins = ["tests.support.chris_fixtures"]
+
+SAG_HEADERS = {"SeriesInstanceUID": SAG_SERIES_UID}
+
+
+@pytest.fixture()
+def service(monkeypatch):
+    """The service's worker package `chris`, imported from services/modules as the runtime does."""
+    monkeypatch.syspath_prepend(str(SERVICE_MODULES))
+    return importlib.import_module("chris")
+
+
+@pytest.fixture()
+def incoming(tmp_path, sag_anon) -> Path:
+    """The sag-anon files as a worker's cache holds them, named by (stand-in) Orthanc id."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for source in sorted(sag_anon.glob("*.dcm")):
+        shutil.copyfile(source, folder / f"{orthanc_id(source)}.dcm")
+    return folder
+
+
+def without_study_date(path: Path) -> None:
+    ds = pydicom.dcmread(path)
+    del ds.StudyDate
+    ds.save_as(path)
+
+
+def instance_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
+
+
+def run_all(service, connection, config, files, store=True, register=True) -> list[Exception]:
+    """Store (and register) every file by calling the worker functions directly; the errors raised."""
+    errors: list[Exception] = []
+    for path in files:
+        event = instance_event(path.stem)
+        try:
+            if store:
+                service.store(connection=connection, **job_kwargs("chrisStore", path, event, config))
+            if register:
+                service.register(connection=connection, **job_kwargs("chrisRegister", path, event, config))
+        except MissingTagError as exc:
+            errors.append(exc)
+    return errors
+
+
+def finish(service, connection, config, folder: Path) -> dict:
+    event = series_event([p.stem for p in instance_files(folder)])
+    return service.register_series(connection=connection, **job_kwargs(
+        "chrisRegisterSeries", folder, event, config, headers=SAG_HEADERS))
+
+
+def test_pacsfiles_mode_stores_registers_and_marks_the_series(service, connection, make_cube, incoming,
+                                                             files_root):
+    cube = make_cube("cube5")
+    config = chris_config(cube)
+    assert run_all(service, connection, config, instance_files(incoming)) == []
+    result = finish(service, connection, config, incoming)
+    assert result["mode"] == "pacsfiles" and result["registered"] == 192
+    stored = sorted(p.relative_to(files_root).as_posix() for p in (files_root / SAG_FOLDER).glob("*.dcm"))
+    assert len(stored) == 192 and stored[0].startswith(f"{SAG_FOLDER}/0001-")
+    dicom = [p for p in cube.state.files if p.startswith(SAG_FOLDER + "/")]
+    assert sorted(dicom) == stored
+    # oxidicom's marker files, found the way its clients search for them.
+    search = cube.url + "pacsfiles/search/"
+    import requests
+    token = requests.post(cube.url + "auth-token/", json={"username": "chris", "password": "chris1234"}).json()
+    headers = {"Authorization": f"Token {token['token']}"}
+    found = requests.get(search, headers=headers, params={
+        "pacs_identifier": "org.fnndsc.oxidicom", "SeriesInstanceUID": SAG_SERIES_UID}).json()["results"]
+    markers = {r["ProtocolName"]: r for r in found}
+    assert markers["NumberOfSeriesRelatedInstances"]["SeriesDescription"] == "unknown"
+    assert markers["OxidicomAttemptedPushCount"]["SeriesDescription"] == "192"
+    attempt_path = markers["OxidicomAttemptedPushCount"]["fname"]
+    assert attempt_path.startswith(f"SERVICES/PACS/org.fnndsc.oxidicom/{SAG_FOLDER}/")
+    assert attempt_path.endswith("/OxidicomAttemptedPushCount=192")
+    assert (files_root / attempt_path).is_file() and (files_root / attempt_path).stat().st_size == 0
+    progress = series_progress(connection, SAG_SERIES_UID)
+    assert progress["stored"] == 192 and progress["registered"] == 192 and progress["errors"] == {}
+    assert progress["state"] == "done" and progress["path"] == SAG_FOLDER and progress["attempted"] == 192
+    assert [p["SeriesInstanceUID"] for p in recent_series(connection)] == [SAG_SERIES_UID]
+
+
+def test_series_mode_body_is_cube_md_worked_example(service, connection, make_cube, incoming):
+    cube = make_cube("cube7")
+    config = chris_config(cube)  # auto: detected from the double
+    assert run_all(service, connection, config, instance_files(incoming)) == []
+    assert not cube.registrations()  # the instance register jobs were no-ops
+    result = finish(service, connection, config, incoming)
+    assert result["mode"] == "series" and result["registered"] == 192
+    (request,) = cube.registrations()
+    assert request.status == 201 and request.path == "/api/v1/pacs/series/"
+    assert request.body == {
+        "pacs_name": "OXITESTORTHANC", "PatientID": "1449c1d", "StudyDate": "2013-03-08",
+        "PatientName": "anonymized", "PatientBirthDate": "20090701", "PatientAge": 1096, "PatientSex": "M",
+        "AccessionNumber": "98edede8b2", "Modality": "MR", "ProtocolName": "SAG MPRAGE 220 FOV",
+        "StudyDescription": "MR-Brain w/o Contrast", "SeriesDescription": "SAG MPRAGE 220 FOV",
+        "StudyInstanceUID": "1.2.840.113845.11.1000000001785349915.20130308061609.6346698",
+        "SeriesInstanceUID": SAG_SERIES_UID, "ndicom": 192, "path": SAG_FOLDER,
+    }
+    assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER)]) == 192
+    progress = series_progress(connection, SAG_SERIES_UID)
+    assert progress["registered"] == 192 and progress["state"] == "registered"
+    # A re-sent series is idempotent: "already registered" is a success.
+    assert finish(service, connection, config, incoming)["created"] is False
+
+
+def test_series_job_waits_for_store_jobs_still_running(service, connection, make_cube, incoming):
+    cube = make_cube("cube7")
+    config = chris_config(cube, CHRIS_REGISTRATION="series")
+    files = instance_files(incoming)
+    run_all(service, connection, config, files[:100], register=False)
+    outcome: dict = {}
+    waiter = threading.Thread(target=lambda: outcome.update(finish(service, connection, config, incoming)))
+    waiter.start()
+    run_all(service, connection, config, files[100:], register=False)
+    waiter.join(30)
+    assert outcome["registered"] == 192
+    (request,) = cube.registrations()
+    assert request.body["ndicom"] == 192 and request.status == 201
+
+
+def test_series_job_gives_up_waiting_with_a_clear_error(service, connection, make_cube, incoming):
+    from dicomflow.chris.errors import SeriesIncompleteError
+    cube = make_cube("cube7")
+    config = chris_config(cube, CHRIS_SERIES_WAIT="0.3")
+    run_all(service, connection, config, instance_files(incoming)[:10], register=False)
+    with pytest.raises(SeriesIncompleteError, match="182 of 192"):
+        finish(service, connection, config, incoming)
+    assert not cube.registrations()
+
+
+def test_missing_study_date_fails_that_instance_only(service, connection, make_cube, incoming, files_root):
+    cube = make_cube("cube7")
+    config = chris_config(cube)
+    broken = instance_files(incoming)[41]
+    without_study_date(broken)
+    errors = run_all(service, connection, config, instance_files(incoming))
+    assert len(errors) == 1 and errors[0].keyword == "StudyDate" and "StudyDate" in str(errors[0])
+    result = finish(service, connection, config, incoming)
+    assert result["registered"] == 191 and result["errors"] == 1
+    assert cube.registrations()[0].body["ndicom"] == 191
+    progress = series_progress(connection, SAG_SERIES_UID)
+    assert progress["stored"] == 191 and list(progress["errors"]) == [broken.stem]
+    assert "StudyDate" in progress["errors"][broken.stem]
+
+
+def test_a_series_that_grows_after_registration_is_reported(service, connection, make_cube, incoming):
+    cube = make_cube("cube7")
+    config = chris_config(cube)
+    files = instance_files(incoming)
+    run_all(service, connection, config, files[:191])
+    event = series_event([p.stem for p in files[:191]])
+    service.register_series(connection=connection, **job_kwargs("s", incoming, event, config,
+                                                                headers=SAG_HEADERS))
+    late = service.store(connection=connection, **job_kwargs("chrisStore", files[191],
+                                                               instance_event(files[191].stem), config))
+    assert late["grownAfterRegistration"] == 1
+    progress = series_progress(connection, SAG_SERIES_UID)
+    assert progress["state"] == "grown" and progress["grownAfterRegistration"] == 1
+    assert progress["registered"] == 191 and progress["stored"] == 192
+
+
+def test_through_rq_pacsfiles_with_cube_down_then_rerun(service, connection, make_cube, incoming):
+    cube = make_cube("cube5")
+    config = chris_config(cube, CHRIS_HTTP_RETRIES="2")
+    files = instance_files(incoming)[:8]
+    high, default = Queue("high", connection=connection), Queue("default", connection=connection)
+    cube.down()
+    jobs = []
+    for path in files:
+        event = instance_event(path.stem)
+        store = high.enqueue("tests.support.chris_env.run_service", "chris.store",
+                             **job_kwargs("chrisStore", path, event, config))
+        jobs.append(default.enqueue("tests.support.chris_env.run_service", "chris.register",
+                                    depends_on=store, **job_kwargs("chrisRegister", path, event, config)))
+    SimpleWorker([high, default], connection=connection).work(burst=True)
+    failed = FailedJobRegistry(queue=default)
+    assert sorted(failed.get_job_ids()) == sorted(j.id for j in jobs)
+    job = jobs[0]
+    job.refresh()
+    assert job.get_status() == JobStatus.FAILED
+    assert "ChrisUnavailableError" in job.latest_result().exc_string
+    assert "failed after 2 attempt(s)" in job.latest_result().exc_string
+    assert series_progress(connection, SAG_SERIES_UID)["errors"]  # visible to clients too
+    cube.up()
+    for job_id in failed.get_job_ids():
+        failed.requeue(job_id)
+    SimpleWorker([high, default], connection=connection).work(burst=True)
+    assert all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs)
+    assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER)]) == 8
+    progress = series_progress(connection, SAG_SERIES_UID)
+    assert progress["registered"] == 8 and progress["errors"] == {}
+
+
+def test_through_rq_series_mode_with_a_503(service, connection, make_cube, incoming):
+    cube = make_cube("cube7")
+    config = chris_config(cube)
+    high, low = Queue("high", connection=connection), Queue("low", connection=connection)
+    files = instance_files(incoming)
+    # The series event is planned first; the priorities make workers drain the store jobs first.
+    series_job = low.enqueue("tests.support.chris_env.run_service", "chris.register_series",
+                             **job_kwargs("chrisRegisterSeries", incoming, series_event([p.stem for p in files]),
+                                          config, headers=SAG_HEADERS))
+    for path in files:
+        high.enqueue("tests.support.chris_env.run_service", "chris.store",
+                     **job_kwargs("chrisStore", path, instance_event(path.stem), config))
+    cube.fail_next(1, 503)
+    SimpleWorker([high, low], connection=connection).work(burst=True)
+    assert series_job.get_status(refresh=True) == JobStatus.FINISHED
+    assert series_job.return_value()["registered"] == 192
+    statuses = [r.status for r in cube.registrations()]
+    assert statuses.count(201) == 1 and len(cube.state.series) == 1
+
+
+def test_callbacks_follow_the_configuration():
+    callbacks = load_callbacks()
+    args = {"jobName": "x", "headers": {}, "params": {}, "added_params": {}, "event": {}}
+    on = {"CHRIS_URL": "http://cube/api/v1/", "CHRIS_FILES_ROOT": "/data"}
+    assert not callbacks.want_store(config={}, **args)
+    assert not callbacks.want_store(config={**on, "CHRIS_URL": ""}, **args)
+    assert callbacks.want_store(config=on, **args) and callbacks.want_series(config=on, **args)
+    assert callbacks.want_register(config=on, **args)  # auto: the worker decides
+    assert callbacks.want_register(config={**on, "CHRIS_REGISTRATION": "pacsfiles"}, **args)
+    assert not callbacks.want_register(config={**on, "CHRIS_REGISTRATION": "series"}, **args)
+
+
+def test_settings_json_is_well_formed():
+    import json
+    jobs = json.loads((SERVICE_MODULES.parent / "registry" / "chris" / "settings.json").read_text())
+    assert [j["jobName"] for j in jobs] == ["chrisStore", "chrisRegister", "chrisRegisterSeries"]
+    service_functions = importlib.util.spec_from_file_location("m", SERVICE_MODULES / "chris" / "__init__.py")
+    module = importlib.util.module_from_spec(service_functions)
+    service_functions.loader.exec_module(module)
+    callbacks = load_callbacks()
+    for job in jobs:
+        assert job["priority"] in ("high", "default", "low") and job["triggerLevel"] in ("instance", "series")
+        assert callable(getattr(module, job["worker"].split(".", 1)[1]))
+        assert callable(getattr(callbacks, job["callback"].split(".", 1)[1]))
+        assert job["requiresConfig"] == ["CHRIS_URL", "CHRIS_FILES_ROOT"]
