@@ -44,9 +44,10 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
                             poll_interval=settings.registry_poll)
     app.extensions["dicomflow"] = SchedulerState(settings, connection, holder, Enqueuer(connection, settings))
 
-    from scheduler import api_events, api_status
+    from scheduler import api_chris, api_events, api_status
     app.register_blueprint(api_events.bp)
     app.register_blueprint(api_status.bp)
+    app.register_blueprint(api_chris.bp)
 
     @app.before_request
     def _authenticate():

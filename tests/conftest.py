@@ -15,6 +15,8 @@ from tests.support.procs import free_port, wait_for
 REPO = Path(__file__).resolve().parent.parent
 SAG_ANON = REPO.parent / "shared" / "data" / "sag-anon"
 
+pytest_plugins = ["tests.support.chris_fixtures"]
+
 os.environ.setdefault("TCP_NODELAY", "1")
 
 

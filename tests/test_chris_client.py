@@ -17,7 +17,6 @@ from dicomflow.chris.paths import instance_path
 from dicomflow.chris.settings import ChrisSettings, Registration
 from tests.support.chris_env import AET, chris_config
 
-pytest_plugins = ["tests.support.chris_fixtures"]
 
 
 def client_for(cube, connection, **extra) -> ChrisClient:

@@ -23,7 +23,6 @@ from dicomflow.chris.settings import ChrisSettings
 from tests.support.chris_env import SAG_SERIES_UID, chris_config, instance_event, orthanc_id, series_event
 from tests.support.procs import free_port, wait_for
 
-pytest_plugins = ["tests.support.chris_fixtures"]
 
 SUBJECT = "oxidicom.OXITESTORTHANC.1_3_12_2_1107_5_2_19_45152_2013030808061520200285270_0_0_0"
 

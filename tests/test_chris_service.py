@@ -27,7 +27,6 @@ from tests.support.chris_env import (
     series_event,
 )
 
-pytest_plugins = ["tests.support.chris_fixtures"]
 
 SAG_HEADERS = {"SeriesInstanceUID": SAG_SERIES_UID}
 

@@ -26,7 +26,7 @@ def test_builtin_repack_is_off_until_configured():
     assert "repack" in registry.jobs
 
 
-def test_sag_anon_is_repacked_through_the_pipeline(tmp_path, redis_url, sag_anon):
+def test_sag_anon_is_repacked_through_the_pipeline(tmp_path, redis_url, connection, sag_anon):
     data, logs = tmp_path / "pypx-data", tmp_path / "pypx-log"
     config = {"REPACK_DATADIR": str(data), "REPACK_LOGDIR": str(logs)}
     with Pipeline(tmp_path / "stack", redis_url, REPO / "services", extra_config=config) as stack:
