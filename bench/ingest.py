@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import redis
@@ -78,7 +78,7 @@ class RealScheduler:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "RealScheduler":
+    def __enter__(self) -> RealScheduler:
         services = self.folder / "services"
         for name in ("temp", "tempfollow"):
             shutil.copytree(REPO / "examples" / name / "registry", services / "registry" / name)
@@ -109,7 +109,7 @@ class RealScheduler:
                  timeout=120, what=f"{count} scheduled events")
         queue = Queue("default", connection=self.connection)
         jobs = [j for j in Job.fetch_many(queue.job_ids, connection=self.connection) if j is not None]
-        return [j.enqueued_at.replace(tzinfo=timezone.utc).timestamp() - j.kwargs["event"]["receivedAt"]
+        return [j.enqueued_at.replace(tzinfo=UTC).timestamp() - j.kwargs["event"]["receivedAt"]
                 for j in jobs]
 
     def __exit__(self, *exc) -> None:
@@ -130,7 +130,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[str, Path],
-             scheduler_url: str | None, token: str, pipeline: "RealScheduler | None" = None) -> dict[str, float]:
+             scheduler_url: str | None, token: str, pipeline: RealScheduler | None = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
     sink = None
     if setup == "c" and pipeline is not None:
@@ -177,7 +177,7 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
 
 def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, scripts: dict[str, Path],
                scheduler_url: str | None, token: str,
-               pipeline: "RealScheduler | None" = None) -> dict[str, dict[str, float]]:
+               pipeline: RealScheduler | None = None) -> dict[str, dict[str, float]]:
     """Every setup `repeat` times, interleaved, for one instance size; medians."""
     files_dir = root / f"{name}-dicom"
     started = time.perf_counter()

@@ -212,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"    - first file of the series (+ series meta dump)  {ms(ours_a[0])}")
     say(f"    - the other {len(ours_a_rest)} files                          {ms(statistics.mean(ours_a_rest))} "
         f"({ms(statistics.median(ours_a_rest)).strip()})   {px_per_file / statistics.mean(ours_a_rest):6.0f}x")
-    say(f"    - above the floor                                {ms(statistics.median(ours_a) - statistics.median(floor))}"
-        f" (medians)")
+    above = statistics.median(ours_a) - statistics.median(floor)
+    say(f"    - above the floor                                {ms(above)} (medians)")
     say(f"(b) ours, the service's worker function, in-process {ms(service_b)}   {px_per_file / service_b:6.0f}x")
     say(f"(b) ours, whole-folder mode (one command, {n} files) {ms(tree_b)}   {px_per_file / tree_b:6.0f}x")
     say(f"(b) ours, whole-folder mode in-process (no startup) {ms(tree_in_process_b)}   "

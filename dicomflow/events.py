@@ -45,7 +45,7 @@ class Event(BaseModel):
     receivedAt: float | None = None
 
     @model_validator(mode="after")
-    def _has_uid(self) -> "Event":
+    def _has_uid(self) -> Event:
         keyword = UID_KEYWORD[self.level]
         if not str(self.headers.get(keyword) or "").strip():
             raise ValueError(f"{self.level.value} event without {keyword} in headers")

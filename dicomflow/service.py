@@ -126,7 +126,7 @@ class JobSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _not_self_dependent(self) -> "JobSpec":
+    def _not_self_dependent(self) -> JobSpec:
         if self.jobName in self.dependsOn:
             raise ValueError(f"job {self.jobName} depends on itself")
         return self

@@ -65,7 +65,7 @@ class Settings(BaseModel):
         return self.cache_dir or self.home / "cache"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, str]) -> "Settings":
+    def from_config(cls, config: Mapping[str, str]) -> Settings:
         """Build the settings from a flat configuration mapping (see `dicomflow.config`).
 
         Raises:

@@ -79,7 +79,7 @@ def plan_event(event: Event, registry: Registry, config: Mapping[str, str]) -> P
                     jobName=spec.jobName, headers=event.headers, params=spec.params,
                     added_params=plan.added_params, event=context, config=config,
                 ))
-            except Exception as exc:  # service code: report, never break the other services
+            except Exception as exc:  # noqa: BLE001 - service code: report, never break the other services
                 plan.failures.append(CallbackFailure(spec.jobName, f"{type(exc).__name__}: {exc}",
                                                      traceback.format_exc(limit=5)))
                 log.warning("callback of %s failed for %s: %s", spec.jobName, event.key, exc)

@@ -174,7 +174,7 @@ def _service_dirs(registry_dir: Path) -> list[Path]:
 
 
 def load_registry(registry_dir: Path, queues: Sequence[str],
-                  config: Mapping[str, str]) -> tuple[Registry, "_CallbackImporter"]:
+                  config: Mapping[str, str]) -> tuple[Registry, _CallbackImporter]:
     """Load every service under `registry_dir`.
 
     Returns:
@@ -245,7 +245,7 @@ def load_registry(registry_dir: Path, queues: Sequence[str],
     while True:
         by_name = {spec.jobName: (svc, spec, src) for svc, jobs in candidates.items() for spec, src, *_ in jobs}
         broken = None
-        for name, (svc, spec, src) in by_name.items():
+        for svc, spec, src in by_name.values():
             for dep in spec.dependsOn:
                 if dep not in by_name:
                     why = "is excluded (see its error)" if dep in owner else "is not a known job"

@@ -118,8 +118,9 @@ def test_requirements_are_installed_at_install_time(sh, services, tmp_path):
     pkg = tmp_path / "dicomflow_reqdemo"
     (pkg / "dicomflow_reqdemo").mkdir(parents=True)
     (pkg / "dicomflow_reqdemo/__init__.py").write_text("VALUE = 42\n")
-    (pkg / "pyproject.toml").write_text('[project]\nname = "dicomflow-reqdemo"\nversion = "1.0"\n'
-                                        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
+    (pkg / "pyproject.toml").write_text(
+        '[project]\nname = "dicomflow-reqdemo"\nversion = "1.0"\n'
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
     (source / "module/requirements.txt").write_text(f"{pkg}\n")
     (source / "module/__init__.py").write_text("import dicomflow_reqdemo\n\ndef worker(**kw):\n"
                                               "    return dicomflow_reqdemo.VALUE\n")

@@ -23,8 +23,10 @@ CLASSES = {"simple": SimpleWorker, "fork": Worker}
                    "[default: DICOMFLOW_WORKER_CLASS, else simple]")
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 @click.option("--name", default=None, help="worker name (default: RQ's)")
-@click.option("--max-jobs", type=int, default=None, help="exit after this many jobs (the supervisor restarts)")
-def main(config_path: str | None, worker_class: str | None, burst: bool, name: str | None, max_jobs: int | None) -> None:
+@click.option("--max-jobs", type=int, default=None,
+              help="exit after this many jobs (the supervisor restarts it)")
+def main(config_path: str | None, worker_class: str | None, burst: bool, name: str | None,
+         max_jobs: int | None) -> None:
     """Run one worker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_config(load_config(config_path or None))

@@ -58,7 +58,7 @@ class Pipeline:
             self.scheduler.wait(20)
             self.scheduler = None
 
-    def start(self) -> "Pipeline":
+    def start(self) -> Pipeline:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.start_scheduler()
         for n in range(self.worker_count):
@@ -85,7 +85,7 @@ class Pipeline:
         response.raise_for_status()
         return response.json()
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -97,11 +97,11 @@ def diagnostics(stack: Pipeline) -> str:
     parts = []
     try:
         parts.append(f"plugin: {stack.orthanc.status()}")
-    except Exception as exc:  # diagnostics must not hide the real failure
+    except Exception as exc:  # noqa: BLE001 - diagnostics must not hide the real failure
         parts.append(f"plugin status unavailable: {exc}")
     try:
         parts.append(f"scheduler: {stack.api('/api/v1/stats')}")
         parts.append(f"errors: {stack.api('/api/v1/errors')}")
-    except Exception as exc:  # idem
+    except Exception as exc:  # noqa: BLE001 - idem
         parts.append(f"scheduler unavailable: {exc}")
     return "\n".join(parts)
