@@ -6,8 +6,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from dicomflow.errors import ConfigError
+
+Model = TypeVar("Model", bound=BaseModel)
 
 #: Environment variables with these prefixes join the configuration even when the
 #: file does not name them (so `CHRIS_URL=... run.sh` works).
@@ -60,6 +65,25 @@ def load_config(path: str | os.PathLike | None = None,
         if key in values or key.startswith(ENV_PREFIXES):
             values[key] = value
     return values
+
+
+def settings_from_config(model: type[Model], values: Mapping[str, str], what: str, **extra: Any) -> Model:
+    """Validate the configuration `values` that `model` names (its field aliases) into a `model`.
+
+    Empty values count as unset (the field's default applies). `extra` is passed as is.
+
+    Raises:
+        ConfigError: a value is missing or has the wrong form; the message names the key.
+    """
+    known = {f.alias for f in model.model_fields.values() if f.alias}
+    given = {k: v for k, v in values.items() if k in known and str(v).strip() != ""}
+    try:
+        return model.model_validate({**given, **extra})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid {what} configuration: {problems}") from exc
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dicomflow.config import settings_from_config
 from dicomflow.errors import ConfigError
 from dicomflow.settings import REPO_ROOT, Settings
 
@@ -87,15 +88,7 @@ class OrthancSettings(BaseModel):
         Raises:
             ConfigError: a value has the wrong form; the message names the key.
         """
-        known = {f.alias for f in cls.model_fields.values() if f.alias}
-        values = {k: v for k, v in config.items() if k in known and v != ""}
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-            )
-            raise ConfigError(f"invalid Orthanc configuration: {problems}") from exc
+        return settings_from_config(cls, config, "Orthanc")
 
 
 def render_orthanc_config(settings: OrthancSettings, *, scheduler_url: str, token: str,

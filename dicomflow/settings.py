@@ -7,9 +7,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dicomflow.errors import ConfigError
+from dicomflow.config import settings_from_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,12 +71,4 @@ class Settings(BaseModel):
         Raises:
             ConfigError: a value has the wrong form; the message names the key.
         """
-        known = {f.alias for f in cls.model_fields.values() if f.alias}
-        values: dict[str, Any] = {k: v for k, v in config.items() if k in known and v != ""}
-        try:
-            return cls.model_validate({**values, "config": MappingProxyType(dict(config))})
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-            )
-            raise ConfigError(f"invalid configuration: {problems}") from exc
+        return settings_from_config(cls, config, "dicomflow", config=MappingProxyType(dict(config)))

@@ -7,9 +7,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dicomflow.errors import ConfigError
+from dicomflow.config import settings_from_config
+
 
 #: The configuration keys without which the ChRIS services stay off.
 REQUIRED_KEYS = ("CHRIS_URL", "CHRIS_FILES_ROOT")
@@ -79,15 +80,7 @@ class ChrisSettings(BaseModel):
         Raises:
             ConfigError: a key is missing or malformed; the message names it.
         """
-        known = {f.alias for f in cls.model_fields.values() if f.alias}
-        values = {k: v for k, v in config.items() if k in known and str(v).strip() != ""}
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'CHRIS'}: {err['msg']}" for err in exc.errors()
-            )
-            raise ConfigError(f"invalid ChRIS configuration: {problems}") from exc
+        return settings_from_config(cls, config, "ChRIS")
 
 
 def chris_enabled(config: Mapping[str, str]) -> bool:
