@@ -8,6 +8,8 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       (gunicorn) with its own redis-server and the two example services (tempJob, and
       tempFollowJob depending on it), so every instance becomes two RQ jobs; with `--sink`,
       an in-process HTTP sink instead (delivery only); `--scheduler-url` for one you run,
+  (c-json) the same as (c) with the plugin reading headers from Orthanc's JSON (made in the
+      callback) instead of the file's bytes (read in the sender thread), the default,
 for small (64x64) and CT-sized (512x512, 16-bit) instances, each setup `--repeat` times
 interleaved; prints median throughput, the ratios (c)/(a) and (c)/(b), and the
 stored -> enqueued latency p50/p99 (event `receivedAt` vs. the RQ job's `enqueued_at`;
@@ -64,7 +66,7 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c")
+SETUPS = ("a", "b", "b'", "c", "cj")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -121,6 +123,7 @@ LABELS = {
     "b": "(b) on-stored callback that only returns",
     "b'": "(b') change callback only",
     "c": "(c) full dicomflow plugin",
+    "cj": "(c-json) the same, headers from Orthanc's JSON",
 }
 
 
@@ -133,22 +136,24 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
              scheduler_url: str | None, token: str, pipeline: RealScheduler | None = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
     sink = None
-    if setup == "c" and pipeline is not None:
+    full = setup in ("c", "cj")
+    if full and pipeline is not None:
         pipeline.reset()
         scheduler_url, token = pipeline.url, pipeline.token
-    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"], "c": True}[setup]
+    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"], "c": True, "cj": True}[setup]
     url = scheduler_url or "http://127.0.0.1:9"
-    if setup == "c" and scheduler_url is None:
+    if full and scheduler_url is None:
         sink = EventSink(token=token).start()
         url = sink.url
-    server = OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600)
+    server = OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
+                           plugin_options={"HeaderReader": "json" if setup == "cj" else "raw"})
     try:
         server.start()
         started = time.perf_counter()
         server.store([files_dir])
         elapsed = time.perf_counter() - started
         result = {"rate": count / elapsed, "seconds": elapsed}
-        if setup == "c":
+        if full:
             if pipeline is not None:
                 latencies = pipeline.wait_for_jobs(count)
                 result["drained"] = time.perf_counter() - started
@@ -195,9 +200,10 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
                      f"{result['posts']} POSTs" if "p50_ms" in result else "")
             print(f"  round {round_ + 1} {LABELS[setup]:<45} {result['rate']:7.1f} inst/s{extra}", flush=True)
     medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
-    a, b, b2, c = (medians[s]["rate"] for s in SETUPS)
-    print(f"  median rates: (a) {a:.1f}  (b) {b:.1f}  (b') {b2:.1f}  (c) {c:.1f} instances/s")
-    print(f"  (c)/(a) = {c / a:.3f}   (c)/(b) = {c / b:.3f}   (b)/(a) = {b / a:.3f}   (b')/(a) = {b2 / a:.3f}")
+    a, b, b2, c, cj = (medians[s]["rate"] for s in SETUPS)
+    print(f"  median rates: (a) {a:.1f}  (b) {b:.1f}  (b') {b2:.1f}  (c) {c:.1f}  (c-json) {cj:.1f} instances/s")
+    print(f"  (c)/(a) = {c / a:.3f}   (c)/(b) = {c / b:.3f}   (b)/(a) = {b / a:.3f}   (b')/(a) = {b2 / a:.3f}"
+          f"   (c-json)/(b) = {cj / b:.3f}")
     if "p50_ms" in medians["c"]:
         what = "enqueued" if pipeline is not None else "delivered"
         print(f"  stored -> {what} latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+from pydicom.multival import MultiValue
 import pytest
 
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
@@ -14,7 +15,8 @@ CALLING_AET = "OXITESTORTHANC"
 COMPARED_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
                  "StudyDescription", "AccessionNumber", "Modality", "ProtocolName", "StudyInstanceUID",
                  "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SOPInstanceUID", "SOPClassUID",
-                 "InstanceNumber")
+                 "InstanceNumber", "Rows", "Columns", "ImageType", "PatientAge", "StudyTime", "SeriesDate",
+                 "Manufacturer", "BodyPartExamined")
 
 
 def _expected(path: Path) -> tuple[dict[str, str], str]:
@@ -23,16 +25,23 @@ def _expected(path: Path) -> tuple[dict[str, str], str]:
     headers = {}
     for tag in COMPARED_TAGS:
         if tag in ds and ds[tag].value not in (None, ""):
-            headers[tag] = str(ds[tag].value)
+            value = ds[tag].value
+            headers[tag] = "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
     return headers, str(ds.file_meta.TransferSyntaxUID)
 
 
-@pytest.fixture(scope="module")
-def ingest(tmp_path_factory, sag_anon):
-    """One Orthanc with the plugin and a sink; sag-anon and a generated series sent once."""
+@pytest.fixture(scope="module", params=["raw", "json"])
+def ingest(request, tmp_path_factory, sag_anon):
+    """One Orthanc with the plugin and a sink; sag-anon and a generated series sent once.
+
+    Both ways of reading headers: the file's bytes read by dicomflow.dicomheader in the
+    sender thread ("raw", the default) and Orthanc's JSON made in the callback ("json").
+    """
     folder = tmp_path_factory.mktemp("plugin-events")
     sink = EventSink().start()
-    server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2).start()
+    server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2,
+                           plugin_options={"HeaderReader": request.param}).start()
+    assert server.status()["headerReader"] == request.param
     generated = write_series(folder / "generated", 25, patient_id="GEN0001")
     try:
         server.store([sag_anon], aet=CALLING_AET, pattern="*.dcm")

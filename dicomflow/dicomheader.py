@@ -1,0 +1,277 @@
+"""A minimal DICOM Part 10 header reader, standard library only, for the hot paths.
+
+Two places need a handful of top-level tags faster than pydicom gives them: the repack
+command, started once per file (``import pydicom`` alone costs 150-300 ms there), and the
+Orthanc plugin, which runs in Orthanc's embedded Python (no pydicom at all) and reads the
+headers of every received instance. This module parses the file meta group and the
+top-level data set for the two encodings nearly every file uses — Explicit VR Little
+Endian (also every encapsulated syntax, whose data set is Explicit VR LE) and Implicit VR
+Little Endian — reading only up to the last wanted tag and skipping everything else
+(sequences of defined or undefined length included). Anything else — Explicit VR Big
+Endian, deflated data sets, character sets with code extensions (ISO 2022) — raises
+`HeaderError` with kind ``"unsupported"``, and the caller uses a full parser instead.
+
+It must keep importing nothing outside the standard library (the plugin imports it).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Container, Mapping
+
+#: DICOM keyword -> (tag, whether its value is text decoded with the character set).
+#: The tags the built-in services and the plugin's default header list read.
+KEYWORDS: dict[str, tuple[int, bool]] = {
+    "SpecificCharacterSet": (0x00080005, False),
+    "ImageType": (0x00080008, False),
+    "SOPClassUID": (0x00080016, False),
+    "SOPInstanceUID": (0x00080018, False),
+    "StudyDate": (0x00080020, False),
+    "SeriesDate": (0x00080021, False),
+    "StudyTime": (0x00080030, False),
+    "SeriesTime": (0x00080031, False),
+    "AccessionNumber": (0x00080050, True),
+    "Modality": (0x00080060, False),
+    "Manufacturer": (0x00080070, True),
+    "InstitutionName": (0x00080080, True),
+    "ReferringPhysicianName": (0x00080090, True),
+    "StationName": (0x00081010, True),
+    "StudyDescription": (0x00081030, True),
+    "SeriesDescription": (0x0008103E, True),
+    "PatientName": (0x00100010, True),
+    "PatientID": (0x00100020, True),
+    "PatientBirthDate": (0x00100030, False),
+    "PatientSex": (0x00100040, False),
+    "PatientAge": (0x00101010, False),
+    "BodyPartExamined": (0x00180015, False),
+    "ProtocolName": (0x00181030, True),
+    "StudyInstanceUID": (0x0020000D, False),
+    "SeriesInstanceUID": (0x0020000E, False),
+    "StudyID": (0x00200010, True),
+    "SeriesNumber": (0x00200011, False),
+    "AcquisitionNumber": (0x00200012, False),
+    "InstanceNumber": (0x00200013, False),
+    "NumberOfStudyRelatedInstances": (0x00201208, False),
+    "NumberOfSeriesRelatedInstances": (0x00201209, False),
+    "NumberOfFrames": (0x00280008, False),
+    "Rows": (0x00280010, False),
+    "Columns": (0x00280011, False),
+    "PerformedStationAETitle": (0x00400241, False),
+}
+
+#: Binary values (VR US) among them, decoded to decimal strings as Orthanc's JSON has them.
+BINARY = {0x00280010: struct.Struct("<H"), 0x00280011: struct.Struct("<H")}
+
+#: Explicit VR Big Endian, Deflated Explicit VR LE, JPIP Referenced Deflate: not read here.
+UNSUPPORTED_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"})
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+#: Defined Terms of (0008,0005) without code extensions -> Python codec.
+CODECS = {
+    "": "latin_1",  # no character set: the default repertoire, read as latin-1 (a superset of ASCII)
+    "ISO_IR 6": "latin_1",
+    "ISO_IR 100": "latin_1",
+    "ISO_IR 101": "iso8859_2",
+    "ISO_IR 109": "iso8859_3",
+    "ISO_IR 110": "iso8859_4",
+    "ISO_IR 144": "iso8859_5",
+    "ISO_IR 127": "iso8859_6",
+    "ISO_IR 126": "iso8859_7",
+    "ISO_IR 138": "iso8859_8",
+    "ISO_IR 148": "iso8859_9",
+    "ISO_IR 203": "iso8859_15",
+    "ISO_IR 166": "iso8859_11",
+    "ISO_IR 13": "shift_jis",
+    "ISO_IR 192": "utf_8",
+    "GB18030": "gb18030",
+    "GBK": "gbk",
+}
+
+_CHUNK = 32768
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_TRANSFER_SYNTAX = 0x00020010
+_CHARSET = 0x00080005
+#: VRs whose explicit encoding has 2 reserved bytes and a 4-byte length.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                       b"UT", b"UV"})
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_TAG = struct.Struct("<HH")
+
+
+class HeaderError(ValueError):
+    """The header cannot be read here.
+
+    Attributes:
+        kind: ``"not-dicom"`` (no DICM marker), ``"malformed"`` (truncated, inconsistent) or
+            ``"unsupported"`` (an encoding this reader leaves to a full parser).
+        reason: what is wrong, in words.
+    """
+
+    def __init__(self, kind: str, reason: str):
+        self.kind = kind
+        self.reason = reason
+        super().__init__(reason)
+
+
+class _Buffer:
+    """The start of a file (read in chunks as far as the parser needs) or a bytes object."""
+
+    __slots__ = ("data", "eof", "file")
+
+    def __init__(self, source):
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.file, self.data, self.eof = None, source, True
+        else:
+            self.file = source
+            self.data = bytearray(source.read(_CHUNK))
+            self.eof = len(self.data) < _CHUNK
+
+    def has(self, end: int) -> bool:
+        """Whether bytes up to `end` are available (reading more as needed)."""
+        while len(self.data) < end and not self.eof:
+            more = self.file.read(max(_CHUNK, end - len(self.data)))
+            if not more:
+                self.eof = True
+            self.data += more
+        return len(self.data) >= end
+
+
+def read_elements(source, tags: Container[int], last_tag: int) -> tuple[str, dict[int, bytes]]:
+    """The raw values of `tags` in the top-level data set of a Part 10 file.
+
+    Args:
+        source: a binary file object (read as far as needed) or the whole file as bytes.
+        tags: the tags wanted; (0008,0005) is always collected for `decode`.
+        last_tag: the highest tag wanted: parsing stops there.
+
+    Returns:
+        The transfer syntax UID and ``{tag: raw value bytes}`` of the tags present.
+
+    Raises:
+        HeaderError: not DICOM, malformed, or an encoding this reader does not handle.
+    """
+    buf = _Buffer(source)
+    if not buf.has(132) or buf.data[128:132] != b"DICM":
+        raise HeaderError("not-dicom", "not a DICOM file (no 'DICM' marker after the 128-byte preamble)")
+    syntax, pos = _read_meta(buf)
+    if syntax is None:
+        raise HeaderError("unsupported", "no TransferSyntaxUID in the file meta group")
+    if syntax in UNSUPPORTED_SYNTAXES:
+        raise HeaderError("unsupported", f"transfer syntax {syntax}")
+    return syntax, _read_dataset(buf, pos, syntax != IMPLICIT_LE, tags, max(last_tag, _CHARSET))
+
+
+def decode(found: Mapping[int, bytes], text_tags: Container[int]) -> dict[int, str]:
+    """Decode raw values: `text_tags` with the file's character set, `BINARY` ones as numbers,
+    the others as latin-1 (multi-values joined with a backslash, as written).
+
+    Padding is kept (callers trim). Raises HeaderError("unsupported") for character sets
+    with code extensions, several terms, or an unknown term.
+    """
+    charset = found.get(_CHARSET, b"").decode("latin_1").replace("\x00", "").strip()
+    codec = CODECS.get(charset)
+    if codec is None:
+        raise HeaderError("unsupported", f"character set {charset!r}")
+    values = {}
+    for tag, raw in found.items():
+        if tag in BINARY:
+            fmt = BINARY[tag]
+            usable = len(raw) - len(raw) % fmt.size
+            values[tag] = "\\".join(str(v[0]) for v in fmt.iter_unpack(bytes(raw[:usable])))
+        else:
+            values[tag] = bytes(raw).decode(codec if tag in text_tags else "latin_1", errors="replace")
+    return values
+
+
+def _read_meta(buf: _Buffer) -> tuple[str | None, int]:
+    """Parse the file meta group (always Explicit VR LE); return (TransferSyntaxUID, end offset)."""
+    pos, syntax = 132, None
+    data = buf.data
+    while buf.has(pos + 8):
+        group, element = _TAG.unpack_from(data, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(data[pos + 4:pos + 6])
+        if not (vr.isalpha() and vr.isupper()):
+            raise HeaderError("unsupported", "file meta group is not Explicit VR Little Endian")
+        if vr in _LONG_VRS:
+            if not buf.has(pos + 12):
+                break
+            length, pos = _U32.unpack_from(data, pos + 8)[0], pos + 12
+        else:
+            length, pos = _U16.unpack_from(data, pos + 6)[0], pos + 8
+        if length == _UNDEFINED or not buf.has(pos + length):
+            raise HeaderError("malformed", f"file meta element ({group:04X},{element:04X}) is truncated")
+        if (group << 16 | element) == _TRANSFER_SYNTAX:
+            syntax = bytes(data[pos:pos + length]).decode("latin_1").strip("\x00 ")
+        pos += length
+    return syntax, pos
+
+
+def _element_header(buf: _Buffer, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
+    """Parse the element header at `pos`: (tag, VR or b"", value length, value offset)."""
+    data = buf.data
+    group, element = _TAG.unpack_from(data, pos)
+    tag = group << 16 | element
+    if group == 0xFFFE or not explicit:  # items and delimiters carry no VR in either encoding
+        return tag, b"", _U32.unpack_from(data, pos + 4)[0], pos + 8
+    vr = bytes(data[pos + 4:pos + 6])
+    if vr in _LONG_VRS:
+        if not buf.has(pos + 12):
+            raise HeaderError("malformed", f"truncated at byte {pos} (element ({group:04X},{element:04X}))")
+        return tag, vr, _U32.unpack_from(data, pos + 8)[0], pos + 12
+    if not (vr.isalpha() and vr.isupper()):
+        raise HeaderError("malformed", f"element ({group:04X},{element:04X}) at byte {pos} has no valid VR")
+    return tag, vr, _U16.unpack_from(data, pos + 6)[0], pos + 8
+
+
+def _read_dataset(buf: _Buffer, pos: int, explicit: bool, tags: Container[int], last: int) -> dict[int, bytes]:
+    """Collect the raw values of `tags` (and the character set) from the top-level data set."""
+    found: dict[int, bytes] = {}
+    while True:
+        if not buf.has(pos + 8):
+            if pos >= len(buf.data):
+                return found  # a data set may simply end (no pixel data)
+            raise HeaderError("malformed", f"truncated at byte {pos} (element header)")
+        group, element = _TAG.unpack_from(buf.data, pos)
+        if (group << 16 | element) > last:
+            return found  # tags ascend: nothing needed beyond this point is parsed, even its VR
+        tag, vr, length, pos = _element_header(buf, pos, explicit)
+        if length == _UNDEFINED:
+            # A sequence (or UN of undefined length, whose content is Implicit VR LE).
+            pos = _skip_sequence(buf, pos, explicit and vr != b"UN")
+            continue
+        if tag in tags or tag == _CHARSET:
+            if not buf.has(pos + length):
+                raise HeaderError("malformed", f"value of ({group:04X},{element:04X}) is truncated")
+            found[tag] = bytes(buf.data[pos:pos + length])
+        pos += length
+
+
+def _skip_sequence(buf: _Buffer, pos: int, explicit: bool) -> int:
+    """Skip the items of an undefined-length sequence; return the offset after its delimiter."""
+    while True:
+        if not buf.has(pos + 8):
+            raise HeaderError("malformed", f"truncated at byte {pos} (inside a sequence)")
+        tag, _, length, pos = _element_header(buf, pos, False)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise HeaderError("malformed", f"unexpected tag {tag >> 16:04X},{tag & 0xFFFF:04X} in a sequence")
+        pos = _skip_item(buf, pos, explicit) if length == _UNDEFINED else pos + length
+
+
+def _skip_item(buf: _Buffer, pos: int, explicit: bool) -> int:
+    """Skip the elements of an undefined-length item; return the offset after its delimiter."""
+    while True:
+        if not buf.has(pos + 8):
+            raise HeaderError("malformed", f"truncated at byte {pos} (inside a sequence item)")
+        tag, vr, length, pos = _element_header(buf, pos, explicit)
+        if tag == _ITEM_END:
+            return pos
+        if length == _UNDEFINED:
+            pos = _skip_sequence(buf, pos, explicit and vr != b"UN")
+        else:
+            pos += length

@@ -1,0 +1,68 @@
+"""The shared standard-library header reader (used by the plugin and the repack command)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRBigEndian
+
+from dicomflow import dicomheader
+from tests.conftest import REPO
+from tests.support.orthanc import write_series
+
+WANTED = {tag for tag, _ in dicomheader.KEYWORDS.values()}
+TEXT = {tag for tag, text in dicomheader.KEYWORDS.values() if text}
+LAST = max(WANTED)
+
+
+def _pydicom_values(path) -> dict[int, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    out = {}
+    for tag in WANTED:
+        if tag in ds:
+            value = ds[tag].value
+            out[tag] = "\\".join(str(v) for v in value) if isinstance(value, pydicom.multival.MultiValue) \
+                else str(value if value is not None else "")
+    return out
+
+
+def test_reads_what_pydicom_reads_from_bytes_and_files(sag_anon, tmp_path):
+    files = sorted(sag_anon.glob("*.dcm"))[:5] + write_series(tmp_path / "gen", 3)
+    for path in files:
+        data = path.read_bytes()
+        syntax, found = dicomheader.read_elements(data, WANTED, LAST)
+        assert syntax == str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        values = {tag: v.strip("\x00 ") for tag, v in dicomheader.decode(found, TEXT).items()}
+        assert values == {t: v.strip() for t, v in _pydicom_values(path).items()}, path.name
+        with open(path, "rb") as file:
+            assert dicomheader.read_elements(file, WANTED, LAST) == (syntax, found)
+
+
+def test_errors_have_kinds(tmp_path, sag_anon):
+    data = next(sag_anon.glob("*.dcm")).read_bytes()
+    with pytest.raises(dicomheader.HeaderError) as not_dicom:
+        dicomheader.read_elements(b"\x00" * 200, WANTED, LAST)
+    assert not_dicom.value.kind == "not-dicom"
+    with pytest.raises(dicomheader.HeaderError) as truncated:
+        dicomheader.read_elements(data[:700], WANTED, LAST)
+    assert truncated.value.kind == "malformed" and "truncated" in truncated.value.reason
+    big = data.replace(b"1.2.840.10008.1.2.1\x00", ExplicitVRBigEndian.encode() + b"\x00", 1)
+    assert big != data
+    with pytest.raises(dicomheader.HeaderError) as unsupported:
+        dicomheader.read_elements(big, WANTED, LAST)
+    assert unsupported.value.kind == "unsupported"
+    with pytest.raises(dicomheader.HeaderError) as charset:
+        dicomheader.decode({0x00080005: b"ISO 2022 IR 87"}, TEXT)
+    assert charset.value.kind == "unsupported"
+
+
+def test_imports_only_the_standard_library():
+    """Orthanc's embedded Python has no third-party packages: the plugin imports this module."""
+    code = ("import sys; before = set(sys.modules); from dicomflow import dicomheader; "
+            "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+            "print(sorted(m for m in new if m not in sys.stdlib_module_names and m != 'dicomflow'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
