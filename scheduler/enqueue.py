@@ -193,10 +193,10 @@ class Enqueuer:
                 meta={"event": event.key, "service": planned.job.service, "notes": planned.notes},
             )
             ids[spec.jobName] = job.id
-            pipe.sadd(queue.redis_queues_keys, queue.key)
             if depends_on is None:
-                queue.enqueue_job(job, pipeline=pipe)
+                queue.enqueue_job(job, pipeline=pipe)  # registers the queue in rq:queues too
             else:
+                pipe.sadd(queue.redis_queues_keys, queue.key)
                 # Its dependencies are created in this same transaction, so none can have
                 # finished yet: register it as deferred without RQ's WATCH round trips.
                 job.set_status(JobStatus.DEFERRED, pipeline=pipe)
