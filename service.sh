@@ -16,5 +16,4 @@ fi
 if [ -z "${DICOMFLOW_CONFIG:-}" ] && [ -f "$here/state/dicomflow.env" ]; then
   export DICOMFLOW_CONFIG="$here/state/dicomflow.env"
 fi
-cd "$here"
-exec "$python" -m scheduler.installer "$@"
+exec "$python" -P -m scheduler.installer "$@"   # -P: the caller's folder is not on sys.path

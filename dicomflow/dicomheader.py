@@ -88,6 +88,8 @@ CODECS = {
 }
 
 _CHUNK = 32768
+#: Deeper nesting of sequences than any real file has: treated as malformed (no recursion error).
+_MAX_DEPTH = 64
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _TRANSFER_SYNTAX = 0x00020010
@@ -241,7 +243,7 @@ def _read_dataset(buf: _Buffer, pos: int, explicit: bool, tags: Container[int], 
         tag, vr, length, pos = _element_header(buf, pos, explicit)
         if length == _UNDEFINED:
             # A sequence (or UN of undefined length, whose content is Implicit VR LE).
-            pos = _skip_sequence(buf, pos, explicit and vr != b"UN")
+            pos = _skip_sequence(buf, pos, explicit and vr != b"UN", 1)
             continue
         if tag in tags or tag == _CHARSET:
             if not buf.has(pos + length):
@@ -250,8 +252,10 @@ def _read_dataset(buf: _Buffer, pos: int, explicit: bool, tags: Container[int], 
         pos += length
 
 
-def _skip_sequence(buf: _Buffer, pos: int, explicit: bool) -> int:
+def _skip_sequence(buf: _Buffer, pos: int, explicit: bool, depth: int) -> int:
     """Skip the items of an undefined-length sequence; return the offset after its delimiter."""
+    if depth > _MAX_DEPTH:
+        raise HeaderError("malformed", f"sequences nested more than {_MAX_DEPTH} deep at byte {pos}")
     while True:
         if not buf.has(pos + 8):
             raise HeaderError("malformed", f"truncated at byte {pos} (inside a sequence)")
@@ -260,10 +264,10 @@ def _skip_sequence(buf: _Buffer, pos: int, explicit: bool) -> int:
             return pos
         if tag != _ITEM:
             raise HeaderError("malformed", f"unexpected tag {tag >> 16:04X},{tag & 0xFFFF:04X} in a sequence")
-        pos = _skip_item(buf, pos, explicit) if length == _UNDEFINED else pos + length
+        pos = _skip_item(buf, pos, explicit, depth) if length == _UNDEFINED else pos + length
 
 
-def _skip_item(buf: _Buffer, pos: int, explicit: bool) -> int:
+def _skip_item(buf: _Buffer, pos: int, explicit: bool, depth: int) -> int:
     """Skip the elements of an undefined-length item; return the offset after its delimiter."""
     while True:
         if not buf.has(pos + 8):
@@ -272,6 +276,6 @@ def _skip_item(buf: _Buffer, pos: int, explicit: bool) -> int:
         if tag == _ITEM_END:
             return pos
         if length == _UNDEFINED:
-            pos = _skip_sequence(buf, pos, explicit and vr != b"UN")
+            pos = _skip_sequence(buf, pos, explicit and vr != b"UN", depth + 1)
         else:
             pos += length

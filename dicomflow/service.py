@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keyword
+import sys
 import re
 from typing import Any
 
@@ -28,8 +29,8 @@ def check_service_name(name: str) -> str:
     if not name.isidentifier() or not name.isascii() or keyword.iskeyword(name):
         raise ServiceNameError(f"service name {name!r} is not a Python identifier "
                                "(letters, digits and _ only, not starting with a digit)")
-    if name in RESERVED_NAMES:
-        raise ServiceNameError(f"service name {name!r} is reserved (it would shadow a module dicomflow uses)")
+    if name in RESERVED_NAMES or name in sys.stdlib_module_names:
+        raise ServiceNameError(f"service name {name!r} is reserved (it would shadow a module of Python or dicomflow)")
     return name
 
 

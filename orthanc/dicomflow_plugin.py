@@ -505,7 +505,7 @@ class Relay:
         for item in items:
             try:
                 event = self._finish(item)
-            except (ValueError, TypeError, KeyError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad instance must not take its batch (or the sender) along
                 shown = [f"<{len(v[1])} bytes of DICOM>" if isinstance(v, tuple) and isinstance(v[1], bytes) else v
                          for v in item]
                 broken.append((item[0], json.dumps({"unprocessed": shown}), f"{type(exc).__name__}: {exc}"))
@@ -556,7 +556,12 @@ class Relay:
     def _drain_queue_to_spool(self) -> None:
         items = self._take(len(self._queue))
         if items:
-            self._spool_items(items)
+            try:
+                self._spool_items(items)
+            except sqlite3.Error as exc:  # disk full, spool unwritable: put them back, say so
+                self._queue.extendleft(reversed(items))
+                self.last_error = f"spool: {type(exc).__name__}: {exc}"
+                orthanc.LogError(f"dicomflow: cannot write the spool, {len(items)} events stay in memory: {exc}")
 
     def _step(self) -> bool:
         """Send one batch: from the spool while it holds anything, else from the queue."""

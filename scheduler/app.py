@@ -11,7 +11,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from dicomflow.settings import Settings
-from scheduler.enqueue import Enqueuer
+from scheduler.enqueue import Enqueuer, EventsBusy
 from scheduler.registry import RegistryHolder
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,11 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
     def _redis_down(exc: redis.RedisError):
         log.error("Redis unavailable: %s", exc)
         return jsonify(error="redis-unavailable", message=f"Redis is unavailable: {exc}"), 503
+
+    @app.errorhandler(EventsBusy)
+    def _busy(exc: EventsBusy):
+        # 503: the plugin keeps the batch in its spool and sends it again after a pause.
+        return jsonify(error="busy", message=str(exc)), 503, {"Retry-After": "1"}
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

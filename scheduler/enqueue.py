@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Dependency, Job, JobStatus
 
 from dicomflow import keys
+from dicomflow.errors import DicomflowError
 from dicomflow.events import Event, Level
 from dicomflow.settings import Settings
 from scheduler.planning import Plan, plan_event
@@ -27,11 +29,25 @@ log = logging.getLogger(__name__)
 #: The function every job runs on the worker side; it resolves the service's worker.
 RUNNER = "worker.runtime.run_service_job"
 
-#: A previous run in one of these states makes a repeated instance event a duplicate.
-ACTIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.DEFERRED.value,
-          JobStatus.SCHEDULED.value}
+#: A previous run with a job in one of these states makes a repeated instance event a
+#: duplicate. Deferred jobs do not count: all of a job's dependencies belong to its run, so a
+#: run whose jobs are only deferred is stuck behind a failed job and may run again.
+ACTIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.SCHEDULED.value}
 
-CLAIM_MS = 30_000
+#: How long an event stays claimed if the process planning it dies (released at once otherwise).
+CLAIM_MS = 60_000
+
+#: Delete the claims this request holds (and only those: compare the token).
+_RELEASE = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 1
+"""
+
+
+class EventsBusy(DicomflowError):
+    """An event of the batch is being planned by another request right now: retry the batch."""
 
 
 @dataclass
@@ -66,12 +82,34 @@ class Enqueuer:
         self.connection = connection
         self.settings = settings
         self.queues = {name: Queue(name, connection=connection) for name in settings.queues}
+        self._release = connection.register_script(_RELEASE)
 
     def submit(self, events: Sequence[Event], registry: Registry,
                planner: Callable[..., Plan] = plan_event) -> list[EventResult]:
-        """Plan and enqueue `events` (one batch from the plugin); results in the same order."""
-        conn = self.connection
+        """Plan and enqueue `events` (one batch from the plugin); results in the same order.
+
+        Raises:
+            EventsBusy: another request is planning one of these events; nothing was enqueued.
+            redis.RedisError: Redis failed; nothing was enqueued and the claims are released.
+        """
         token = uuid.uuid4().hex
+        claimed_keys = sorted({keys.claim(e.key) for e in events})
+        done = False
+        try:
+            results = self._submit(events, registry, planner, token)
+            done = True
+            return results
+        finally:
+            if not done and claimed_keys:
+                try:
+                    self._release(keys=claimed_keys, args=[token])
+                except redis.RedisError:
+                    log.error("could not release the claims of a failed batch; they expire in %d s",
+                              CLAIM_MS // 1000)
+
+    def _submit(self, events: Sequence[Event], registry: Registry, planner: Callable[..., Plan],
+                token: str) -> list[EventResult]:
+        conn = self.connection
         # Round trip 1: claim each event key (concurrent duplicates lose), read its last run.
         pipe = conn.pipeline(transaction=False)
         for event in events:
@@ -95,17 +133,26 @@ class Enqueuer:
                 pipe.hget(Job.key_for(jid), "status")
             status = {jid: (s.decode() if s else "") for jid, s in zip(prior_ids, pipe.execute())}
 
+        mine: set[str] = set()
+        for event, got_claim in zip(events, claimed):
+            if got_claim:
+                mine.add(event.key)
+            elif event.key not in mine:
+                # Claimed by another request (or one that died): answer "retry later", never
+                # "duplicate" — if that request fails, this copy must not have been dropped.
+                raise EventsBusy(f"{event.key} is being planned by another request; retry the batch")
+
         results: list[EventResult] = []
         plans: list[tuple[Plan, EventResult, set[str]]] = []
-        mine: list[str] = []
-        for event, got_claim, runs, state in zip(events, claimed, previous, states):
+        first_seen: set[str] = set()
+        for event, runs, state in zip(events, previous, states):
             result = EventResult(event.key, "scheduled")
             results.append(result)
-            if not got_claim:
+            if event.key in first_seen:
                 result.status = "duplicate"
-                result.notes.append("the same event is being planned right now")
+                result.notes.append("the same event came earlier in this batch")
                 continue
-            mine.append(event.key)
+            first_seen.add(event.key)
             new_members: set[str] = set()
             if event.level is Level.INSTANCE:
                 active = {name: jid for name, jid in runs.items() if status.get(jid) in ACTIVE}
@@ -134,11 +181,12 @@ class Enqueuer:
                 self._enqueue_plan(plan, result, pipe, new_members)
             elif result.status == "scheduled":
                 result.status = "nothing"
-            if plan.event.level is not Level.INSTANCE and new_members:
+            if plan.event.level is not Level.INSTANCE and new_members and plan.jobs and not plan.failures:
+                # Only what was really handed to jobs: a series whose callback failed, or that
+                # no active service wanted yet, runs when it is sent again.
                 pipe.sadd(self._state_key(plan.event), *sorted(new_members))
                 pipe.expire(self._state_key(plan.event), self.settings.failure_ttl)
-        for key in mine:
-            pipe.delete(keys.claim(key))
+        self._release(keys=sorted(keys.claim(k) for k in mine), args=[token], client=pipe)
         counts = Counter(f"events:{r.status}" for r in results)
         counts["jobs"] = sum(len(r.jobs) for r in results if r.status == "scheduled")
         for name, n in counts.items():

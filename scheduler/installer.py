@@ -7,6 +7,7 @@ the installed services before anything is touched; a broken one is refused.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -38,6 +39,11 @@ def validate(name: str, source: Path, settings: Settings) -> list[Problem]:
     imports the candidate's worker functions in a fresh interpreter.
     """
     check_service_name(name)
+    spec = importlib.util.find_spec(name)
+    modules_dir = (settings.services_dir / "modules").resolve()
+    if spec is not None and spec.has_location and spec.origin and not spec.origin.startswith(str(modules_dir)):
+        raise ServiceNameError(f"service name {name!r} is taken by an installed package ({spec.origin}): "
+                               "the workers would import that instead")
     registry_src, module_src = source / "registry", source / "module"
     for folder in (registry_src, module_src):
         if not folder.is_dir():
@@ -203,6 +209,8 @@ def install_cmd(config_path: str | None, name: str, path: Path) -> None:
     for w in warnings:
         click.echo(str(w), err=True)
     click.echo(f"installed {name}: {notify_scheduler(settings)}")
+    click.echo("workers load a new or changed worker package when they start: restart them "
+               "(bash run.sh stop && bash run.sh) if this service was installed before")
 
 
 @main.command("check")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ def plan_event(event: Event, registry: Registry, config: Mapping[str, str]) -> P
                     jobName=spec.jobName, headers=event.headers, params=spec.params,
                     added_params=plan.added_params, event=context, config=config,
                 ))
+                if extra is not None:
+                    pickle.dumps(extra)  # it travels in RQ's job data: fail here, not in the batch
             except Exception as exc:  # noqa: BLE001 - service code: report, never break the other services
                 plan.failures.append(CallbackFailure(spec.jobName, f"{type(exc).__name__}: {exc}",
                                                      traceback.format_exc(limit=5)))

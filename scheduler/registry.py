@@ -213,18 +213,21 @@ def load_registry(registry_dir: Path, queues: Sequence[str],
     # Duplicate job names, disabled jobs, priorities.
     owner: dict[str, str] = {}
     for service in list(candidates):
+        mine: dict[str, str] = {}
         for spec, source in candidates.get(service, []):
-            if spec.jobName in owner:
-                exclude(service, Problem(service, source, f"jobName {spec.jobName!r} is already used by service "
-                                         f"{owner[spec.jobName]!r}", "jobName"))
+            if spec.jobName in owner or spec.jobName in mine:
+                other = owner.get(spec.jobName, service)
+                where = "twice in this settings.json" if other == service else f"by service {other!r}"
+                exclude(service, Problem(service, source, f"jobName {spec.jobName!r} is already used {where}",
+                                         "jobName"))
                 break
             if spec.priority not in queues:
                 exclude(service, Problem(service, source, f"priority {spec.priority!r} is not a configured queue "
                                          f"({', '.join(queues)}): no worker would run it", "priority"))
                 break
+            mine[spec.jobName] = service
         else:
-            for spec, _ in candidates.get(service, []):
-                owner[spec.jobName] = service
+            owner.update(mine)
 
     # Callbacks.
     for service in list(candidates):

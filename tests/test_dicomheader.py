@@ -66,3 +66,14 @@ def test_imports_only_the_standard_library():
             "print(sorted(m for m in new if m not in sys.stdlib_module_names and m != 'dicomflow'))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_absurdly_nested_sequences_are_malformed_not_a_crash(sag_anon):
+    data = next(sag_anon.glob("*.dcm")).read_bytes()
+    import struct
+    meta_end = 132 + 12 + struct.unpack_from("<I", data, 140)[0]  # (0002,0000) holds the meta group's length
+    nested = b"".join(b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+                      for _ in range(700))
+    with pytest.raises(dicomheader.HeaderError) as deep:
+        dicomheader.read_elements(data[:meta_end] + nested, {0x00100020}, 0x00100020)
+    assert deep.value.kind == "malformed"

@@ -180,3 +180,11 @@ def test_holder_picks_up_added_and_changed_services(tmp_path):
     os.utime(settings, (time.time() + 5, time.time() + 5))
     registry = holder.current()
     assert sorted(registry.jobs) == ["bJob"] and registry.errors[0].field == "priority"
+
+
+def test_duplicate_job_name_inside_one_settings_file(tmp_path):
+    make_service(tmp_path, "twice", [job("same", "twice"), job("same", "twice", triggerLevel="series")])
+    registry = load(tmp_path)
+    assert registry.jobs == {}
+    (problem,) = registry.errors
+    assert problem.field == "jobName" and "twice in this settings.json" in problem.message

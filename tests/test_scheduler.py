@@ -190,3 +190,46 @@ def test_series_events_run_again_only_for_a_new_state(make_client, services, con
     (st,) = post(client, study)
     assert st["status"] == "scheduled" and list(st["jobs"]) == ["studyJob"]
     assert post(client, study)[0]["status"] == "unchanged"
+
+
+def test_unpicklable_callback_data_fails_only_that_job(make_client, services):
+    make_service(services, "lock", job("lockJob", "lock", sortPosition=1),
+                 callback_code="import threading\ndef callback(**kw):\n    return True, {'l': threading.Lock()}\n")
+    make_service(services, "fine", job("fineJob", "fine", sortPosition=2))
+    (result,) = post(make_client(), instance_event("6.1"))
+    assert list(result["jobs"]) == ["fineJob"] and "cannot pickle" in result["errors"][0]
+
+
+def test_an_event_claimed_elsewhere_makes_the_batch_retry_and_nothing_is_lost(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a"))
+    client = make_client()
+    connection.set("dicomflow:claim:instance:6.2", "another-request", px=60_000)
+    busy = client.post("/api/v1/events", json={"events": [instance_event("6.3"), instance_event("6.2")]},
+                       headers=AUTH)
+    assert busy.status_code == 503 and busy.get_json()["error"] == "busy"
+    assert not connection.exists("dicomflow:claim:instance:6.3"), "our own claims are released"
+    assert connection.get("dicomflow:claim:instance:6.2") == b"another-request", "never someone else's"
+    assert Queue("default", connection=connection).count == 0
+    connection.delete("dicomflow:claim:instance:6.2")
+    assert [r["status"] for r in post(client, instance_event("6.3"), instance_event("6.2"))] == ["scheduled"] * 2
+    assert connection.keys("dicomflow:claim:*") == []
+
+
+def test_a_failed_run_does_not_block_a_resent_instance(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a", sortPosition=1, params={"fail": True}))
+    make_service(services, "b", job("bJob", "b", sortPosition=2, dependsOn="aJob"))
+    client = make_client()
+    (first,) = post(client, instance_event("6.4"))
+    SimpleWorker(["default"], connection=connection).work(burst=True)
+    assert Job.fetch(first["jobs"]["bJob"], connection=connection).get_status() == JobStatus.DEFERRED
+    (again,) = post(client, instance_event("6.4"))
+    assert again["status"] == "scheduled"
+
+
+def test_a_series_nobody_took_is_not_marked_handled(make_client, services, connection):
+    make_service(services, "s", job("seriesJob", "s", triggerLevel="series"),
+                 callback_code="def callback(**kw):\n    raise RuntimeError('not yet')\n")
+    client = make_client()
+    series = {"level": "series", "headers": {"SeriesInstanceUID": "8.8"}, "orthanc": {"instances": ["i1"]}}
+    assert post(client, series)[0]["status"] == "nothing"
+    assert post(client, series)[0]["status"] == "nothing", "sent again, it is planned again"

@@ -31,7 +31,19 @@ def sh(services, redis_url):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(REPO / "service.sh"), *args], env=env, capture_output=True, text=True,
                               timeout=120)
+    run.env = env
     return run
+
+
+def test_relative_paths_are_the_callers(sh, services, tmp_path, monkeypatch):
+    shutil.copytree(EXAMPLES / "temp", tmp_path / "here" / "temp")
+    env_cwd = tmp_path / "here"
+    done = subprocess.run(["bash", str(REPO / "service.sh"), "install", "temp", "-p", "temp"], cwd=env_cwd,
+                          env=sh.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(["bash", str(REPO / "service.sh"), "backup", "temp", "-b", "bk"], cwd=env_cwd,
+                          env=sh.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and (env_cwd / "bk" / "registry" / "settings.json").is_file()
 
 
 def test_install_backup_remove_round_trip(sh, services, tmp_path):
@@ -89,11 +101,16 @@ def test_refusals_say_why(sh, services, tmp_path, mutate, expected):
     assert not (services / "registry/brk").exists() and not (services / "modules/brk").exists()
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "1abc", "with-dash", "class", "worker", ""])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "1abc", "with-dash", "class", "worker", "", "json", "logging",
+                                  "numpy", "click"])
 def test_bad_names_are_refused(sh, services, name):
     refused = sh("install", name, "-p", str(EXAMPLES / "temp"))
     assert refused.returncode != 0
     assert "error:" in refused.stderr or "Usage" in refused.stderr
+    if name in ("json", "logging"):
+        assert "reserved" in refused.stderr
+    if name in ("numpy", "click"):
+        assert "taken by an installed package" in refused.stderr
     assert not services.exists() or not any(services.rglob("settings.json"))
 
 

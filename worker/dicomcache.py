@@ -60,13 +60,17 @@ class DicomCache:
         """A folder with every listed instance as `<id>.dcm` (hard links into the cache)."""
         folder = self.jobs / f"{job_id}-{uuid.uuid4().hex[:6]}"
         folder.mkdir(parents=True)
-        for orthanc_id in orthanc_ids:
-            source = self.instance(orthanc_id)
-            target = folder / source.name
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copyfile(source, target)
+        try:
+            for orthanc_id in orthanc_ids:
+                source = self.instance(orthanc_id)
+                target = folder / source.name
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return folder
 
     def release(self, path: Path) -> None:

@@ -70,8 +70,9 @@ def run_service_job(*, jobName: str, worker: str, headers: dict, params: dict, a
     connection: redis.Redis = job.connection if job else redis.Redis.from_url(runtime.settings.redis_url)
     job_id = job.id if job else jobName
     func = runtime.resolve(worker)
-    dcmpath = runtime.dcmpath(event, job_id)
+    dcmpath = None
     try:
+        dcmpath = runtime.dcmpath(event, job_id)
         return func(jobName=jobName, headers=headers, params=params, added_params=added_params,
                     dcmpath=str(dcmpath) if dcmpath else None, event=event,
                     config=runtime.settings.config, connection=connection, **extra)
