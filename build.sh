@@ -37,8 +37,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   say "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
-  # policy-rc.d keeps the packages from starting their own Orthanc/Redis services
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # On a systemd host the packages start Debian's own Orthanc (0.0.0.0:4242/8042, no
+  # password) and Redis. dicomflow runs its own; switch off the ones installed just now.
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    for unit in orthanc redis-server; do
+      if printf '%s\n' "${missing[@]}" | grep -qx "${unit}"; then
+        $sudo systemctl disable --now "$unit" >/dev/null 2>&1 && say "stopped and disabled Debian's own $unit service"
+      fi
+    done
+  fi
 fi
 
 # 2. The virtualenv with dicomflow and its pinned dependencies.

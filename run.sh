@@ -41,7 +41,8 @@ ctl() { "$here/.venv/bin/supervisorctl" -c "$supervisor_conf" "$@"; }
 
 write_config() {
   # First start: a config file with working defaults and freshly generated secrets.
-  local secret; secret() { "$py" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
+  # python3 of the system: in Docker mode there is no .venv.
+  local secret; secret() { python3 -c 'import secrets; print(secrets.token_urlsafe(24))'; }
   local redis_port=${DICOMFLOW_REDIS_PORT:-6389} redis_pw; redis_pw=$(secret)
   local orthanc_http=${ORTHANC_HTTP_PORT:-8044}
   ( umask 077; mkdir -p "$home"; cat > "$conf" <<CONF
@@ -125,6 +126,7 @@ esac
 [ -x "$py" ] || bash "$here/build.sh" --native
 running && { say "already running"; load_config; where; exit 0; }
 [ -f "$conf" ] || write_config
+chmod 700 "$home"  # Orthanc's storage, the spool and the cache hold patient data
 load_config
 workers=${workers:-${DICOMFLOW_WORKERS:-2}}
 mkdir -p "$home/logs" "$home/spool"
