@@ -32,11 +32,12 @@ class InstallError(DicomflowError):
     """A service cannot be installed, removed or backed up; the message says why."""
 
 
-def validate(name: str, source: Path, settings: Settings) -> list[Problem]:
+def validate(name: str, source: Path, settings: Settings, extra_path: list[str] | None = None) -> list[Problem]:
     """Problems of service `name` from `source` when added to the installed ones.
 
     Loads the installed services plus the candidate (as `name`) in a scratch folder, and
-    imports the candidate's worker functions in a fresh interpreter.
+    imports the candidate's worker functions in a fresh interpreter. `extra_path`: folders
+    where the candidate's requirements were installed for this check (not yet in the venv).
     """
     check_service_name(name)
     spec = importlib.util.find_spec(name)
@@ -56,7 +57,11 @@ def validate(name: str, source: Path, settings: Settings) -> list[Problem]:
                 if other.is_dir() and other.name != name and not other.name.startswith("."):
                     os.symlink(other.resolve(), scratch_dir / other.name)
         shutil.copytree(registry_src, scratch_dir / name)
-        registry, importer = load_registry(scratch_dir, settings.queues, settings.config)
+        sys.path[:0] = extra_path or []
+        try:
+            registry, importer = load_registry(scratch_dir, settings.queues, settings.config)
+        finally:
+            del sys.path[:len(extra_path or [])]
         importer.retire()
         problems = [p for p in registry.problems if p.service == name or p.severity == "error"]
         before, before_importer = load_registry(installed, settings.queues, settings.config)
@@ -69,7 +74,8 @@ def validate(name: str, source: Path, settings: Settings) -> list[Problem]:
         modules_dir.mkdir()
         shutil.copytree(module_src, modules_dir / name)
         for dotted in _worker_paths(scratch_dir / name):
-            problem = _check_worker(dotted, [str(modules_dir), str(settings.services_dir / "modules")])
+            problem = _check_worker(dotted, [str(modules_dir), *(extra_path or []),
+                                             str(settings.services_dir / "modules")])
             if problem:
                 problems.append(Problem(name, str(module_src), problem, "worker"))
     return problems
@@ -96,17 +102,23 @@ def _check_worker(dotted: str, path: list[str]) -> str | None:
     return None
 
 
-def _install_requirements(module_src: Path) -> None:
+def _install_requirements(module_src: Path, target: str | None = None) -> bool:
+    """pip-install the service's requirements.txt (into `target` instead of the venv when given).
+
+    Returns whether there was anything to install.
+    """
     requirements = module_src / "requirements.txt"
     if not requirements.is_file():
-        return
+        return False
     lines = [ln for ln in requirements.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
-        return
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-r", str(requirements)],
+        return False
+    where = ["--target", target] if target else []
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *where, "-r", str(requirements)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise InstallError(f"installing {requirements} failed:\n{proc.stderr.strip()[-2000:]}")
+    return True
 
 
 def _replace_tree(source: Path, target: Path) -> None:
@@ -124,11 +136,16 @@ def _replace_tree(source: Path, target: Path) -> None:
 def install(name: str, source: Path, settings: Settings) -> list[Problem]:
     """Validate then install; returns warnings. Raises InstallError with every problem."""
     source = source.resolve()
-    _install_requirements(source / "module") if (source / "module").is_dir() else None
-    problems = validate(name, source, settings)
+    # The requirements go to a scratch folder for the check, and into the workers' venv only
+    # once the service is accepted: a refused service changes nothing.
+    with tempfile.TemporaryDirectory(prefix="dicomflow-req-") as scratch:
+        needed = (source / "module").is_dir() and _install_requirements(source / "module", target=scratch)
+        problems = validate(name, source, settings, extra_path=[scratch] if needed else None)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise InstallError(f"service {name!r} refused, nothing changed:\n" + "\n".join(f"  {p}" for p in errors))
+    if needed:
+        _install_requirements(source / "module")
     _replace_tree(source / "module", settings.services_dir / "modules" / name)
     _replace_tree(source / "registry", settings.services_dir / "registry" / name)
     return [p for p in problems if p.severity != "error"]

@@ -142,6 +142,14 @@ def test_requirements_are_installed_at_install_time(sh, services, tmp_path):
     (source / "module/__init__.py").write_text("import dicomflow_reqdemo\n\ndef worker(**kw):\n"
                                               "    return dicomflow_reqdemo.VALUE\n")
     try:
+        # Refused (its callback is broken): the requirement must not reach the venv.
+        good_registry = (source / "registry/__init__.py").read_text()
+        (source / "registry/__init__.py").write_text("raise RuntimeError('broken callback')\n")
+        refused = sh("install", "withreq", "-p", str(source))
+        assert refused.returncode == 1, refused.stderr
+        absent = subprocess.run([sys.executable, "-c", "import dicomflow_reqdemo"], capture_output=True)
+        assert absent.returncode != 0, "a refused service installed its requirements"
+        (source / "registry/__init__.py").write_text(good_registry)
         done = sh("install", "withreq", "-p", str(source))
         assert done.returncode == 0, done.stderr
         check = subprocess.run([sys.executable, "-c", "import dicomflow_reqdemo; print(dicomflow_reqdemo.VALUE)"],
