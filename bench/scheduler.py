@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import redis
+import redis.utils
 import requests
 from rq import Queue, SimpleWorker, Worker
 
@@ -79,6 +80,13 @@ def main() -> None:
 
         figures["rq-baseline"], _ = best_rate(run_baseline)
         figures["enqueuer"], _ = best_rate(run_enqueuer)
+        # CPU time of this process per event: steadier than wall time on a shared machine.
+        cpu = []
+        for _ in range(3):
+            start = time.process_time()
+            run_enqueuer()
+            cpu.append((time.process_time() - start) / args.events)
+        cpu_per_event = sorted(cpu)[1]
 
         # Over HTTP, through the production server.
         port = free_port()
@@ -118,6 +126,8 @@ def main() -> None:
     for name, rate in figures.items():
         unit = "jobs/s" if name.startswith("worker") else "events/s"
         print(f"  {name:<12} {rate:9.0f} {unit}")
+    print(f"  enqueuer CPU per event       {cpu_per_event * 1000:.3f} ms (redis-py parser: "
+          f"{'hiredis' if redis.utils.HIREDIS_AVAILABLE else 'pure Python'})")
     print(f"  ratio enqueuer/rq-baseline   {figures['enqueuer'] / figures['rq-baseline']:.2f}")
     print(f"  ratio http/enqueuer          {figures['http'] / figures['enqueuer']:.2f}")
     print(f"  ratio simple/fork workers    {figures['worker-simple'] / figures['worker-fork']:.2f}")
