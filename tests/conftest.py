@@ -61,3 +61,20 @@ def sag_anon() -> Path:
     if not SAG_ANON.is_dir():
         pytest.skip(f"the sag-anon test series is not at {SAG_ANON} (it ships beside the repo in CI)")
     return SAG_ANON
+
+
+@pytest.fixture()
+def services(tmp_path) -> Path:
+    """An empty services folder (registry/ + modules/) for this test."""
+    return tmp_path / "services"
+
+
+@pytest.fixture()
+def make_client(tmp_path, redis_url, services, connection):
+    """A Flask test client of the scheduler over `services` and the session's Redis."""
+    from scheduler.app import create_app
+    from tests.support.services import settings_for
+
+    def make(**extra):
+        return create_app(settings_for(tmp_path, redis_url, services, **extra), connection).test_client()
+    return make

@@ -10,23 +10,13 @@ import sys
 import pytest
 from rq.job import Job, JobStatus
 
-from scheduler.app import create_app
 from tests.conftest import REPO
-from tests.support.services import instance_event, job, make_service, settings_for
-
-AUTH = {"Authorization": "Bearer test-token"}
-
+from tests.support.services import AUTH, instance_event, job, make_service
 
 @pytest.fixture()
-def services(tmp_path):
-    return tmp_path / "services"
-
-
-@pytest.fixture()
-def submit(tmp_path, redis_url, services, connection):
+def submit(make_client):
     def submit(*events):
-        app = create_app(settings_for(tmp_path, redis_url, services), connection)
-        response = app.test_client().post("/api/v1/events", json={"events": list(events)}, headers=AUTH)
+        response = make_client().post("/api/v1/events", json={"events": list(events)}, headers=AUTH)
         assert response.status_code == 200
         return response.get_json()["results"]
     return submit

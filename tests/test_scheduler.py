@@ -11,22 +11,8 @@ from rq.job import Job, JobStatus
 
 from scheduler.app import create_app
 from tests.support.procs import free_port
-from tests.support.services import instance_event, job, make_service, settings_for
+from tests.support.services import AUTH, instance_event, job, make_service, settings_for
 
-AUTH = {"Authorization": "Bearer test-token"}
-
-
-@pytest.fixture()
-def services(tmp_path):
-    return tmp_path / "services"
-
-
-@pytest.fixture()
-def make_client(tmp_path, redis_url, services, connection):
-    def make(**extra):
-        app = create_app(settings_for(tmp_path, redis_url, services, **extra), connection)
-        return app.test_client()
-    return make
 
 
 def post(client, *events):

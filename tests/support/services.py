@@ -9,6 +9,9 @@ from typing import Any
 
 from dicomflow.settings import Settings
 
+#: The bearer token `settings_for` configures, as a request header.
+AUTH = {"Authorization": "Bearer test-token"}
+
 #: A callback that accepts everything and records the instance it saw.
 ACCEPT = '''
 def callback(jobName, headers, params, added_params, **kwargs):
