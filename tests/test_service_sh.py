@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,11 +14,6 @@ from tests.conftest import REPO
 from tests.support.procs import free_port
 
 EXAMPLES = REPO / "examples"
-
-
-@pytest.fixture()
-def services(tmp_path) -> Path:
-    return tmp_path / "services"
 
 
 @pytest.fixture()
