@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -40,7 +41,7 @@ import requests
 from rq import Queue
 from rq.job import Job
 
-from bench.support import private_redis
+from bench.support import cpu_seconds, private_redis
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
 from tests.support.procs import free_port, wait_for
 
@@ -75,8 +76,9 @@ class RealScheduler:
 
     token = "bench-token"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, prefix: Sequence[str] = ()):
         self.folder = folder
+        self.prefix = list(prefix)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -85,13 +87,14 @@ class RealScheduler:
         for name in ("temp", "tempfollow"):
             shutil.copytree(REPO / "examples" / name / "registry", services / "registry" / name)
             shutil.copytree(REPO / "examples" / name / "module", services / "modules" / name)
-        self._redis = private_redis()
+        self.redis_pids: list[int] = []
+        self._redis = private_redis(self.redis_pids)
         redis_url = self._redis.__enter__()
         self.connection = redis.Redis.from_url(redis_url)
         env = {**os.environ, "DICOMFLOW_CONFIG": "", "DICOMFLOW_REDIS_URL": redis_url,
                "DICOMFLOW_SERVICES_DIR": str(services), "DICOMFLOW_HOME": str(self.folder / "home"),
                "DICOMFLOW_SCHEDULER_TOKEN": self.token, "DICOMFLOW_SCHEDULER_PORT": str(self.port)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli"], env=env, cwd=REPO,
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "scheduler.cli"], env=env, cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._up, timeout=30, what="the scheduler")
         return self
@@ -101,6 +104,10 @@ class RealScheduler:
             return requests.get(self.url + "/health", timeout=1).ok
         except requests.RequestException:
             return False
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the scheduler (gunicorn and its worker) and by redis-server."""
+        return {"scheduler": cpu_seconds(self.proc.pid), "redis": cpu_seconds(*self.redis_pids)}
 
     def reset(self) -> None:
         self.connection.flushall()
@@ -132,6 +139,15 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def _cpu(server: OrthancServer, pipeline: RealScheduler | None) -> dict[str, float]:
+    """CPU seconds so far of Orthanc, of waited-for children (storescu) and of the pipeline."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = {"orthanc": cpu_seconds(server.proc.pid), "storescu": children.ru_utime + children.ru_stime}
+    if pipeline is not None:
+        out.update(pipeline.cpu())
+    return out
+
+
 def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[str, Path],
              scheduler_url: str | None, token: str, pipeline: RealScheduler | None = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
@@ -149,6 +165,7 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
                            plugin_options={"HeaderReader": "json" if setup == "cj" else "raw"})
     try:
         server.start()
+        cpu_before = _cpu(server, pipeline if full else None)
         started = time.perf_counter()
         server.store([files_dir])
         elapsed = time.perf_counter() - started
@@ -168,6 +185,10 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
                 result["p50_ms"] = _percentile(latencies, 0.50) * 1000
                 result["p99_ms"] = _percentile(latencies, 0.99) * 1000
                 result["posts"] = len(sink.delivered_batches())
+        cpu_after = _cpu(server, pipeline if full else None)
+        for name, before in cpu_before.items():
+            result[f"cpu_{name}_ms"] = (cpu_after[name] - before) * 1000 / count
+        if full:
             status = server.status()
             result["callbackErrors"] = status["callbackErrors"]
             result["spooled"] = status["spooled"]
@@ -182,7 +203,8 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
 
 def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, scripts: dict[str, Path],
                scheduler_url: str | None, token: str,
-               pipeline: RealScheduler | None = None) -> dict[str, dict[str, float]]:
+               pipeline: RealScheduler | None = None,
+               setups: Sequence[str] = SETUPS) -> dict[str, dict[str, float]]:
     """Every setup `repeat` times, interleaved, for one instance size; medians."""
     files_dir = root / f"{name}-dicom"
     started = time.perf_counter()
@@ -190,21 +212,27 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
     size_kb = sum(p.stat().st_size for p in files_dir.iterdir()) / count / 1024
     print(f"\n## {name}: {count} instances {rows}x{rows} 16-bit, {size_kb:.0f} KB each "
           f"(generated in {time.perf_counter() - started:.1f} s)", flush=True)
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in SETUPS}
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
     for round_ in range(repeat):
-        for setup in SETUPS:
+        for setup in setups:
             result = run_once(setup, files_dir, count, root / f"{name}-{setup}-{round_}", scripts,
                               scheduler_url, token, pipeline)
             runs[setup].append(result)
             extra = (f", p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
                      f"{result['posts']} POSTs" if "p50_ms" in result else "")
-            print(f"  round {round_ + 1} {LABELS[setup]:<45} {result['rate']:7.1f} inst/s{extra}", flush=True)
+            cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in result.items() if k.startswith("cpu_"))
+            print(f"  round {round_ + 1} {LABELS[setup]:<45} {result['rate']:7.1f} inst/s{extra}; "
+                  f"CPU ms/instance: {cpu}", flush=True)
     medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
-    a, b, b2, c, cj = (medians[s]["rate"] for s in SETUPS)
-    print(f"  median rates: (a) {a:.1f}  (b) {b:.1f}  (b') {b2:.1f}  (c) {c:.1f}  (c-json) {cj:.1f} instances/s")
-    print(f"  (c)/(a) = {c / a:.3f}   (c)/(b) = {c / b:.3f}   (b)/(a) = {b / a:.3f}   (b')/(a) = {b2 / a:.3f}"
-          f"   (c-json)/(b) = {cj / b:.3f}")
-    if "p50_ms" in medians["c"]:
+    rate = {s: medians[s]["rate"] for s in setups}
+    print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
+    ratios = [("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("cj", "b")]
+    print("  " + "   ".join(f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}"
+                          for x, y in ratios if x in rate and y in rate))
+    for setup in setups:
+        cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
+        print(f"  median CPU ms per instance {LABELS[setup].split()[0]}: {cpu}")
+    if "p50_ms" in medians.get("c", {}):
         what = "enqueued" if pipeline is not None else "delivered"
         print(f"  stored -> {what} latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "
               f"p99 {medians['c']['p99_ms']:.1f} ms; all delivered "
@@ -222,8 +250,13 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--scheduler-url", help="deliver (c) to this scheduler (you run it)")
     parser.add_argument("--sink", action="store_true", help="deliver (c) to an in-process HTTP sink")
     parser.add_argument("--token", default="bench-token", help="bearer token for (c)")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help=f"comma-separated subset of {','.join(SETUPS)} (default: all)")
     parser.add_argument("--json", type=Path, help="also write the medians here")
     options = parser.parse_args(args)
+    setups = [s.strip() for s in options.setups.split(",") if s.strip()]
+    if not setups or set(setups) - set(SETUPS):
+        parser.error(f"--setups: choose from {','.join(SETUPS)}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="dicomflow-bench-") as tmp:
         root = Path(tmp)
@@ -240,10 +273,10 @@ def main(args: Sequence[str] | None = None) -> int:
                   f"target of (c): {target}")
             if options.small:
                 results["small"] = bench_size("small", options.small, 64, options.repeat, root, scripts,
-                                              options.scheduler_url, options.token, pipeline)
+                                              options.scheduler_url, options.token, pipeline, setups)
             if options.ct:
                 results["ct"] = bench_size("ct", options.ct, 512, options.repeat, root, scripts,
-                                           options.scheduler_url, options.token, pipeline)
+                                           options.scheduler_url, options.token, pipeline, setups)
     if options.json:
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(results, indent=2))

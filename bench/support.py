@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -16,13 +17,15 @@ from tests.support.procs import free_port, wait_for
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A redis-server on a free port for one benchmark run; yields its URL."""
+def private_redis(pids: list[int] | None = None) -> Iterator[str]:
+    """A redis-server on a free port for one benchmark run; yields its URL (its pid into `pids`)."""
     port = free_port()
     folder = tempfile.mkdtemp(prefix="dicomflow-bench-redis-")
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", "--dir", folder],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if pids is not None:
+        pids.append(proc.pid)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
 
@@ -48,3 +51,31 @@ def best_rate(run: Callable[[], int], repeats: int = 3) -> tuple[float, list[flo
         n = run()
         rates.append(n / (time.perf_counter() - start))
     return statistics.median(rates), rates
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc; Linux)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def cpu_seconds(*pids: int) -> float:
+    """CPU time (user + system) used so far by these processes and all their live descendants."""
+    total, todo, seen = 0.0, list(pids), set()
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        todo.extend(_children(pid))
+    return total
