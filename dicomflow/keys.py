@@ -8,9 +8,9 @@ def claim(event_key: str) -> str:
     return f"{PREFIX}claim:{event_key}"
 
 
-def event_jobs(event_key: str) -> str:
-    """Hash jobName -> RQ job id of the latest run planned for an event key."""
-    return f"{PREFIX}event:{event_key}"
+def event_run(event_key: str) -> str:
+    """JSON object jobName -> RQ job id of the latest run planned for an event key."""
+    return f"{PREFIX}run:{event_key}"
 
 
 def series_state(series_uid: str) -> str:

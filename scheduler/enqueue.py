@@ -16,6 +16,7 @@ import redis
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Dependency, Job, JobStatus
+from rq.utils import now as rq_now
 
 from dicomflow import keys
 from dicomflow.errors import DicomflowError
@@ -114,14 +115,14 @@ class Enqueuer:
         pipe = conn.pipeline(transaction=False)
         for event in events:
             pipe.set(keys.claim(event.key), token, nx=True, px=CLAIM_MS)
-            pipe.hgetall(keys.event_jobs(event.key))
+            pipe.get(keys.event_run(event.key))
             if event.level is not Level.INSTANCE:
                 pipe.smembers(self._state_key(event))
         replies = iter(pipe.execute())
         claimed, previous, states = [], [], []
         for event in events:
             claimed.append(bool(next(replies)))
-            previous.append({k.decode(): v.decode() for k, v in next(replies).items()})
+            previous.append(_run_ids(next(replies)))
             states.append({m.decode() for m in next(replies)} if event.level is not Level.INSTANCE else set())
 
         # Round trip 2: are the previous runs still going?
@@ -175,10 +176,11 @@ class Enqueuer:
         pipe = conn.pipeline(transaction=True)
         pipe.multi()
         now = time.time()
+        used_queues: set[str] = set()
         for plan, result, new_members in plans:
             self._record(plan, result, pipe, now)
             if plan.jobs:
-                self._enqueue_plan(plan, result, pipe, new_members)
+                self._enqueue_plan(plan, result, pipe, new_members, used_queues)
             elif result.status == "scheduled":
                 result.status = "nothing"
             if plan.event.level is not Level.INSTANCE and new_members and plan.jobs and not plan.failures:
@@ -186,6 +188,8 @@ class Enqueuer:
                 # no active service wanted yet, runs when it is sent again.
                 pipe.sadd(self._state_key(plan.event), *sorted(new_members))
                 pipe.expire(self._state_key(plan.event), self.settings.failure_ttl)
+        for name in sorted(used_queues):  # what RQ's enqueue does per job, once per batch here
+            pipe.sadd(Queue.redis_queues_keys, self.queues[name].key)
         self._release(keys=sorted(keys.claim(k) for k in mine), args=[token], client=pipe)
         counts = Counter(f"events:{r.status}" for r in results)
         counts["jobs"] = sum(len(r.jobs) for r in results if r.status == "scheduled")
@@ -211,7 +215,9 @@ class Enqueuer:
             pipe.ltrim(keys.CALLBACK_ERRORS, 0, self.settings.error_log_length - 1)
         result.declined = plan.declined
 
-    def _enqueue_plan(self, plan: Plan, result: EventResult, pipe, new_members: set[str]) -> None:
+    def _enqueue_plan(self, plan: Plan, result: EventResult, pipe, new_members: set[str],
+                      used_queues: set[str]) -> None:
+        """Add the plan's jobs to the batch transaction, each written once (HSET) and pushed or deferred."""
         event = plan.event
         context = event.context()
         if new_members:
@@ -221,6 +227,7 @@ class Enqueuer:
         for planned in plan.jobs:
             spec = planned.job.spec
             queue = self.queues[spec.priority]
+            used_queues.add(spec.priority)
             depends_on = None
             if planned.waits_for:
                 depends_on = Dependency(jobs=[ids[d] for d in planned.waits_for],
@@ -232,6 +239,9 @@ class Enqueuer:
                 connection=self.connection,
                 id=job_id_for(spec.jobName, event.key),
                 origin=queue.name,
+                # Its status goes into the same HSET as the rest of the job (RQ's enqueue
+                # writes it a second time on its own).
+                status=JobStatus.QUEUED if depends_on is None else JobStatus.DEFERRED,
                 description=f"{spec.jobName} {event.level.value} {event.uid}",
                 timeout=spec.timeout or settings.default_timeout,
                 result_ttl=settings.result_ttl,
@@ -242,18 +252,20 @@ class Enqueuer:
             )
             ids[spec.jobName] = job.id
             if depends_on is None:
-                queue.enqueue_job(job, pipeline=pipe)  # registers the queue in rq:queues too
+                job.enqueued_at = rq_now()
+                job.save(pipeline=pipe)
+                queue.push_job_id(job.id, pipeline=pipe)
             else:
-                pipe.sadd(queue.redis_queues_keys, queue.key)
                 # Its dependencies are created in this same transaction, so none can have
                 # finished yet: register it as deferred without RQ's WATCH round trips.
-                job.set_status(JobStatus.DEFERRED, pipeline=pipe)
                 job.register_dependency(pipeline=pipe)
                 job.save(pipeline=pipe)
-                job.cleanup(ttl=job.ttl, pipeline=pipe)
+            job.cleanup(ttl=job.ttl, pipeline=pipe)  # no commands unless a job ttl is set
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
         result.jobs = ids
-        event_key = keys.event_jobs(event.key)
-        pipe.delete(event_key)
-        pipe.hset(event_key, mapping=ids)
-        pipe.expire(event_key, settings.failure_ttl)
+        pipe.set(keys.event_run(event.key), json.dumps(ids), ex=settings.failure_ttl)
+
+
+def _run_ids(raw: bytes | None) -> dict[str, str]:
+    """jobName -> job id of an event's last run (as `_enqueue_plan` stored it), {} if none."""
+    return json.loads(raw) if raw else {}
