@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRBigEndian
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicomflow import dicomheader
 from tests.conftest import REPO
@@ -77,3 +80,53 @@ def test_absurdly_nested_sequences_are_malformed_not_a_crash(sag_anon):
     with pytest.raises(dicomheader.HeaderError) as deep:
         dicomheader.read_elements(data[:meta_end] + nested, {0x00100020}, 0x00100020)
     assert deep.value.kind == "malformed"
+
+
+def _variants(path, tmp_path):
+    """`path` with nested undefined-length sequences before the wanted tags, and that as Implicit VR LE."""
+    ds = pydicom.dcmread(path)
+    inner = Dataset()
+    inner.CodeValue = "X"
+    item = Dataset()
+    item.ConceptCodeSequence = Sequence([inner])
+    ds.ProcedureCodeSequence = Sequence([item, Dataset()])
+    for element in (ds["ProcedureCodeSequence"], item["ConceptCodeSequence"]):
+        element.is_undefined_length = True
+        for each in element.value:
+            each.is_undefined_length_sequence_item = True
+    ds.save_as(tmp_path / "undefined.dcm")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "implicit.dcm", implicit_vr=True, little_endian=True)
+    return [tmp_path / "undefined.dcm", tmp_path / "implicit.dcm"]
+
+
+def test_implicit_vr_and_undefined_length_sequences(sag_anon, tmp_path):
+    for path in _variants(sorted(sag_anon.glob("*.dcm"))[0], tmp_path):
+        data = path.read_bytes()
+        syntax, found = dicomheader.read_elements(data, WANTED, LAST)
+        assert syntax == str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        values = {tag: v.strip("\x00 ") for tag, v in dicomheader.decode(found, TEXT).items()}
+        assert values == {t: v.strip() for t, v in _pydicom_values(path).items()}, path.name
+
+
+def _outcome(source):
+    try:
+        return dicomheader.read_elements(source, WANTED | {0x00081032}, LAST)
+    except dicomheader.HeaderError as exc:
+        return exc.kind, exc.reason
+
+
+def test_files_read_in_small_chunks_answer_as_bytes_do(sag_anon, tmp_path, monkeypatch):
+    """The parser runs on the part of a file read so far and asks for more: errors included,
+    the answers are those of the whole file as bytes, even in chunks far smaller than a header."""
+    path = _variants(sorted(sag_anon.glob("*.dcm"))[0], tmp_path)[0]
+    data = path.read_bytes()
+    monkeypatch.setattr(dicomheader, "_CHUNK", 100)
+    cuts = [len(data), 100, 131, 132, 300, 700, 850, 1000, 1500, 2000, 5000, 20000, 100000]
+    kinds = set()
+    for cut in cuts:
+        expected = _outcome(data[:cut])
+        kinds.add("ok" if isinstance(expected[1], dict) else expected[0])
+        assert _outcome(io.BytesIO(data[:cut])) == expected, cut
+        assert _outcome(memoryview(data[:cut])) == expected, cut
+    assert kinds == {"ok", "not-dicom", "unsupported", "malformed"}
