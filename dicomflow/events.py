@@ -43,6 +43,8 @@ class Event(BaseModel):
     calledAet: str | None = None
     transferSyntax: str | None = None
     receivedAt: float | None = None
+    #: Re-read from Orthanc by the plugin after a crash: scheduled only if no earlier copy was.
+    replay: bool = False
 
     @model_validator(mode="after")
     def _has_uid(self) -> Event:

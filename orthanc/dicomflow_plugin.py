@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import http.client
-import itertools
 import json
 import os
 import socket
@@ -43,6 +42,12 @@ DEFAULT_TAGS = (
 REJECTED = frozenset({400, 401, 403, 404, 405, 413, 422})
 
 _KIND_INSTANCE = "instance"
+#: An instance re-read from Orthanc at start: stored before a crash, never handed over.
+_KIND_REPLAY = "replay"
+#: Orthanc change types the catch-up turns into events again.
+_REPLAYED_CHANGES = {"NewInstance": _KIND_REPLAY, "StableSeries": "series", "StableStudy": "study"}
+#: How long after its change is logged an on-stored callback has surely queued its event (s).
+CALLBACK_GRACE = 1.0
 _LEVELS = {"series", "study"}
 #: How the callback captured an instance's headers: the file's bytes, or Orthanc's JSON.
 _RAW, _JSON = "raw", "json"
@@ -86,6 +91,9 @@ class PluginSettings:
     #: thread, while it builds a batch, keep an on-stored callback (Orthanc's ingest thread)
     #: waiting up to 5 ms for the GIL; 0.2 ms bounds that wait (measured: ~+4 % small-instance ingest).
     gil_switch_interval: float = 0.0002
+    #: How often the sender records how far Orthanc's change log has been handed over (s):
+    #: after a crash, at most about this much (plus CALLBACK_GRACE) is read back from Orthanc.
+    checkpoint_interval: float = 5.0
     #: "raw": take the file's bytes in the callback and read the tags in the sender thread
     #: (Orthanc's JSON conversion is the callback's main cost); "json": Orthanc's JSON.
     header_reader: str = _RAW
@@ -123,6 +131,7 @@ class PluginSettings:
             "retry_min_delay": ("RetryMinDelay", float), "retry_max_delay": ("RetryMaxDelay", float),
             "max_string_length": ("MaxStringLength", int),
             "gil_switch_interval": ("GilSwitchInterval", float),
+            "checkpoint_interval": ("CheckpointInterval", float),
         }
         values: dict[str, Any] = {}
         for attr, (key, kind) in numbers.items():
@@ -164,6 +173,7 @@ class Spool:
             "CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY, event TEXT NOT NULL,"
             " status INTEGER, reason TEXT, at REAL)"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self.length = self._count("spool")
         self.dead_length = self._count("dead")
 
@@ -235,6 +245,28 @@ class Spool:
         return [{"seq": s, "status": st, "reason": r, "at": at, "event": json.loads(e)}
                 for s, st, r, at, e in rows]
 
+    def instance_ids(self) -> set[str]:
+        """Orthanc ids of the instances whose events are spooled or dead letters (read at start only)."""
+        with self._lock:
+            texts = self._db.execute("SELECT event FROM spool UNION ALL SELECT event FROM dead").fetchall()
+        ids = set()
+        for (text,) in texts:
+            try:
+                ids.add(json.loads(text)["orthanc"]["instance"])
+            except (ValueError, KeyError, TypeError):  # a series/study event, or an unprocessed item
+                pass
+        return ids
+
+    def get_state(self, key: str) -> str | None:
+        """A value of the plugin's own state (e.g. the change-log checkpoint), None if unset."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
     def close(self) -> None:
         """Close the database (the WAL is checkpointed)."""
         with self._lock:
@@ -303,7 +335,20 @@ class Relay:
     def __init__(self, settings: PluginSettings):
         self.settings = settings
         self.spool = Spool(settings.spool_path)
-        self._seq = itertools.count(self.spool.last_seq() + 1)
+        # Sequence numbers order the spool; one is given to an item as it enters the queue,
+        # under a lock, so the queue is always in sequence order (see _low_water).
+        self._next_seq = self.spool.last_seq() + 1
+        self._seq_lock = threading.Lock()
+        #: The first sequence number of the items the sender has taken and not yet delivered or spooled.
+        self._inflight: int | None = None
+        #: The first sequence number of items a sender error may have dropped (the checkpoint stays below).
+        self._lost_from: int | None = None
+        #: Orthanc's change sequence number up to which every instance was handed over (see _catch_up).
+        self._checkpoint: int | None = None
+        self._pending_checkpoint: tuple[int, float, int | None] | None = None
+        self._last_checkpoint_at = 0.0
+        #: Instance ids the callback saw while the catch-up runs (they need no replay); None after.
+        self._seen: set[str] | None = set()
         # A deque, not queue.Queue: append/popleft are atomic and wake nobody, so the
         # callback never hands the GIL to the sender per event; the sender polls every
         # MaxBatchDelay and is woken early only when a full batch waits.
@@ -317,7 +362,7 @@ class Relay:
         self._reader = self._raw_reader(settings)
         self.counters = {
             "received": 0, "delivered": 0, "spooled": 0, "rejected": 0, "failed": 0,
-            "overflow": 0, "batches": 0, "callbackErrors": 0, "unresolved": 0, "idLookups": 0,
+            "overflow": 0, "batches": 0, "callbackErrors": 0, "unresolved": 0, "idLookups": 0, "replayed": 0,
         }
         self._counters_lock = threading.Lock()
         self.last_error: str | None = None
@@ -355,7 +400,7 @@ class Relay:
                 headers = (_JSON, dicom.GetInstanceAdvancedJson(self._json_format, self._json_flags,
                                                                 self.settings.max_string_length))
             item = (
-                next(self._seq), _KIND_INSTANCE, instance_id, headers,
+                _KIND_INSTANCE, instance_id, headers,
                 dicom.GetInstanceRemoteAet(),
                 dicom.GetInstanceMetadata("RemoteIP") if dicom.HasInstanceMetadata("RemoteIP") else None,
                 dicom.GetInstanceMetadata("CalledAET") if dicom.HasInstanceMetadata("CalledAET") else None,
@@ -363,6 +408,9 @@ class Relay:
                 time.time(),
             )
             self._bump("received")
+            seen = self._seen
+            if seen is not None:
+                seen.add(instance_id)
             self._offer(item)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing may raise into Orthanc's ingest path
             self._bump("callbackErrors")
@@ -373,9 +421,9 @@ class Relay:
         """Queue STABLE_SERIES/STABLE_STUDY; start and stop the sender with Orthanc."""
         try:
             if change_type == orthanc.ChangeType.STABLE_SERIES:
-                self._offer((next(self._seq), "series", resource_id, None, None, None, None, None, time.time()))
+                self._offer(("series", resource_id, None, None, None, None, None, time.time()))
             elif change_type == orthanc.ChangeType.STABLE_STUDY:
-                self._offer((next(self._seq), "study", resource_id, None, None, None, None, None, time.time()))
+                self._offer(("study", resource_id, None, None, None, None, None, time.time()))
             elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
                 self._thread.start()
             elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
@@ -389,16 +437,25 @@ class Relay:
         with self._counters_lock:  # Orthanc runs one callback thread per association
             self.counters[name] += amount
 
-    def _offer(self, item: tuple) -> None:
-        length = len(self._queue)
-        if length >= self.settings.queue_size:
-            # Never dropped: the overflow goes to disk, ordered by its sequence number.
-            self._bump("overflow")
-            self._spool_items([item])
-            return
-        self._queue.append(item)
-        if length + 1 == self.settings.batch_size:
-            self._batch_ready.set()
+    def _offer(self, rest: tuple) -> None:
+        """Number an item and queue it (or spool it when the queue is full)."""
+        with self._seq_lock:
+            item = (self._next_seq, *rest)
+            self._next_seq += 1
+            length = len(self._queue)
+            if length < self.settings.queue_size:
+                self._queue.append(item)
+                if length + 1 == self.settings.batch_size:
+                    self._batch_ready.set()
+                return
+        # Never dropped: the overflow goes to disk, ordered by its sequence number.
+        self._bump("overflow")
+        self._spool_items([item])
+
+    def _new_seq(self) -> int:
+        with self._seq_lock:
+            self._next_seq += 1
+            return self._next_seq - 1
 
     def stop(self) -> None:
         """Stop the sender; events still in memory are spooled for the next start."""
@@ -423,6 +480,7 @@ class Relay:
             "sender": "running" if self._thread.is_alive() else "stopped",
             "schedulerUrl": self.settings.scheduler_url,
             "headerReader": _RAW if self._reader is not None else _JSON,
+            "checkpoint": self._checkpoint,
             "gilSwitchInterval": sys.getswitchinterval(),
         }
 
@@ -431,6 +489,8 @@ class Relay:
     def _finish(self, item: tuple) -> dict[str, Any] | None:
         """The event for a queued item (parse headers, Orthanc ids, REST for series/study)."""
         _seq, kind, resource_id, raw, aet, ip, called, syntax, received = item
+        if kind == _KIND_REPLAY:
+            return self._replayed_event(resource_id, received)
         if kind != _KIND_INSTANCE:
             return self._resource_event(kind, resource_id, received)
         how, captured = raw
@@ -441,6 +501,27 @@ class Relay:
             "orthanc": self._instance_ids(resource_id, dataset),
             "remoteAet": aet, "remoteIp": ip, "calledAet": called,
             "transferSyntax": syntax, "receivedAt": received,
+        }
+
+    def _replayed_event(self, instance_id: str, received: float) -> dict[str, Any] | None:
+        """The event of an instance stored before a crash, read back from Orthanc (`"replay": true`)."""
+        try:
+            metadata = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/metadata?expand"))
+            if self._reader is not None:
+                dataset = self._read_raw(instance_id, orthanc.GetDicomForInstance(instance_id))
+            else:
+                dataset = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/simplified-tags"))
+        except orthanc.OrthancException as exc:  # deleted since: nothing to process, but say so
+            self._bump("unresolved")
+            self.last_error = f"instance {instance_id} could not be replayed: {exc}"
+            return None
+        headers = {tag: dataset[tag] for tag in self._tags if dataset.get(tag) is not None}
+        return {
+            "level": "instance", "headers": headers,
+            "orthanc": self._instance_ids(instance_id, dataset),
+            "remoteAet": metadata.get("RemoteAET"), "remoteIp": metadata.get("RemoteIP"),
+            "calledAet": metadata.get("CalledAET"), "transferSyntax": metadata.get("TransferSyntax"),
+            "receivedAt": received, "replay": True,
         }
 
     def _read_raw(self, instance_id: str, data: bytes) -> dict[str, Any]:
@@ -532,21 +613,131 @@ class Relay:
     # ---- the sender thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._catch_up()
+        except Exception as exc:  # noqa: BLE001 - the checkpoint stays where it was: the next start retries
+            self._seen = None
+            self.last_error = f"catch-up: {type(exc).__name__}: {exc}"
+            orthanc.LogError(f"dicomflow: {self.last_error}")
         delay = self.settings.retry_min_delay
         while not self._stop.is_set():
             try:
                 ok = self._step()
             except Exception as exc:  # noqa: BLE001 - the thread's boundary: log, back off, keep sending
                 ok = False
+                if self._inflight is not None:  # maybe lost: the checkpoint never passes them
+                    self._lost_from = min(self._lost_from or self._inflight, self._inflight)
                 self.last_error = f"sender: {type(exc).__name__}: {exc}"
                 orthanc.LogError(f"dicomflow: {self.last_error}")
+            self._inflight = None
             if ok:
                 delay = self.settings.retry_min_delay
             else:
                 self._drain_queue_to_spool()
-                self._stop.wait(delay)
+                self._back_off(delay)
                 delay = min(delay * 2, self.settings.retry_max_delay)
+            try:
+                self._advance_checkpoint(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - only the checkpoint lags; delivery goes on
+                self.last_error = f"checkpoint: {type(exc).__name__}: {exc}"
         self._drain_queue_to_spool()
+
+    def _back_off(self, delay: float) -> None:
+        """Wait `delay` s before the next attempt, spooling what arrives meanwhile (a crash then loses nothing)."""
+        end = time.monotonic() + delay
+        while not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, self.settings.max_batch_delay))
+            self._drain_queue_to_spool()
+
+    # ---- catching up with Orthanc's change log after a crash ------------------------------
+    #
+    # What the sender has taken from memory but not yet delivered or spooled, and what is
+    # still queued, dies with the process on a SIGKILL or a crash. Orthanc's own change log
+    # (`/changes`, in its database) does not: the plugin keeps a checkpoint, a change
+    # sequence number up to which every stored instance was handed over, and at start
+    # re-reads the instances stored after it from Orthanc (`"replay": true`: the scheduler
+    # skips the ones it already scheduled).
+
+    def _last_change(self) -> int:
+        return int(json.loads(orthanc.RestApiGet("/changes?last"))["Last"])
+
+    def _catch_up(self) -> None:
+        """At start: events for the instances (and stable series/studies) logged after the checkpoint."""
+        last = self._last_change()
+        stored = self.spool.get_state("checkpoint")
+        if stored is None or int(stored) > last:
+            if stored is not None:
+                orthanc.LogWarning(f"dicomflow: Orthanc's change log ends at {last}, before the checkpoint "
+                                   f"{stored} (a new database?): nothing to catch up")
+            self._seen = None
+            self._save_checkpoint(last)
+            return
+        # Changes up to `last` logged by this process have their callbacks run within the grace
+        # time; their instances are in `_seen` and need no replay, nor do those already spooled.
+        self._stop.wait(CALLBACK_GRACE)
+        skip = self._seen | self.spool.instance_ids()
+        since, replayed = int(stored), 0
+        while since < last and not self._stop.is_set():
+            page = json.loads(orthanc.RestApiGet(f"/changes?since={since}&limit=500"))
+            changes = [c for c in page["Changes"] if c["Seq"] <= last]
+            items = [(self._new_seq(), _REPLAYED_CHANGES[c["ChangeType"]], c["ID"], None, None, None, None, None,
+                      time.time()) for c in changes
+                     if c["ChangeType"] in _REPLAYED_CHANGES and c["ID"] not in skip]
+            self._spool_items(items)
+            replayed += sum(1 for item in items if item[1] == _KIND_REPLAY)
+            if len(changes) < len(page["Changes"]) or not changes:
+                break
+            since = changes[-1]["Seq"]
+        self._seen = None
+        if self._stop.is_set():
+            return  # stopped half-way: the next start catches up again from the same checkpoint
+        self._bump("replayed", replayed)
+        if replayed:
+            orthanc.LogWarning(f"dicomflow: {replayed} instances stored after change {stored} were never "
+                               "handed over (Orthanc stopped abruptly?): read back from Orthanc and spooled")
+        self._save_checkpoint(last)
+
+    def _save_checkpoint(self, change: int) -> None:
+        if change != self._checkpoint:
+            self.spool.set_state("checkpoint", str(change))
+            self._checkpoint = change
+
+    def _low_water(self) -> int:
+        """The lowest sequence number not yet delivered or spooled (sender thread only)."""
+        first = [self._next_seq]
+        if self._inflight is not None:
+            first.append(self._inflight)
+        if self._lost_from is not None:
+            first.append(self._lost_from)
+        try:
+            first.append(self._queue[0][0])  # the queue is in sequence order (see _offer)
+        except IndexError:
+            pass
+        return min(first)
+
+    def _advance_checkpoint(self, now: float) -> None:
+        """Every CheckpointInterval: note Orthanc's last change; once the events of every
+        instance logged up to it are delivered or spooled, make it the checkpoint."""
+        pending = self._pending_checkpoint
+        if pending is None:
+            if now - self._last_checkpoint_at >= self.settings.checkpoint_interval:
+                self._pending_checkpoint = (self._last_change(), now, None)
+            return
+        change, noted, marker = pending
+        if marker is None:
+            # The callbacks of changes up to `change` have all queued their items by now:
+            # every one of them is numbered below `marker`.
+            if now - noted >= CALLBACK_GRACE:
+                with self._seq_lock:
+                    self._pending_checkpoint = (change, noted, self._next_seq)
+            return
+        if self._low_water() >= marker:
+            self._save_checkpoint(change)
+            self._pending_checkpoint = None
+            self._last_checkpoint_at = now
 
     def _take(self, limit: int) -> list[tuple]:
         """Pop up to `limit` queued items, oldest first."""
@@ -557,6 +748,8 @@ class Relay:
                 items.append(pop())
         except IndexError:
             pass
+        if items and self._inflight is None:
+            self._inflight = items[0][0]
         return items
 
     def _drain_queue_to_spool(self) -> None:
@@ -568,6 +761,8 @@ class Relay:
                 self._queue.extendleft(reversed(items))
                 self.last_error = f"spool: {type(exc).__name__}: {exc}"
                 orthanc.LogError(f"dicomflow: cannot write the spool, {len(items)} events stay in memory: {exc}")
+            finally:
+                self._inflight = None  # spooled, or back in the queue
 
     def _step(self) -> bool:
         """Send one batch: from the spool while it holds anything, else from the queue."""

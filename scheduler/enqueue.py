@@ -56,7 +56,7 @@ class EventResult:
     """What became of one event; returned to the plugin and kept for operators."""
 
     key: str
-    status: str  # scheduled | duplicate | unchanged | nothing | invalid
+    status: str  # scheduled | duplicate | known | unchanged | nothing | invalid
     jobs: dict[str, str] = field(default_factory=dict)
     declined: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -156,6 +156,12 @@ class Enqueuer:
             first_seen.add(event.key)
             new_members: set[str] = set()
             if event.level is Level.INSTANCE:
+                if event.replay and runs:
+                    # Re-read by the plugin after Orthanc stopped abruptly; this copy reached us before.
+                    result.status = "known"
+                    result.jobs = runs
+                    result.notes.append("replayed after an Orthanc restart; its jobs were planned before")
+                    continue
                 active = {name: jid for name, jid in runs.items() if status.get(jid) in ACTIVE}
                 if active:
                     result.status = "duplicate"

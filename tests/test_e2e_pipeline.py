@@ -120,3 +120,20 @@ def test_scheduler_down_during_send_loses_nothing_and_runs_nothing_twice(tmp_pat
     # A re-sent instance may run again only after its first run finished; here the copies
     # arrived while the first were queued, so each job ran exactly once.
     assert not twice, twice
+
+
+def test_orthanc_killed_after_delivery_replays_and_runs_nothing_twice(tmp_path, redis_url, connection, services):
+    files = write_series(tmp_path / "gen", 20)
+    sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    # A checkpoint that never advances after start: the restart reads every instance back.
+    with Pipeline(tmp_path / "stack", redis_url, services, plugin_options={"CheckpointInterval": 3600}) as stack:
+        stack.orthanc.store(files)
+        wait_for(lambda: len(entries(connection)) >= 40, timeout=60, what="every instance's jobs")
+        stack.orthanc.kill()
+        stack.orthanc.start()
+        wait_for(lambda: stack.orthanc.status()["replayed"] == 20, timeout=30, what="20 replayed instances")
+        wait_for(lambda: int(connection.hget("dicomflow:stats", "events:known") or 0) == 20, timeout=30,
+                 what="the scheduler to recognise the 20 replayed instances")
+        log = entries(connection)
+    assert Counter((e["job"], e["sop"]) for e in log) == Counter(
+        {(name, sop): 1 for sop in sops for name in ("firstJob", "secondJob")})

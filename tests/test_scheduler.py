@@ -219,3 +219,20 @@ def test_a_series_nobody_took_is_not_marked_handled(make_client, services, conne
     series = {"level": "series", "headers": {"SeriesInstanceUID": "8.8"}, "orthanc": {"instances": ["i1"]}}
     assert post(client, series)[0]["status"] == "nothing"
     assert post(client, series)[0]["status"] == "nothing", "sent again, it is planned again"
+
+
+def test_a_replayed_instance_runs_only_if_no_copy_was_scheduled(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a"))
+    client = make_client()
+    (first,) = post(client, instance_event("1.40"))
+    SimpleWorker(["default"], connection=connection).work(burst=True)  # its run is over
+    # Orthanc restarted after a crash: the plugin re-reads instances past its checkpoint.
+    # Unlike a re-sent instance (which runs again once its first run is over), a replayed
+    # copy of a scheduled instance is not run again.
+    replayed, unseen = post(client, {**instance_event("1.40"), "replay": True},
+                            {**instance_event("1.41"), "replay": True})
+    assert replayed["status"] == "known" and replayed["jobs"] == first["jobs"]
+    assert unseen["status"] == "scheduled"
+    assert Queue("default", connection=connection).job_ids == [unseen["jobs"]["aJob"]]
+    assert Job.fetch(unseen["jobs"]["aJob"], connection=connection).kwargs["event"]["replay"] is True
+    assert int(connection.hget("dicomflow:stats", "events:known")) == 1

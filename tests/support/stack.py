@@ -20,12 +20,14 @@ class Pipeline:
     """Scheduler + N workers (+ Orthanc with the plugin pointed at the scheduler) in `folder`."""
 
     def __init__(self, folder: Path, redis_url: str, services_dir: Path, *, workers: int = 2,
-                 stable_age: int = 60, extra_config: dict[str, str] | None = None):
+                 stable_age: int = 60, extra_config: dict[str, str] | None = None,
+                 plugin_options: dict | None = None):
         self.folder = folder
         self.port = free_port()
         self.scheduler_url = f"http://127.0.0.1:{self.port}"
         self.orthanc = OrthancServer(folder / "orthanc", scheduler_url=self.scheduler_url, token=TOKEN,
-                                     stable_age=stable_age, plugin_options={"RetryMaxDelay": 1.0})
+                                     stable_age=stable_age,
+                                     plugin_options={"RetryMaxDelay": 1.0, **(plugin_options or {})})
         self.env = {**os.environ, "DICOMFLOW_CONFIG": "", "DICOMFLOW_REDIS_URL": redis_url,
                     "DICOMFLOW_SERVICES_DIR": str(services_dir), "DICOMFLOW_HOME": str(folder / "home"),
                     "DICOMFLOW_SCHEDULER_TOKEN": TOKEN, "DICOMFLOW_SCHEDULER_PORT": str(self.port),
