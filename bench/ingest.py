@@ -226,9 +226,17 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
     medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     rate = {s: medians[s]["rate"] for s in setups}
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
-    ratios = [("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("cj", "b")]
-    print("  " + "   ".join(f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}"
-                          for x, y in ratios if x in rate and y in rate))
+    ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("cj", "b"))
+              if x in rate and y in rate]
+    print("  ratios of the medians: " + "   ".join(
+        f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
+    # Each round runs every setup back to back, so a round's ratio compares runs seconds
+    # apart: steadier than the ratio of medians when the machine's speed drifts.
+    for x, y in ratios:
+        paired = sorted(rx["rate"] / ry["rate"] for rx, ry in zip(runs[x], runs[y]))
+        medians[x][f"per_round_{y}"] = statistics.median(paired)
+        print(f"  {LABELS[x].split()[0]}/{LABELS[y].split()[0]} per round: median {statistics.median(paired):.3f}, "
+              f"range {paired[0]:.3f}-{paired[-1]:.3f}")
     for setup in setups:
         cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
         print(f"  median CPU ms per instance {LABELS[setup].split()[0]}: {cpu}")
