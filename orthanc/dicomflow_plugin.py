@@ -46,8 +46,9 @@ _KIND_INSTANCE = "instance"
 _KIND_REPLAY = "replay"
 #: Orthanc change types the catch-up turns into events again.
 _REPLAYED_CHANGES = {"NewInstance": _KIND_REPLAY, "StableSeries": "series", "StableStudy": "study"}
-#: How long after its change is logged an on-stored callback has surely queued its event (s).
-CALLBACK_GRACE = 1.0
+#: At start: how long after its change is logged an on-stored callback (run by Orthanc right
+#: after the commit, in the same thread) has surely queued its event (s).
+START_GRACE = 1.0
 _LEVELS = {"series", "study"}
 #: How the callback captured an instance's headers: the file's bytes, or Orthanc's JSON.
 _RAW, _JSON = "raw", "json"
@@ -92,8 +93,12 @@ class PluginSettings:
     #: thread builds a batch. 0.2 and 1 ms measured within this machine's noise of 5 ms (README).
     gil_switch_interval: float | None = None
     #: How often the sender records how far Orthanc's change log has been handed over (s):
-    #: after a crash, at most about this much (plus CALLBACK_GRACE) is read back from Orthanc.
+    #: after a crash, about this much plus CallbackGrace is read back from Orthanc.
     checkpoint_interval: float = 5.0
+    #: How long after noting Orthanc's last change every callback for it has surely run (s):
+    #: on-stored callbacks run right after the commit, but STABLE_SERIES/STUDY come from
+    #: Orthanc's change thread, which lags under load.
+    callback_grace: float = 10.0
     #: "raw": take the file's bytes in the callback and read the tags in the sender thread
     #: (Orthanc's JSON conversion is the callback's main cost); "json": Orthanc's JSON.
     header_reader: str = _RAW
@@ -132,6 +137,7 @@ class PluginSettings:
             "max_string_length": ("MaxStringLength", int),
             "gil_switch_interval": ("GilSwitchInterval", float),
             "checkpoint_interval": ("CheckpointInterval", float),
+            "callback_grace": ("CallbackGrace", float),
         }
         values: dict[str, Any] = {}
         for attr, (key, kind) in numbers.items():
@@ -194,9 +200,9 @@ class Spool:
             return
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO spool (seq, event) VALUES (?, ?)", rows)
+            added = self._db.executemany("INSERT OR IGNORE INTO spool (seq, event) VALUES (?, ?)", rows).rowcount
             self._db.execute("COMMIT")
-            self.length = self._count("spool")
+            self.length += added  # no COUNT(*): this runs every MaxBatchDelay during an outage
 
     def head(self, limit: int) -> list[tuple[int, str]]:
         """The oldest `limit` spooled events, in reception order."""
@@ -207,9 +213,9 @@ class Spool:
         """Forget delivered events."""
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
+            removed = self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs]).rowcount
             self._db.execute("COMMIT")
-            self.length = self._count("spool")
+            self.length -= removed
 
     def bury(self, rows: list[tuple[int, str]], status: int, reason: str) -> None:
         """Move refused events to the dead letters (removing them from the spool if there)."""
@@ -345,9 +351,11 @@ class Relay:
         self._lost_from: int | None = None
         #: Orthanc's change sequence number up to which every instance was handed over (see _catch_up).
         self._checkpoint: int | None = None
+        #: Whether this start's catch-up succeeded; until then the checkpoint does not move.
+        self._caught_up = False
         self._pending_checkpoint: tuple[int, float, int | None] | None = None
         self._last_checkpoint_at = 0.0
-        #: Instance ids the callback saw while the catch-up runs (they need no replay); None after.
+        #: Instance ids the callback saw until the catch-up succeeded (they need no replay); None after.
         self._seen: set[str] | None = set()
         # A deque, not queue.Queue: append/popleft are atomic and wake nobody, so the
         # callback never hands the GIL to the sender per event; the sender polls every
@@ -414,6 +422,7 @@ class Relay:
             self._offer(item)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing may raise into Orthanc's ingest path
             self._bump("callbackErrors")
+            self._mark_lost(None)  # the checkpoint stays here: the next start reads it back from Orthanc
             self.last_error = f"on-stored {instance_id}: {type(exc).__name__}: {exc}"
             orthanc.LogError(f"dicomflow: {self.last_error}")
 
@@ -448,14 +457,28 @@ class Relay:
                 if length + 1 == self.settings.batch_size:
                     self._batch_ready.set()
                 return
-        # Never dropped: the overflow goes to disk, ordered by its sequence number.
-        self._bump("overflow")
-        self._spool_items([item])
+            # Never dropped: the overflow goes to disk, ordered by its sequence number (under
+            # the lock, so that _low_water never sees it neither queued nor spooled; rare).
+            self._bump("overflow")
+            try:
+                self._spool_items([item])
+            except BaseException:
+                self._mark_lost(item[0], locked=True)
+                raise
 
     def _new_seq(self) -> int:
         with self._seq_lock:
             self._next_seq += 1
             return self._next_seq - 1
+
+    def _mark_lost(self, seq: int | None, locked: bool = False) -> None:
+        """Items from `seq` on (None: the next one) may be gone from memory: the checkpoint stays below."""
+        if not locked:
+            with self._seq_lock:
+                return self._mark_lost(seq, locked=True)
+        seq = self._next_seq if seq is None else seq
+        self._lost_from = seq if self._lost_from is None else min(self._lost_from, seq)
+        return None
 
     def stop(self) -> None:
         """Stop the sender; events still in memory are spooled for the next start."""
@@ -613,20 +636,24 @@ class Relay:
     # ---- the sender thread --------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            self._catch_up()
-        except Exception as exc:  # noqa: BLE001 - the checkpoint stays where it was: the next start retries
-            self._seen = None
-            self.last_error = f"catch-up: {type(exc).__name__}: {exc}"
-            orthanc.LogError(f"dicomflow: {self.last_error}")
         delay = self.settings.retry_min_delay
+        next_catch_up = 0.0
         while not self._stop.is_set():
+            if not self._caught_up and time.monotonic() >= next_catch_up:
+                try:
+                    self._catch_up()
+                except Exception as exc:  # noqa: BLE001 - retried; until then the checkpoint does not move
+                    next_catch_up = time.monotonic() + self.settings.retry_max_delay
+                    self.last_error = f"catch-up: {type(exc).__name__}: {exc}"
+                    orthanc.LogError(f"dicomflow: {self.last_error}")
             try:
                 ok = self._step()
             except Exception as exc:  # noqa: BLE001 - the thread's boundary: log, back off, keep sending
                 ok = False
-                if self._inflight is not None:  # maybe lost: the checkpoint never passes them
-                    self._lost_from = min(self._lost_from or self._inflight, self._inflight)
+                if self._inflight is not None:
+                    # What it held may be gone: the checkpoint stays below it until a restart
+                    # reads those instances back from Orthanc.
+                    self._mark_lost(self._inflight)
                 self.last_error = f"sender: {type(exc).__name__}: {exc}"
                 orthanc.LogError(f"dicomflow: {self.last_error}")
             self._inflight = None
@@ -636,10 +663,11 @@ class Relay:
                 self._drain_queue_to_spool()
                 self._back_off(delay)
                 delay = min(delay * 2, self.settings.retry_max_delay)
-            try:
-                self._advance_checkpoint(time.monotonic())
-            except Exception as exc:  # noqa: BLE001 - only the checkpoint lags; delivery goes on
-                self.last_error = f"checkpoint: {type(exc).__name__}: {exc}"
+            if self._caught_up:
+                try:
+                    self._advance_checkpoint(time.monotonic())
+                except Exception as exc:  # noqa: BLE001 - only the checkpoint lags; delivery goes on
+                    self.last_error = f"checkpoint: {type(exc).__name__}: {exc}"
         self._drain_queue_to_spool()
 
     def _back_off(self, delay: float) -> None:
@@ -665,23 +693,40 @@ class Relay:
         return int(json.loads(orthanc.RestApiGet("/changes?last"))["Last"])
 
     def _catch_up(self) -> None:
-        """At start: events for the instances (and stable series/studies) logged after the checkpoint."""
+        """At start: events for the instances (and stable series/studies) logged after the checkpoint.
+
+        Raises whatever Orthanc's API or the spool raise; the checkpoint is then unchanged
+        and `_run` tries again later.
+        """
         last = self._last_change()
         stored = self.spool.get_state("checkpoint")
-        if stored is None or int(stored) > last:
-            if stored is not None:
-                orthanc.LogWarning(f"dicomflow: Orthanc's change log ends at {last}, before the checkpoint "
-                                   f"{stored} (a new database?): nothing to catch up")
-            self._seen = None
-            self._save_checkpoint(last)
-            return
-        # Changes up to `last` logged by this process have their callbacks run within the grace
-        # time; their instances are in `_seen` and need no replay, nor do those already spooled.
-        self._stop.wait(CALLBACK_GRACE)
-        skip = self._seen | self.spool.instance_ids()
-        since, replayed = int(stored), 0
+        # Changes up to `last` logged by this process have had their on-stored callbacks run
+        # within the grace time: their instances are in `_seen` (no replay needed), and their
+        # items go to the spool before the checkpoint may pass them.
+        self._stop.wait(START_GRACE)
+        self._drain_queue_to_spool()
+        if stored is not None and int(stored) > last:
+            orthanc.LogWarning(f"dicomflow: Orthanc's change log ends at {last}, before the checkpoint "
+                               f"{stored} (a new database?): nothing to catch up")
+        replayed = 0
+        if stored is not None and int(stored) <= last:
+            replayed = self._replay(int(stored), last, self._seen | self.spool.instance_ids())
+        if self._stop.is_set():
+            return  # stopped half-way: the next start catches up again from the same checkpoint
+        self._bump("replayed", replayed)
+        if replayed:
+            orthanc.LogWarning(f"dicomflow: {replayed} instances stored after change {stored} were never "
+                               "handed over (Orthanc stopped abruptly?): read back from Orthanc and spooled")
+        self._save_checkpoint(last)
+        self._last_checkpoint_at = time.monotonic()
+        self._caught_up = True
+        self._seen = None
+
+    def _replay(self, since: int, last: int, skip: set[str]) -> int:
+        """Spool events for the changes in (since, last] worth an event, but the instances in `skip`."""
+        replayed = 0
         while since < last and not self._stop.is_set():
-            page = json.loads(orthanc.RestApiGet(f"/changes?since={since}&limit=500"))
+            page = json.loads(orthanc.RestApiGet(f"/changes?since={since}&limit=100"))
             changes = [c for c in page["Changes"] if c["Seq"] <= last]
             items = [(self._new_seq(), _REPLAYED_CHANGES[c["ChangeType"]], c["ID"], None, None, None, None, None,
                       time.time()) for c in changes
@@ -691,14 +736,7 @@ class Relay:
             if len(changes) < len(page["Changes"]) or not changes:
                 break
             since = changes[-1]["Seq"]
-        self._seen = None
-        if self._stop.is_set():
-            return  # stopped half-way: the next start catches up again from the same checkpoint
-        self._bump("replayed", replayed)
-        if replayed:
-            orthanc.LogWarning(f"dicomflow: {replayed} instances stored after change {stored} were never "
-                               "handed over (Orthanc stopped abruptly?): read back from Orthanc and spooled")
-        self._save_checkpoint(last)
+        return replayed
 
     def _save_checkpoint(self, change: int) -> None:
         if change != self._checkpoint:
@@ -706,16 +744,15 @@ class Relay:
             self._checkpoint = change
 
     def _low_water(self) -> int:
-        """The lowest sequence number not yet delivered or spooled (sender thread only)."""
-        first = [self._next_seq]
-        if self._inflight is not None:
-            first.append(self._inflight)
-        if self._lost_from is not None:
-            first.append(self._lost_from)
-        try:
-            first.append(self._queue[0][0])  # the queue is in sequence order (see _offer)
-        except IndexError:
-            pass
+        """The lowest sequence number not yet delivered or spooled, between two sends."""
+        with self._seq_lock:  # an overflowing callback spools under it (see _offer)
+            first = [self._next_seq]
+            if self._lost_from is not None:
+                first.append(self._lost_from)
+            try:
+                first.append(self._queue[0][0])  # the queue is in sequence order (see _offer)
+            except IndexError:
+                pass
         return min(first)
 
     def _advance_checkpoint(self, now: float) -> None:
@@ -730,7 +767,7 @@ class Relay:
         if marker is None:
             # The callbacks of changes up to `change` have all queued their items by now:
             # every one of them is numbered below `marker`.
-            if now - noted >= CALLBACK_GRACE:
+            if now - noted >= self.settings.callback_grace:
                 with self._seq_lock:
                     self._pending_checkpoint = (change, noted, self._next_seq)
             return

@@ -126,7 +126,7 @@ class Enqueuer:
             states.append({m.decode() for m in next(replies)} if event.level is not Level.INSTANCE else set())
 
         # Round trip 2: are the previous runs still going?
-        prior_ids = sorted({jid for runs in previous for jid in runs.values()})
+        prior_ids = sorted({jid for runs in previous if runs for jid in runs.values()})
         status: dict[str, str] = {}
         if prior_ids:
             pipe = conn.pipeline(transaction=False)
@@ -156,13 +156,13 @@ class Enqueuer:
             first_seen.add(event.key)
             new_members: set[str] = set()
             if event.level is Level.INSTANCE:
-                if event.replay and runs:
+                if event.replay and runs is not None:
                     # Re-read by the plugin after Orthanc stopped abruptly; this copy reached us before.
                     result.status = "known"
                     result.jobs = runs
                     result.notes.append("replayed after an Orthanc restart; its jobs were planned before")
                     continue
-                active = {name: jid for name, jid in runs.items() if status.get(jid) in ACTIVE}
+                active = {name: jid for name, jid in (runs or {}).items() if status.get(jid) in ACTIVE}
                 if active:
                     result.status = "duplicate"
                     result.jobs = active
@@ -189,6 +189,9 @@ class Enqueuer:
                 self._enqueue_plan(plan, result, pipe, new_members, used_queues)
             elif result.status == "scheduled":
                 result.status = "nothing"
+                if plan.event.level is Level.INSTANCE and not plan.failures:
+                    # Seen, and nothing to run: a replayed copy must not be planned again.
+                    pipe.set(keys.event_run(plan.event.key), "{}", ex=self.settings.failure_ttl)
             if plan.event.level is not Level.INSTANCE and new_members and plan.jobs and not plan.failures:
                 # Only what was really handed to jobs: a series whose callback failed, or that
                 # no active service wanted yet, runs when it is sent again.
@@ -272,6 +275,7 @@ class Enqueuer:
         pipe.set(keys.event_run(event.key), json.dumps(ids), ex=settings.failure_ttl)
 
 
-def _run_ids(raw: bytes | None) -> dict[str, str]:
-    """jobName -> job id of an event's last run (as `_enqueue_plan` stored it), {} if none."""
-    return json.loads(raw) if raw else {}
+def _run_ids(raw: bytes | None) -> dict[str, str] | None:
+    """jobName -> job id of an event's last run as `_submit` stored it ({}: planned, nothing
+    to run), None if it was never planned (or its record expired)."""
+    return None if raw is None else json.loads(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -181,6 +182,7 @@ def test_sigkill_with_events_only_in_memory_replays_them_from_orthanc(tmp_path, 
     server = OrthancServer(tmp_path / "orthanc", scheduler_url=f"http://127.0.0.1:{port}",
                            plugin_options={"RequestTimeout": 300})
     servers.append(server.start())
+    wait_for(lambda: server.status()["checkpoint"] is not None, timeout=10, what="the start's catch-up")
     server.store(files)
     status = server.status()
     assert (status["received"], status["delivered"], status["spoolLength"]) == (30, 0, 0)
@@ -205,7 +207,8 @@ def test_sigkill_with_events_only_in_memory_replays_them_from_orthanc(tmp_path, 
 
 def test_the_checkpoint_follows_delivery_so_a_restart_replays_nothing_delivered(tmp_path, servers, sink):
     files = write_series(tmp_path / "dcm", 10, patient_id="CKPT001")
-    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, plugin_options={"CheckpointInterval": 0.2})
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url,
+                           plugin_options={"CheckpointInterval": 0.2, "CallbackGrace": 0.2})
     servers.append(server.start())
     server.store(files)
     sink.wait_for_events(10, level="instance")
@@ -216,3 +219,31 @@ def test_the_checkpoint_follows_delivery_so_a_restart_replays_nothing_delivered(
     wait_for(lambda: server.status()["checkpoint"] == last, timeout=10, what="the catch-up to finish")
     assert server.status()["replayed"] == 0
     assert len(_instance_events(sink)) == 10
+
+
+def test_the_checkpoint_never_passes_events_still_in_memory(tmp_path, servers, sink):
+    files = write_series(tmp_path / "dcm", 40, patient_id="SLOW001")
+    # A slow scheduler and small batches: events wait in memory while the sender tries to
+    # move the checkpoint every 0.2 s. A checkpoint that ran ahead of delivery would lose them.
+    sink.delay = 0.3
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url,
+                           plugin_options={"BatchSize": 4, "CheckpointInterval": 0.2, "CallbackGrace": 0.2})
+    servers.append(server.start())
+    wait_for(lambda: server.status()["checkpoint"] is not None, timeout=10, what="the start's catch-up")
+    server.store(files[:8])
+    first = server.get("/changes?last")["Last"]
+    wait_for(lambda: server.status()["checkpoint"] == first, timeout=20, what="the checkpoint after 8 instances")
+    server.store(files[8:])
+    time.sleep(1.0)  # five checkpoint intervals
+    status = server.status()
+    assert status["delivered"] < 40, "the slow sink should still be behind"
+    assert status["checkpoint"] == first, "the checkpoint passed events not yet delivered"
+    server.kill()
+    sink.delay = 0.0
+    server.start()
+    wait_for(lambda: {int(e["headers"]["InstanceNumber"]) for e in _instance_events(sink)} == set(range(1, 41)),
+             timeout=30, what="every instance delivered")
+    status = server.status()
+    assert status["replayed"] > 0
+    replayed = {int(e["headers"]["InstanceNumber"]) for e in _instance_events(sink) if e.get("replay")}
+    assert len(replayed) == status["replayed"] and min(replayed) > 8

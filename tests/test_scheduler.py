@@ -236,3 +236,18 @@ def test_a_replayed_instance_runs_only_if_no_copy_was_scheduled(make_client, ser
     assert Queue("default", connection=connection).job_ids == [unseen["jobs"]["aJob"]]
     assert Job.fetch(unseen["jobs"]["aJob"], connection=connection).kwargs["event"]["replay"] is True
     assert int(connection.hget("dicomflow:stats", "events:known")) == 1
+
+
+def test_a_replayed_instance_nobody_wanted_is_not_planned_again(make_client, services, connection):
+    # Declines the first time only: a replay planned again would be scheduled.
+    make_service(services, "once", job("onceJob", "once"), callback_code=(
+        "CALLS = []\n"
+        "def callback(**kw):\n"
+        "    CALLS.append(1)\n"
+        "    return len(CALLS) > 1\n"))
+    client = make_client()
+    (first,) = post(client, instance_event("1.42"))
+    assert first["status"] == "nothing"
+    (replayed,) = post(client, {**instance_event("1.42"), "replay": True})
+    assert replayed["status"] == "known" and "jobs" not in replayed
+    assert Queue("default", connection=connection).count == 0

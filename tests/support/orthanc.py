@@ -199,6 +199,8 @@ class EventSink:
 
     token: str = "test-token"
     status: int = 200
+    #: Seconds the sink takes before it answers (a slow scheduler); the batch counts only once answered.
+    delay: float = 0.0
     port: int = field(default_factory=free_port)
     batches: list[Batch] = field(default_factory=list)
 
@@ -232,6 +234,8 @@ class EventSink:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 arrived = time.time()
+                if sink.delay:
+                    time.sleep(sink.delay)
                 auth = self.headers.get("Authorization", "")
                 status = sink.status if auth == f"Bearer {sink.token}" else 401
                 if self.path != "/api/v1/events":
