@@ -463,7 +463,7 @@ class Relay:
             try:
                 self._spool_items([item])
             except BaseException:
-                self._mark_lost(item[0], locked=True)
+                self._lower_lost_from(item[0])
                 raise
 
     def _new_seq(self) -> int:
@@ -471,14 +471,15 @@ class Relay:
             self._next_seq += 1
             return self._next_seq - 1
 
-    def _mark_lost(self, seq: int | None, locked: bool = False) -> None:
+    def _mark_lost(self, seq: int | None) -> None:
         """Items from `seq` on (None: the next one) may be gone from memory: the checkpoint stays below."""
-        if not locked:
-            with self._seq_lock:
-                return self._mark_lost(seq, locked=True)
+        with self._seq_lock:
+            self._lower_lost_from(seq)
+
+    def _lower_lost_from(self, seq: int | None) -> None:
+        """`_mark_lost` for a caller that holds `_seq_lock`."""
         seq = self._next_seq if seq is None else seq
         self._lost_from = seq if self._lost_from is None else min(self._lost_from, seq)
-        return None
 
     def stop(self) -> None:
         """Stop the sender; events still in memory are spooled for the next start."""
