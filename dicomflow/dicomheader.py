@@ -127,10 +127,10 @@ class HeaderError(ValueError):
         super().__init__(reason)
 
 
-class _NeedMore(Exception):
+class Incomplete(Exception):
     """The parser reached the end of a partial read: bytes up to `end` are needed to go on.
 
-    A signal from the parser to `_parse_file`, never seen by callers of `read_elements`.
+    Raised by `read_start` only; `read_elements` reads on by itself.
     """
 
     def __init__(self, end: int):
@@ -177,6 +177,16 @@ def read_elements(source, tags: Container[int], last_tag: int) -> tuple[str, dic
     return _parse_file(source, tags, last_tag)
 
 
+def read_start(data: _Data, complete: bool, tags: Container[int], last_tag: int) -> tuple[str, dict[int, bytes]]:
+    """`read_elements` on the first bytes of a file (all of it when `complete`).
+
+    Raises:
+        Incomplete: the header goes on past `data` (its `end`: the bytes needed to go on).
+        HeaderError: as `read_elements`.
+    """
+    return _parse(data, complete, tags, last_tag)
+
+
 def decode(found: Mapping[int, bytes], text_tags: Container[int]) -> dict[int, str]:
     """Decode raw values: `text_tags` with the file's character set, `BINARY` ones as numbers,
     the others as latin-1 (multi-values joined with a backslash, as written).
@@ -212,12 +222,12 @@ def _parse_file(file, tags: Container[int], last_tag: int) -> tuple[str, dict[in
     while True:
         try:
             return _parse(buf.data, buf.eof, tags, last_tag)
-        except _NeedMore as need:
+        except Incomplete as need:
             buf.has(max(need.end, 2 * len(buf.data)))
 
 
 def _parse(data: _Data, complete: bool, tags: Container[int], last_tag: int) -> tuple[str, dict[int, bytes]]:
-    """`read_elements` on the bytes of a file: all of it (`complete`) or its start (may raise _NeedMore)."""
+    """`read_elements` on the bytes of a file: all of it (`complete`) or its start (may raise Incomplete)."""
     if len(data) < 132:
         _read_more(complete, 132)
     if len(data) < 132 or data[128:132] != b"DICM":
@@ -234,12 +244,12 @@ def _read_more(complete: bool, end: int) -> None:
     """Called where `data` ends before `end`: ask for more unless it is the whole file.
 
     Returns only when `data` is complete (the caller then handles the end of the file); with
-    a partial read, raises _NeedMore instead. Every bounds check in the parser goes through
+    a partial read, raises Incomplete instead. Every bounds check in the parser goes through
     here, so a parse of a partial read either asks for more or gives the same answer as a
     parse of the whole file.
     """
     if not complete:
-        raise _NeedMore(end)
+        raise Incomplete(end)
 
 
 def _read_meta(data: _Data, complete: bool) -> tuple[str | None, int]:

@@ -30,28 +30,36 @@ def _expected(path: Path) -> tuple[dict[str, str], str]:
     return headers, str(ds.file_meta.TransferSyntaxUID)
 
 
-@pytest.fixture(scope="module", params=["raw", "json"])
-def ingest(request, tmp_path_factory, sag_anon):
-    """One Orthanc with the plugin and a sink; sag-anon and a generated series sent once.
+#: The ways the plugin builds events: headers read from the file's bytes by the builder process
+#: (the default) or by the sender thread in Orthanc ("raw-thread"), or taken from Orthanc's JSON.
+BUILDS = {
+    "raw": {"HeaderReader": "raw"},
+    "raw-thread": {"HeaderReader": "raw", "BuilderProcess": False, "GilSwitchInterval": 0.001},
+    "json": {"HeaderReader": "json"},
+}
 
-    Both ways of reading headers: the file's bytes read by dicomflow.dicomheader in the
-    sender thread ("raw", the default) and Orthanc's JSON made in the callback ("json").
-    """
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def ingest(request, tmp_path_factory, sag_anon):
+    """One Orthanc with the plugin and a sink; sag-anon and a generated series sent once, each build way."""
     folder = tmp_path_factory.mktemp("plugin-events")
     sink = EventSink().start()
-    # The GIL switch interval: Python's own (5 ms) with "raw", a configured one with "json".
-    switch = {"raw": None, "json": 0.001}[request.param]
-    options = {"HeaderReader": request.param, **({"GilSwitchInterval": switch} if switch else {})}
+    options = BUILDS[request.param]
     server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2,
                            plugin_options=options).start()
     status = server.status()
-    assert status["headerReader"] == request.param
-    assert status["gilSwitchInterval"] == pytest.approx(switch or 0.005)
+    assert status["headerReader"] == options["HeaderReader"]
+    assert status["gilSwitchInterval"] == pytest.approx(options.get("GilSwitchInterval", 0.005))
     generated = write_series(folder / "generated", 25, patient_id="GEN0001")
     try:
         server.store([sag_anon], aet=CALLING_AET, pattern="*.dcm")
         server.store(generated, aet=CALLING_AET)
         sink.wait_for_events(192 + 25, level="instance", timeout=60)
+        status = server.status()
+        if request.param == "raw":  # every event built outside Orthanc's interpreter
+            assert (status["builder"], status["builtInPlugin"]) == ("process", 0)
+        else:
+            assert status["builder"] == "thread" and status["builtInPlugin"] >= 192 + 25
         yield server, sink, sorted(sag_anon.glob("*.dcm")) + generated, folder
     finally:
         server.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sqlite3
 import time
@@ -247,3 +249,60 @@ def test_the_checkpoint_never_passes_events_still_in_memory(tmp_path, servers, s
     assert status["replayed"] > 0
     replayed = {int(e["headers"]["InstanceNumber"]) for e in _instance_events(sink) if e.get("replay")}
     assert len(replayed) == status["replayed"] and min(replayed) > 8
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie is not: it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_builder_process_that_dies_loses_nothing_and_is_replaced(tmp_path, servers, sink):
+    files = write_series(tmp_path / "dcm", 60, patient_id="BUILD01")
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, plugin_options=FAST_RETRY)
+    servers.append(server.start())
+    server.store(files[:10])
+    sink.wait_for_events(10, level="instance")
+    first = server.status()["builderPid"]
+    assert first and _running(first)
+    os.kill(first, signal.SIGKILL)
+    server.store(files[10:])
+    events = sink.wait_for_events(60, level="instance")
+    _assert_in_order_once(events, 60)
+    status = server.status()
+    assert status["builderFailures"] == 1, status
+    assert status["builtInPlugin"] > 0, "the batch the dead process held should be built in the plugin"
+    # RetryMaxDelay later, the next batch starts a new process.
+    more = write_series(tmp_path / "more", 5, patient_id="BUILD02")
+    time.sleep(0.6)
+    server.store(more)
+    sink.wait_for_events(65, level="instance")
+    status = server.status()
+    assert status["builder"] == "process" and status["builderPid"] not in (None, first)
+
+
+def test_without_a_python_for_the_builder_events_are_built_in_orthanc(tmp_path, servers, sink):
+    files = write_series(tmp_path / "dcm", 20, patient_id="NOPY001")
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url,
+                           plugin_options={"BuilderPython": str(tmp_path / "no-such-python")})
+    servers.append(server.start())
+    server.store(files)
+    _assert_in_order_once(sink.wait_for_events(20, level="instance"), 20)
+    status = server.status()
+    assert status["builder"].startswith("failed: cannot start"), status["builder"]
+    assert "no-such-python" in status["lastError"]
+    assert status["builtInPlugin"] == 20 and status["builderFailures"] == 1
+
+
+def test_the_builder_process_ends_with_orthanc_even_killed(tmp_path, servers, sink):
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url)
+    servers.append(server.start())
+    server.store(write_series(tmp_path / "dcm", 3, patient_id="ORPHAN1"))
+    sink.wait_for_events(3, level="instance")
+    pid = server.status()["builderPid"]
+    assert pid and _running(pid)
+    server.kill()
+    wait_for(lambda: not _running(pid), timeout=10, what=f"the builder process {pid} to exit")

@@ -1,0 +1,246 @@
+"""The builder process: turns captured instances into events outside Orthanc's interpreter.
+
+Reading the tags, computing Orthanc's ids and writing the JSON of each event is the
+plugin's main per-instance work. Done by a thread in Orthanc's embedded Python, it holds
+the GIL that Orthanc's ingest threads need to enter the on-stored callback, and each
+instance then waits for it. The plugin starts this program as its child instead
+(``python3 -I -S dicomflow_builder.py``) and hands it each batch over a pipe; its sender
+thread then only copies bytes in and out (with the GIL released while it waits).
+
+Protocol over the child's stdin and stdout: frames of an 8-byte little-endian length and a
+``marshal`` payload (plain values only: no objects are built from it). The first frame
+from the plugin is the configuration ``{"root", "tags", "maxStringLength"}``; then each
+request is a list of ``(seq, instance_id, data, complete, aet, ip, called, syntax,
+received)`` — `data` the file's bytes, or its first bytes with ``complete`` false — and
+each answer the list of ``(seq, answer)`` in the same order: the event's JSON, an offset
+(the header goes on past `data`: send the file's bytes at least up to there), or None (the
+plugin builds that one itself, asking Orthanc). The child exits when its stdin closes, so
+it never outlives Orthanc, however Orthanc ends. Standard library only.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+_LENGTH = 8
+_MARSHAL_VERSION = 4
+#: The first bytes of a file handed over at first: the default tags end before the pixel data,
+#: but after private groups (sag-anon's Siemens CSA headers: 101 KB). A longer header is asked
+#: for again (`BuilderProcess.build_events`), so a CT's pixels rarely cross the pipe.
+PREFIX = 32 * 1024
+#: Requests per batch before the rest is sent whole.
+_ROUNDS = 4
+
+
+class BuilderError(Exception):
+    """The builder process could not be started, died, or did not answer in time."""
+
+
+def _frame(value: Any) -> bytes:
+    payload = marshal.dumps(value, _MARSHAL_VERSION)
+    return len(payload).to_bytes(_LENGTH, "little") + payload
+
+
+class BuilderProcess:
+    """The plugin's side: one child process, one request at a time (the sender thread's).
+
+    Args:
+        python: the interpreter to run the child with (Debian's ``python3``).
+        root: the repository folder (``dicomflow/dicomheader.py`` and ``orthanc/`` below it).
+        tags, max_string_length: as the plugin's settings.
+        timeout: how long one batch may take before the child is given up (s).
+    """
+
+    def __init__(self, python: str, root: str, tags: tuple[str, ...], max_string_length: int,
+                 timeout: float = 10.0):
+        self._command = [python, "-I", "-S", os.path.abspath(__file__)]
+        self._config = {"root": root, "tags": list(tags), "maxStringLength": max_string_length}
+        self._timeout = timeout
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> None:
+        """Start the child and hand it the configuration.
+
+        Raises:
+            BuilderError: the interpreter cannot be started.
+        """
+        try:
+            # stderr stays Orthanc's: a traceback of the child lands in Orthanc's log.
+            self._proc = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        except OSError as exc:
+            raise BuilderError(f"cannot start {self._command[0]}: {exc}") from exc
+        os.set_blocking(self._proc.stdin.fileno(), False)
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        self._write(_frame(self._config), time.monotonic() + self._timeout)
+
+    def build_events(self, items: list[tuple[int, str, bytes, tuple]]) -> dict[int, str | None]:
+        """{seq: event JSON or None} for `items` (seq, instance id, the file's bytes, (aet, ip,
+        called, syntax, received)): the start of each file first, more where the header goes on.
+
+        Raises:
+            BuilderError: as `build`.
+        """
+        files = {seq: data for seq, _, data, _ in items}
+        requests = [(seq, instance_id, data[:PREFIX], len(data) <= PREFIX, *context)
+                    for seq, instance_id, data, context in items]
+        by_seq = {request[0]: request for request in requests}
+        built: dict[int, str | None] = {}
+        for round_ in range(1, _ROUNDS + 1):
+            again = []
+            for seq, answer in self.build(requests):
+                if isinstance(answer, int) and not isinstance(answer, bool):
+                    data = files[seq]
+                    size = len(data) if round_ == _ROUNDS - 1 else max(answer, 2 * len(by_seq[seq][2]))
+                    again.append((seq, by_seq[seq][1], data[:size], size >= len(data), *by_seq[seq][4:]))
+                else:
+                    built[seq] = answer
+            if not again:
+                break
+            requests = again
+            by_seq.update((request[0], request) for request in again)
+        return built
+
+    def build(self, requests: list[tuple]) -> list[tuple[int, str | int | None]]:
+        """Answers to `requests` (see the module's protocol), in order.
+
+        Raises:
+            BuilderError: the child died or hung (it is then stopped; `start` again to retry).
+        """
+        if self._proc is None:
+            raise BuilderError("not started")
+        deadline = time.monotonic() + self._timeout
+        try:
+            self._write(_frame(requests), deadline)
+            answer = marshal.loads(self._read(int.from_bytes(self._read(_LENGTH, deadline), "little"), deadline))
+        except BuilderError:
+            self.close()
+            raise
+        except (ValueError, EOFError, TypeError) as exc:
+            self.close()
+            raise BuilderError(f"unreadable answer: {exc}") from exc
+        if len(answer) != len(requests):
+            self.close()
+            raise BuilderError(f"{len(answer)} answers to {len(requests)} requests")
+        return answer
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        fd = self._proc.stdin.fileno()
+        view = memoryview(data)
+        while view:
+            self._wait(fd, select.POLLOUT, deadline)
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+            except OSError as exc:  # EPIPE: the child is gone
+                raise BuilderError(f"the builder process is gone ({self._exit_status()}): {exc}") from exc
+
+    def _read(self, size: int, deadline: float) -> bytes:
+        fd = self._proc.stdout.fileno()
+        chunks, left = [], size
+        while left:
+            self._wait(fd, select.POLLIN, deadline)
+            try:
+                chunk = os.read(fd, min(left, 1 << 20))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise BuilderError(f"the builder process is gone ({self._exit_status()})")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def _wait(self, fd: int, event: int, deadline: float) -> None:
+        poller = select.poll()
+        poller.register(fd, event)
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise BuilderError(f"no answer from the builder process within {self._timeout:g} s")
+
+    def _exit_status(self) -> str:
+        code = self._proc.poll() if self._proc is not None else None
+        return "still running" if code is None else f"exit status {code}"
+
+    def close(self) -> None:
+        """Stop the child: its stdin closes (it exits by itself), else it is killed."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(2)
+
+
+# ---- the child ----------------------------------------------------------------------------
+
+
+def _read_exactly(stream: Any, size: int) -> bytes | None:
+    data = stream.read(size)
+    if len(data) < size:
+        return None  # the plugin closed the pipe: Orthanc stops (or died)
+    return data
+
+
+def _read_frame(stream: Any) -> Any:
+    head = _read_exactly(stream, _LENGTH)
+    if head is None:
+        return None
+    payload = _read_exactly(stream, int.from_bytes(head, "little"))
+    return None if payload is None else marshal.loads(payload)
+
+
+def main() -> int:
+    """The child's loop: configuration, then one answer per request until stdin closes."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    config = _read_frame(stdin)
+    if config is None:
+        return 0
+    root = config["root"]
+    for folder in (root, os.path.join(root, "orthanc")):
+        if folder not in sys.path:
+            sys.path.append(folder)
+    from dicomflow import dicomheader
+    from dicomflow_events import EventBuilder
+
+    builder = EventBuilder(dicomheader, config["tags"], config["maxStringLength"])
+    while True:
+        requests = _read_frame(stdin)
+        if requests is None:
+            return 0
+        answer = []
+        for seq, instance_id, data, complete, aet, ip, called, syntax, received in requests:
+            try:
+                text = builder.build(instance_id, data, complete, aet, ip, called, syntax, received)
+            except dicomheader.Incomplete as need:
+                text = need.end
+            except Exception as exc:  # noqa: BLE001 - one odd file: the plugin builds it itself and says why
+                print(f"dicomflow builder: instance {instance_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                text = None
+            answer.append((seq, text))
+        try:
+            stdout.write(_frame(answer))
+            stdout.flush()
+        except BrokenPipeError:
+            return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""Instance events from a stored file's bytes: the configured tags, Orthanc's ids, the event.
+
+Pure and standard library only: the plugin uses it inside Orthanc's interpreter, the
+builder process (``dicomflow_builder.py``) outside it. Whatever needs Orthanc itself (a
+header this reader leaves to Orthanc, ids that differ from the computed ones) is reported
+to the caller, which asks Orthanc's API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+
+def orthanc_id(*parts: str) -> str:
+    """Orthanc's resource id: SHA-1 of the '|'-joined identifiers in five dash-separated groups."""
+    digest = hashlib.sha1("|".join(parts).encode("utf-8")).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+
+
+def computed_ids(instance_id: str, dataset: dict[str, Any]) -> dict[str, str] | None:
+    """Orthanc's ids of the instance and its parents, computed as Orthanc does.
+
+    None when the computation does not give `instance_id` (a character-set conversion this
+    does not reproduce): the caller then asks Orthanc.
+    """
+    uids = [str(dataset.get(k) or "") for k in
+            ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+    if orthanc_id(*uids) != instance_id:
+        return None
+    return {"instance": instance_id, "series": orthanc_id(*uids[:3]),
+            "study": orthanc_id(*uids[:2]), "patient": orthanc_id(uids[0])}
+
+
+def select_headers(tags: Iterable[str], dataset: dict[str, Any]) -> dict[str, Any]:
+    """The event's headers: the `tags` present in `dataset`, in the order of `tags`."""
+    return {tag: dataset[tag] for tag in tags if dataset.get(tag) is not None}
+
+
+def instance_event(headers: dict[str, Any], ids: dict[str, str], aet: str | None, ip: str | None,
+                   called: str | None, syntax: str | None, received: float) -> dict[str, Any]:
+    """The event of one stored instance, as docs/CONTRACTS.md gives it."""
+    return {
+        "level": "instance", "headers": headers, "orthanc": ids,
+        "remoteAet": aet, "remoteIp": ip, "calledAet": called,
+        "transferSyntax": syntax, "receivedAt": received,
+    }
+
+
+def to_json(event: dict[str, Any]) -> str:
+    """The event as the plugin sends and spools it (compact JSON)."""
+    return json.dumps(event, separators=(",", ":"))
+
+
+class EventBuilder:
+    """Reads the configured tags from a file's bytes with ``dicomflow.dicomheader``.
+
+    Args:
+        reader: the ``dicomflow.dicomheader`` module.
+        tags: DICOM keywords of the event's headers (all in ``reader.KEYWORDS``).
+        max_string_length: longer values are left out, as Orthanc's JSON leaves them out.
+    """
+
+    def __init__(self, reader: Any, tags: Iterable[str], max_string_length: int):
+        self.reader = reader
+        self.tags = tuple(tags)
+        self.max_string_length = max_string_length
+        self._by_tag = {reader.KEYWORDS[t][0]: t for t in self.tags}
+        self._text = frozenset(reader.KEYWORDS[t][0] for t in self.tags if reader.KEYWORDS[t][1])
+        self._last = max(self._by_tag)
+
+    @staticmethod
+    def unknown_tags(reader: Any, tags: Iterable[str]) -> list[str]:
+        """The keywords among `tags` this reader cannot read."""
+        return [t for t in tags if t not in reader.KEYWORDS]
+
+    def read(self, data: bytes, complete: bool = True) -> dict[str, str]:
+        """The configured tags from the file's bytes (or its start), trimmed as Orthanc's JSON has them.
+
+        Raises:
+            reader.HeaderError: a header this reader leaves to Orthanc (character set with
+                code extensions, an unusual encoding, a file it cannot parse).
+            reader.Incomplete: `data` is only the start of the file and the header goes on.
+        """
+        _, found = self.reader.read_start(data, complete, self._by_tag, self._last)
+        values = self.reader.decode(found, self._text)
+        limit = self.max_string_length
+        return {self._by_tag[tag]: value.strip("\x00 ") for tag, value in values.items()
+                if tag in self._by_tag and len(value) <= limit}
+
+    def build(self, instance_id: str, data: bytes, complete: bool, aet: str | None, ip: str | None,
+              called: str | None, syntax: str | None, received: float) -> str | None:
+        """The instance's event as JSON text; None when it needs Orthanc (see `read`, `computed_ids`).
+
+        Raises:
+            reader.Incomplete: `data` is only the start of the file and the header goes on.
+        """
+        try:
+            dataset = self.read(data, complete)
+        except self.reader.HeaderError:
+            return None
+        ids = computed_ids(instance_id, dataset)
+        if ids is None:
+            return None
+        return to_json(instance_event(select_headers(self.tags, dataset), ids, aet, ip, called, syntax, received))
