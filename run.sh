@@ -129,6 +129,9 @@ running && { say "already running"; load_config; where; exit 0; }
 chmod 700 "$home"  # Orthanc's storage, the spool and the cache hold patient data
 load_config
 workers=${workers:-${DICOMFLOW_WORKERS:-2}}
+# The scheduler, the workers and the dashboard yield the CPU to Orthanc's ingest (README: benchmark).
+niceness=${DICOMFLOW_NICE:-10}
+[[ "$niceness" =~ ^[0-9]+$ && "$niceness" -le 19 ]] || die "DICOMFLOW_NICE takes a whole number 0-19"
 mkdir -p "$home/logs" "$home/spool"
 
 "$py" -m dicomflow.orthanc_config --out "$home/orthanc.json"
@@ -187,7 +190,7 @@ stdout_logfile=$home/logs/orthanc.log
 redirect_stderr=true
 
 [program:scheduler]
-command=$here/.venv/bin/dicomflow-scheduler
+command=nice -n $niceness $here/.venv/bin/dicomflow-scheduler
 priority=30
 autorestart=true
 stopasgroup=true
@@ -195,7 +198,7 @@ stdout_logfile=$home/logs/scheduler.log
 redirect_stderr=true
 
 [program:worker]
-command=$here/.venv/bin/dicomflow-worker
+command=nice -n $niceness $here/.venv/bin/dicomflow-worker
 process_name=%(program_name)s-%(process_num)d
 numprocs=$workers
 priority=40
@@ -207,7 +210,7 @@ stdout_logfile=$home/logs/%(program_name)s-%(process_num)d.log
 redirect_stderr=true
 
 [program:dashboard]
-command=$here/.venv/bin/python -m dicomflow.dashboard
+command=nice -n $niceness $here/.venv/bin/python -m dicomflow.dashboard
 priority=50
 autorestart=true
 stopasgroup=true

@@ -5,11 +5,15 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
   (b) Orthanc with a Python plugin whose on-stored callback only returns (the design's floor),
   (b') Orthanc with a Python plugin that only registers a change callback (no instance hand-over),
   (c) the full pipeline: Orthanc with the dicomflow plugin delivering to the real scheduler
-      (gunicorn) with its own redis-server and the two example services (tempJob, and
+      (gunicorn, at nice 10 as run.sh starts it) with its own redis-server and the two example services (tempJob, and
       tempFollowJob depending on it), so every instance becomes two RQ jobs; with `--sink`,
       an in-process HTTP sink instead (delivery only); `--scheduler-url` for one you run,
+  (c-nice0) the same as (c) with the scheduler at nice 0 (at 10 the kernel lets Orthanc's
+      ingest run first),
+  (c-thread) the same as (c) with the events built by the sender thread in Orthanc's
+      interpreter instead of the plugin's builder process (the default),
   (c-json) the same as (c) with the plugin reading headers from Orthanc's JSON (made in the
-      callback) instead of the file's bytes (read in the sender thread), the default,
+      callback) instead of the file's bytes,
 for small (64x64) and CT-sized (512x512, 16-bit) instances, each setup `--repeat` times
 interleaved; prints median throughput, the ratios (c)/(a) and (c)/(b), and the
 stored -> enqueued latency p50/p99 (event `receivedAt` vs. the RQ job's `enqueued_at`;
@@ -67,7 +71,7 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "cj")
+SETUPS = ("a", "b", "b'", "c", "c0", "ct", "cj")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -76,9 +80,9 @@ class RealScheduler:
 
     token = "bench-token"
 
-    def __init__(self, folder: Path, prefix: Sequence[str] = ()):
+    def __init__(self, folder: Path, nice: int = 10):
         self.folder = folder
-        self.prefix = list(prefix)
+        self.prefix = ["nice", "-n", str(nice)] if nice else []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -130,6 +134,8 @@ LABELS = {
     "b": "(b) on-stored callback that only returns",
     "b'": "(b') change callback only",
     "c": "(c) full dicomflow plugin",
+    "c0": "(c-nice0) the same, scheduler at nice 0",
+    "ct": "(c-thread) the same, events built in Orthanc",
     "cj": "(c-json) the same, headers from Orthanc's JSON",
 }
 
@@ -152,17 +158,18 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
              scheduler_url: str | None, token: str, pipeline: RealScheduler | None = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
     sink = None
-    full = setup in ("c", "cj")
+    full = setup in ("c", "c0", "ct", "cj")
     if full and pipeline is not None:
         pipeline.reset()
         scheduler_url, token = pipeline.url, pipeline.token
-    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"], "c": True, "cj": True}[setup]
+    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"]}.get(setup, True)
     url = scheduler_url or "http://127.0.0.1:9"
     if full and scheduler_url is None:
         sink = EventSink(token=token).start()
         url = sink.url
     server = OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
-                           plugin_options={"HeaderReader": "json" if setup == "cj" else "raw"})
+                           plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
+                                           "BuilderProcess": setup != "ct"})
     try:
         server.start()
         cpu_before = _cpu(server, pipeline if full else None)
@@ -203,7 +210,7 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
 
 def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, scripts: dict[str, Path],
                scheduler_url: str | None, token: str,
-               pipeline: RealScheduler | None = None,
+               pipelines: dict[str, RealScheduler] | None = None,
                setups: Sequence[str] = SETUPS) -> dict[str, dict[str, float]]:
     """Every setup `repeat` times, interleaved, for one instance size; medians."""
     files_dir = root / f"{name}-dicom"
@@ -216,7 +223,7 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
     for round_ in range(repeat):
         for setup in setups:
             result = run_once(setup, files_dir, count, root / f"{name}-{setup}-{round_}", scripts,
-                              scheduler_url, token, pipeline)
+                              scheduler_url, token, (pipelines or {}).get(setup))
             runs[setup].append(result)
             extra = (f", p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
                      f"{result['posts']} POSTs" if "p50_ms" in result else "")
@@ -226,7 +233,8 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
     medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     rate = {s: medians[s]["rate"] for s in setups}
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
-    ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("cj", "b"))
+    ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("c0", "a"), ("c0", "b"),
+                                  ("ct", "b"), ("cj", "b"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -241,7 +249,7 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
         cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
         print(f"  median CPU ms per instance {LABELS[setup].split()[0]}: {cpu}")
     if "p50_ms" in medians.get("c", {}):
-        what = "enqueued" if pipeline is not None else "delivered"
+        what = "enqueued" if pipelines else "delivered"
         print(f"  stored -> {what} latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "
               f"p99 {medians['c']['p99_ms']:.1f} ms; all delivered "
               f"{medians['c']['drained'] - medians['c']['seconds']:.2f} s after the last C-STORE")
@@ -272,19 +280,22 @@ def main(args: Sequence[str] | None = None) -> int:
         scripts["b"].write_text(NOOP_STORED)
         scripts["b'"].write_text(NOOP_CHANGE)
         with contextlib.ExitStack() as stack:
-            pipeline = None
+            pipelines: dict[str, RealScheduler] = {}
             if not options.sink and not options.scheduler_url:
-                pipeline = stack.enter_context(RealScheduler(root / "pipeline"))
+                shared = stack.enter_context(RealScheduler(root / "pipeline"))
+                pipelines = {"c": shared, "ct": shared, "cj": shared}
+                if "c0" in setups:
+                    pipelines["c0"] = stack.enter_context(RealScheduler(root / "pipeline-nice0", nice=0))
             target = (options.scheduler_url or ("in-process HTTP sink" if options.sink else
                       "the real scheduler + redis-server, 2 jobs per instance"))
             print(f"storescu -> Orthanc 1.10, one association, TCP_NODELAY=1; {options.repeat} rounds, "
                   f"target of (c): {target}")
             if options.small:
                 results["small"] = bench_size("small", options.small, 64, options.repeat, root, scripts,
-                                              options.scheduler_url, options.token, pipeline, setups)
+                                              options.scheduler_url, options.token, pipelines, setups)
             if options.ct:
                 results["ct"] = bench_size("ct", options.ct, 512, options.repeat, root, scripts,
-                                           options.scheduler_url, options.token, pipeline, setups)
+                                           options.scheduler_url, options.token, pipelines, setups)
     if options.json:
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(results, indent=2))

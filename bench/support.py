@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import redis
 
@@ -17,11 +17,14 @@ from tests.support.procs import free_port, wait_for
 
 
 @contextlib.contextmanager
-def private_redis(pids: list[int] | None = None) -> Iterator[str]:
-    """A redis-server on a free port for one benchmark run; yields its URL (its pid into `pids`)."""
+def private_redis(pids: list[int] | None = None, prefix: Sequence[str] = ()) -> Iterator[str]:
+    """A redis-server on a free port for one benchmark run; yields its URL (its pid into `pids`).
+
+    `prefix` goes before the command (e.g. ``["nice", "-n", "10"]``).
+    """
     port = free_port()
     folder = tempfile.mkdtemp(prefix="dicomflow-bench-redis-")
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+    proc = subprocess.Popen([*prefix, shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", "--dir", folder],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if pids is not None:

@@ -110,9 +110,9 @@ class PluginSettings:
     #: How often the sender records how far Orthanc's change log has been handed over (s):
     #: after a crash, about this much plus CallbackGrace is read back from Orthanc.
     checkpoint_interval: float = 5.0
-    #: How long after noting Orthanc's last change every callback for it has surely run (s):
-    #: on-stored callbacks run right after the commit, but STABLE_SERIES/STUDY come from
-    #: Orthanc's change thread, which lags under load.
+    #: How long after noting a change every on-stored callback up to it has surely queued its
+    #: item (s): they run right after Orthanc's commit, in the same thread; the margin is for a
+    #: machine under load.
     callback_grace: float = 10.0
     #: How often the sender reads Orthanc's change log for stable series and studies (s).
     #: Reading it costs Orthanc nothing measurable every second (more every 50 ms); an

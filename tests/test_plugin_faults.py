@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, stop_all, write_series
-from tests.support.procs import free_port, wait_for
+from tests.support.procs import free_port, process_running, wait_for
 
 #: Fast back-off so an outage's end is noticed within a second.
 FAST_RETRY = {"RetryMinDelay": 0.2, "RetryMaxDelay": 0.5}
@@ -251,15 +251,6 @@ def test_the_checkpoint_never_passes_events_still_in_memory(tmp_path, servers, s
     assert len(replayed) == status["replayed"] and min(replayed) > 8
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie is not: it has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_builder_process_that_dies_loses_nothing_and_is_replaced(tmp_path, servers, sink):
     files = write_series(tmp_path / "dcm", 60, patient_id="BUILD01")
     server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, plugin_options=FAST_RETRY)
@@ -267,7 +258,7 @@ def test_a_builder_process_that_dies_loses_nothing_and_is_replaced(tmp_path, ser
     server.store(files[:10])
     sink.wait_for_events(10, level="instance")
     first = server.status()["builderPid"]
-    assert first and _running(first)
+    assert first and process_running(first)
     os.kill(first, signal.SIGKILL)
     server.store(files[10:])
     events = sink.wait_for_events(60, level="instance")
@@ -303,6 +294,6 @@ def test_the_builder_process_ends_with_orthanc_even_killed(tmp_path, servers, si
     server.store(write_series(tmp_path / "dcm", 3, patient_id="ORPHAN1"))
     sink.wait_for_events(3, level="instance")
     pid = server.status()["builderPid"]
-    assert pid and _running(pid)
+    assert pid and process_running(pid)
     server.kill()
-    wait_for(lambda: not _running(pid), timeout=10, what=f"the builder process {pid} to exit")
+    wait_for(lambda: not process_running(pid), timeout=10, what=f"the builder process {pid} to exit")

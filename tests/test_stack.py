@@ -15,13 +15,19 @@ from dicomflow.config import load_config, parse_env_file
 from dicomflow.errors import ConfigError
 from dicomflow.settings import Settings
 from tests.conftest import REPO
-from tests.support.procs import free_port, wait_for
+from tests.support.orthanc import NODELAY_ENV, STORESCU, write_series
+from tests.support.procs import free_port, process_running, wait_for
 
 
 def _pids_under(home: Path) -> list[str]:
     """Processes whose command line mentions the state folder (what run.sh started)."""
     out = subprocess.run(["pgrep", "-af", str(home)], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def _niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
 
 
 def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
@@ -48,6 +54,11 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
         assert len(re.findall(r"worker:worker-\d+\s+RUNNING", status.stdout)) == 3, status.stdout
         for program in ("redis", "orthanc", "scheduler", "dashboard"):
             assert re.search(rf"^{program}\s+RUNNING", status.stdout, re.M), status.stdout
+        pids = {name: int(pid) for name, pid in re.findall(r"^(\S+)\s+RUNNING\s+pid (\d+)", status.stdout, re.M)}
+        # What processes yields the CPU to Orthanc's ingest (DICOMFLOW_NICE, 10 by default).
+        assert _niceness(pids["orthanc"]) == 0
+        for program in ("scheduler", "dashboard", "worker:worker-0"):
+            assert _niceness(pids[program]) == 10, program
         sched = f"http://127.0.0.1:{values['DICOMFLOW_SCHEDULER_PORT']}"
         assert requests.get(sched + "/api/v1/services", timeout=5).status_code == 401
         assert requests.get(sched + "/api/v1/services", timeout=5,
@@ -57,8 +68,16 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
         assert requests.get(dash, timeout=5, auth=("admin", values["DICOMFLOW_DASHBOARD_PASSWORD"])).ok
         orthanc = f"http://127.0.0.1:{values['ORTHANC_HTTP_PORT']}"
         assert requests.get(orthanc + "/system", timeout=5).status_code == 401
-        assert requests.get(orthanc + "/dicomflow/status", timeout=5,
-                            auth=(values["ORTHANC_USERNAME"], values["ORTHANC_PASSWORD"])).json()["sender"]
+        plugin_status = lambda: requests.get(orthanc + "/dicomflow/status", timeout=5,  # noqa: E731
+                                             auth=(values["ORTHANC_USERNAME"], values["ORTHANC_PASSWORD"])).json()
+        assert plugin_status()["sender"] == "running"
+        # One instance, so that the plugin's builder process runs too (it must stop with the rest).
+        instance = write_series(tmp_path / "dcm", 1, patient_id="RUNSH01")[0]
+        sent = subprocess.run([STORESCU, "-aec", values.get("ORTHANC_AET", "DICOMFLOW"), "127.0.0.1",
+                               values["ORTHANC_DICOM_PORT"], str(instance)], env={**env, **NODELAY_ENV},
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        builder = wait_for(lambda: plugin_status()["builderPid"], timeout=30, what="the builder process")
         assert _pids_under(home), "run.sh should have started processes"
         assert run().stdout.strip().endswith("already running") or "already running" in run().stdout
         # A second start keeps the same secrets.
@@ -67,6 +86,7 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
         stopped = run("stop")
     assert stopped.returncode == 0, stopped.stderr
     wait_for(lambda: not _pids_under(home), timeout=30, what="every process run.sh started to exit")
+    wait_for(lambda: not process_running(builder), timeout=10, what="the plugin's builder process to exit")
     assert run("status").returncode == 3
 
 
