@@ -228,10 +228,11 @@ class Spool:
             self._db.execute("COMMIT")
             self.length += added  # no COUNT(*): this runs every MaxBatchDelay during an outage
 
-    def head(self, limit: int) -> list[tuple[int, str]]:
-        """The oldest `limit` spooled events, in reception order."""
+    def head(self, limit: int, below: int) -> list[tuple[int, str]]:
+        """The oldest `limit` spooled events numbered below `below`, in reception order."""
         with self._lock:
-            return self._db.execute("SELECT seq, event FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            return self._db.execute("SELECT seq, event FROM spool WHERE seq < ? ORDER BY seq LIMIT ?",
+                                    (below, limit)).fetchall()
 
     def remove(self, seqs: list[int]) -> None:
         """Forget delivered events."""
@@ -865,17 +866,23 @@ class Relay:
             self.spool.set_state("checkpoint", str(change))
             self._checkpoint = change
 
+    def _first_queued(self) -> int:
+        """The sequence number of the oldest queued item (the next one when the queue is empty).
+
+        Under the lock an overflowing callback spools with (see _offer): every item numbered
+        below it is then delivered, spooled, or held by the sender.
+        """
+        with self._seq_lock:
+            try:
+                return self._queue[0][0]  # the queue is in sequence order
+            except IndexError:
+                return self._next_seq
+
     def _low_water(self) -> int:
         """The lowest sequence number not yet delivered or spooled, between two sends."""
-        with self._seq_lock:  # an overflowing callback spools under it (see _offer)
-            first = [self._next_seq]
-            if self._lost_from is not None:
-                first.append(self._lost_from)
-            try:
-                first.append(self._queue[0][0])  # the queue is in sequence order (see _offer)
-            except IndexError:
-                pass
-        return min(first)
+        first = self._first_queued()
+        lost = self._lost_from
+        return first if lost is None else min(first, lost)
 
     def _advance_checkpoint(self, now: float) -> None:
         """Every CheckpointInterval: note Orthanc's last change; once the events of every
@@ -934,7 +941,11 @@ class Relay:
             self._spool_items(items)
         if self.spool.length:
             self._drain_queue_to_spool()  # newer events go behind the spooled ones
-            rows = self.spool.head(self.settings.batch_size)
+            # While the drain wrote to disk, the callback may have queued new items and then,
+            # the queue full again, spooled the ones after them: those wait for the queued ones.
+            rows = self.spool.head(self.settings.batch_size, self._first_queued())
+            if not rows:
+                return True  # the next step spools the queued items first
             outcome = self._send(rows)
             if outcome == "delivered":
                 self.spool.remove([seq for seq, _ in rows])
