@@ -16,6 +16,7 @@ import redis
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Dependency, Job, JobStatus
+from rq.registry import DeferredJobRegistry
 from rq.utils import now as rq_now
 
 from dicomflow import keys
@@ -83,6 +84,9 @@ class Enqueuer:
         self.connection = connection
         self.settings = settings
         self.queues = {name: Queue(name, connection=connection) for name in settings.queues}
+        # One per queue, built once: RQ's register_dependency builds one per job, and that
+        # constructor checks its serializer against a runtime Protocol (slow) every time.
+        self.deferred = {name: DeferredJobRegistry(queue=queue) for name, queue in self.queues.items()}
         self._release = connection.register_script(_RELEASE)
 
     def submit(self, events: Sequence[Event], registry: Registry,
@@ -266,8 +270,12 @@ class Enqueuer:
                 queue.push_job_id(job.id, pipeline=pipe)
             else:
                 # Its dependencies are created in this same transaction, so none can have
-                # finished yet: register it as deferred without RQ's WATCH round trips.
-                job.register_dependency(pipeline=pipe)
+                # finished yet: register it as deferred without RQ's WATCH round trips (what
+                # Job.register_dependency writes: the deferred registry and both link sets).
+                self.deferred[queue.name].add(job, ttl=job.ttl, pipeline=pipe)
+                for dependency_id in depends_on.dependencies:
+                    pipe.sadd(Job.dependents_key_for(dependency_id), job.id)
+                    pipe.sadd(job.dependencies_key, dependency_id)
                 job.save(pipeline=pipe)
             job.cleanup(ttl=job.ttl, pipeline=pipe)  # no commands unless a job ttl is set
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)

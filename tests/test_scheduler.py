@@ -8,6 +8,7 @@ import pytest
 import redis
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
+from rq.registry import DeferredJobRegistry
 
 from scheduler.app import create_app
 from tests.support.procs import free_port
@@ -30,6 +31,11 @@ def test_jobs_are_enqueued_in_order_with_dependencies(make_client, services, con
     c = Job.fetch(result["jobs"]["cJob"], connection=connection)
     assert c.get_status() == JobStatus.DEFERRED and c.origin == "high"
     assert set(c.dependency_ids) == {result["jobs"]["aJob"], result["jobs"]["bJob"]}
+    # What RQ's own enqueue of a dependent job writes: the deferred registry of its queue and
+    # the reverse links its workers follow to enqueue it.
+    assert DeferredJobRegistry("high", connection=connection).get_job_ids() == [c.id]
+    for parent in ("aJob", "bJob"):
+        assert connection.smembers(Job.dependents_key_for(result["jobs"][parent])) == {c.id.encode()}
     assert Queue("default", connection=connection).job_ids == [result["jobs"]["aJob"], result["jobs"]["bJob"]]
     # Later callbacks see what earlier ones added; every worker gets all of it.
     assert c.kwargs["added_params"]["cJob"]["seen"] == ["aJob", "bJob"]
