@@ -14,13 +14,19 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       interpreter instead of the plugin's builder process (the default),
   (c-json) the same as (c) with the plugin reading headers from Orthanc's JSON (made in the
       callback) instead of the file's bytes,
-for small (64x64) and CT-sized (512x512, 16-bit) instances, each setup `--repeat` times
-interleaved; prints median throughput, the ratios (c)/(a) and (c)/(b), and the
-stored -> enqueued latency p50/p99 (event `receivedAt` vs. the RQ job's `enqueued_at`;
-with `--sink`: vs. the sink's arrival time). No worker runs during (c): the figure is what
+for small (64x64) and CT-sized (512x512, 16-bit) instances. Prints median throughput, the
+ratios (c)/(a) and (c)/(b) (of the medians, and the median of the per-round ratios) and the
+stored -> enqueued latency p50/p99 (event `receivedAt` vs. the RQ job's `enqueued_at`; with
+`--sink`: vs. the sink's arrival time). No worker runs during (c): the figure is what
 delivery and scheduling cost the ingest.
 
-    .venv/bin/python -m bench.ingest --small 2000 --ct 300 --repeat 3
+Two methods:
+  alternating (default)  one running Orthanc per setup; each round sends a new chunk of
+                         --small/--ct instances to each, in an order that rotates; --rounds
+  fresh                  a new Orthanc per run, --repeat runs per setup, interleaved
+
+    .venv/bin/python -m bench.ingest --setups a,b,c --small 1000 --ct 100 --rounds 12
+    .venv/bin/python -m bench.ingest --method fresh --small 2000 --ct 300 --repeat 3
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "c0", "ct", "cj")
+SETUPS = ("a", "b", "b'", "c", "c0", "ci", "ct", "cj")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -80,9 +86,9 @@ class RealScheduler:
 
     token = "bench-token"
 
-    def __init__(self, folder: Path, nice: int = 10):
+    def __init__(self, folder: Path, nice: int = 10, idle: bool = False):
         self.folder = folder
-        self.prefix = ["nice", "-n", str(nice)] if nice else []
+        self.prefix = ["chrt", "--idle", "0"] if idle else ["nice", "-n", str(nice)] if nice else []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -135,6 +141,7 @@ LABELS = {
     "b'": "(b') change callback only",
     "c": "(c) full dicomflow plugin",
     "c0": "(c-nice0) the same, scheduler at nice 0",
+    "ci": "(c-idle) the same, scheduler under SCHED_IDLE",
     "ct": "(c-thread) the same, events built in Orthanc",
     "cj": "(c-json) the same, headers from Orthanc's JSON",
 }
@@ -154,22 +161,27 @@ def _cpu(server: OrthancServer, pipeline: RealScheduler | None) -> dict[str, flo
     return out
 
 
+def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, token: str) -> OrthancServer:
+    """An Orthanc (not started) configured as `setup` asks."""
+    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"]}.get(setup, True)
+    return OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
+                         plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
+                                         "BuilderProcess": setup != "ct"})
+
+
 def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[str, Path],
              scheduler_url: str | None, token: str, pipeline: RealScheduler | None = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
     sink = None
-    full = setup in ("c", "c0", "ct", "cj")
+    full = setup in ("c", "c0", "ci", "ct", "cj")
     if full and pipeline is not None:
         pipeline.reset()
         scheduler_url, token = pipeline.url, pipeline.token
-    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"]}.get(setup, True)
     url = scheduler_url or "http://127.0.0.1:9"
     if full and scheduler_url is None:
         sink = EventSink(token=token).start()
         url = sink.url
-    server = OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
-                           plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
-                                           "BuilderProcess": setup != "ct"})
+    server = _orthanc_for(setup, work, scripts, url, token)
     try:
         server.start()
         cpu_before = _cpu(server, pipeline if full else None)
@@ -230,11 +242,17 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
             cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in result.items() if k.startswith("cpu_"))
             print(f"  round {round_ + 1} {LABELS[setup]:<45} {result['rate']:7.1f} inst/s{extra}; "
                   f"CPU ms/instance: {cpu}", flush=True)
+    return _summary(runs, setups, bool(pipelines))
+
+
+def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
+             scheduled: bool) -> dict[str, dict[str, float]]:
+    """Print the medians, the ratios (of the medians and per round), CPU and latency; return the medians."""
     medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     rate = {s: medians[s]["rate"] for s in setups}
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
     ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("c0", "a"), ("c0", "b"),
-                                  ("ct", "b"), ("cj", "b"))
+                                  ("ci", "a"), ("ci", "b"), ("ct", "b"), ("cj", "b"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -249,20 +267,109 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
         cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
         print(f"  median CPU ms per instance {LABELS[setup].split()[0]}: {cpu}")
     if "p50_ms" in medians.get("c", {}):
-        what = "enqueued" if pipelines else "delivered"
+        what = "enqueued" if scheduled else "delivered"
         print(f"  stored -> {what} latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "
               f"p99 {medians['c']['p99_ms']:.1f} ms; all delivered "
               f"{medians['c']['drained'] - medians['c']['seconds']:.2f} s after the last C-STORE")
     return medians
 
 
+def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path, scripts: dict[str, Path],
+                      scheduler_url: str | None, token: str, pipelines: dict[str, RealScheduler],
+                      setups: Sequence[str] = SETUPS) -> dict[str, dict[str, float]]:
+    """One Orthanc per setup, all running; each round sends a fresh chunk to each, in turn.
+
+    Starting a fresh Orthanc for every run (`--method fresh`) adds its warm-up and the
+    machine's drift between runs to every figure. Here the setups take chunks of `chunk`
+    new instances one after the other, seconds apart, in an order that rotates each round,
+    so a round's ratios compare like with like; the medians of the per-round ratios are
+    the figures. Every Orthanc's database grows alike. In (c), each chunk is waited for
+    until all its events are scheduled before the next setup's chunk starts.
+    """
+    started = time.perf_counter()
+    folders = []
+    for round_ in range(rounds + 1):  # round 0 warms every setup up and is not counted
+        folder = root / f"{name}-dicom" / str(round_)
+        write_series(folder, chunk, rows=rows, columns=rows, patient_id=f"BENCH{name.upper()}{round_}")
+        folders.append(folder)
+    size_kb = sum(p.stat().st_size for p in folders[0].iterdir()) / chunk / 1024
+    print(f"\n## {name}: {rounds} rounds of {chunk} instances {rows}x{rows} 16-bit, {size_kb:.0f} KB each, "
+          f"alternating between running Orthancs (generated in {time.perf_counter() - started:.1f} s)", flush=True)
+    sinks: dict[str, EventSink] = {}
+    servers: dict[str, OrthancServer] = {}
+    try:
+        for setup in setups:
+            full = setup in ("c", "c0", "ci", "ct", "cj")
+            url = scheduler_url or "http://127.0.0.1:9"
+            if full and setup in pipelines:
+                url = pipelines[setup].url
+                token = pipelines[setup].token
+            elif full and scheduler_url is None:
+                sinks[setup] = EventSink(token=token).start()
+                url = sinks[setup].url
+            servers[setup] = _orthanc_for(setup, root / f"{name}-{setup}", scripts, url, token).start()
+        runs: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
+        for round_, folder in enumerate(folders):
+            order = [setups[(i + round_) % len(setups)] for i in range(len(setups))]
+            for setup in order:
+                result = _send_chunk(servers[setup], folder, chunk, pipelines.get(setup), sinks.get(setup))
+                if round_:
+                    runs[setup].append(result)
+            if round_:
+                print(f"  round {round_:2d}: " + "  ".join(
+                    f"{LABELS[s].split()[0]} {runs[s][-1]['rate']:6.1f}" for s in setups) + " inst/s", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+        for sink in sinks.values():
+            sink.stop()
+        if leftovers(list(servers.values())):
+            raise RuntimeError("an Orthanc of the benchmark did not stop")
+    return _summary(runs, setups, bool(pipelines))
+
+
+def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealScheduler | None,
+                sink: EventSink | None) -> dict[str, float]:
+    """Send one folder to a running Orthanc; rate, CPU per instance, and (c)'s latencies."""
+    if pipeline is not None:
+        pipeline.reset()
+    if sink is not None:
+        sink.batches.clear()
+    cpu_before = _cpu(server, pipeline)
+    started = time.perf_counter()
+    server.store([folder])
+    elapsed = time.perf_counter() - started
+    result = {"rate": count / elapsed, "seconds": elapsed}
+    latencies = None
+    if pipeline is not None:
+        latencies = pipeline.wait_for_jobs(count)
+    elif sink is not None:
+        sink.wait_for_events(count, timeout=120, level="instance")
+        latencies = [b.arrived - e["receivedAt"] for b in sink.delivered_batches()
+                     for e in b.events if e["level"] == "instance"]
+    if latencies is not None:
+        result["drained"] = time.perf_counter() - started
+        result["p50_ms"] = _percentile(latencies, 0.50) * 1000
+        result["p99_ms"] = _percentile(latencies, 0.99) * 1000
+    cpu_after = _cpu(server, pipeline)
+    for name, before in cpu_before.items():
+        result[f"cpu_{name}_ms"] = (cpu_after[name] - before) * 1000 / count
+    return result
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the figures (JSON too with --json)."""
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", type=int, default=2000, help="64x64 instances (0: skip)")
-    parser.add_argument("--ct", type=int, default=300, help="512x512 instances (0: skip)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds per setup (medians)")
+    parser.add_argument("--small", type=int, default=1000,
+                        help="64x64 instances per run, or per chunk when alternating (0: skip)")
+    parser.add_argument("--ct", type=int, default=100,
+                        help="512x512 instances per run, or per chunk when alternating (0: skip)")
+    parser.add_argument("--method", choices=("alternating", "fresh"), default="alternating",
+                        help="alternating: running Orthancs take chunks in turn (steadier); "
+                             "fresh: a new Orthanc per run, the whole set at once")
+    parser.add_argument("--rounds", type=int, default=12, help="alternating: counted rounds")
+    parser.add_argument("--repeat", type=int, default=3, help="fresh: runs per setup (medians)")
     parser.add_argument("--scheduler-url", help="deliver (c) to this scheduler (you run it)")
     parser.add_argument("--sink", action="store_true", help="deliver (c) to an in-process HTTP sink")
     parser.add_argument("--token", default="bench-token", help="bearer token for (c)")
@@ -286,16 +393,22 @@ def main(args: Sequence[str] | None = None) -> int:
                 pipelines = {"c": shared, "ct": shared, "cj": shared}
                 if "c0" in setups:
                     pipelines["c0"] = stack.enter_context(RealScheduler(root / "pipeline-nice0", nice=0))
+                if "ci" in setups:
+                    pipelines["ci"] = stack.enter_context(RealScheduler(root / "pipeline-idle", idle=True))
             target = (options.scheduler_url or ("in-process HTTP sink" if options.sink else
                       "the real scheduler + redis-server, 2 jobs per instance"))
-            print(f"storescu -> Orthanc 1.10, one association, TCP_NODELAY=1; {options.repeat} rounds, "
-                  f"target of (c): {target}")
-            if options.small:
-                results["small"] = bench_size("small", options.small, 64, options.repeat, root, scripts,
-                                              options.scheduler_url, options.token, pipelines, setups)
-            if options.ct:
-                results["ct"] = bench_size("ct", options.ct, 512, options.repeat, root, scripts,
-                                           options.scheduler_url, options.token, pipelines, setups)
+            how = (f"{options.rounds} rounds alternating between running Orthancs" if options.method == "alternating"
+                   else f"{options.repeat} runs per setup, a fresh Orthanc each")
+            print(f"storescu -> Orthanc 1.10, one association, TCP_NODELAY=1; {how}; target of (c): {target}")
+            for size, count, rows in (("small", options.small, 64), ("ct", options.ct, 512)):
+                if not count:
+                    continue
+                if options.method == "alternating":
+                    results[size] = bench_alternating(size, options.rounds, count, rows, root, scripts,
+                                                      options.scheduler_url, options.token, pipelines, setups)
+                else:
+                    results[size] = bench_size(size, count, rows, options.repeat, root, scripts,
+                                               options.scheduler_url, options.token, pipelines, setups)
     if options.json:
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(results, indent=2))
