@@ -14,6 +14,9 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       interpreter instead of the plugin's builder process (the default),
   (c-json) the same as (c) with the plugin reading headers from Orthanc's JSON (made in the
       callback) instead of the file's bytes,
+  (c-idle) the same as (c) with the scheduler under SCHED_IDLE instead of nice 10,
+  (c-50ms) the same as (c) with the plugin's earlier batching (MaxBatchDelay 0.05 s,
+      BatchSize 200) instead of 0.5 s / 1000,
 for small (64x64) and CT-sized (512x512, 16-bit) instances. Prints median throughput, the
 ratios (c)/(a) and (c)/(b) (of the medians, and the median of the per-round ratios) and the
 stored -> enqueued latency p50/p99 (event `receivedAt` vs. the RQ job's `enqueued_at`; with
@@ -77,7 +80,7 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "c0", "ci", "ct", "cj")
+SETUPS = ("a", "b", "b'", "c", "c0", "ci", "cf", "ct", "cj")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -142,6 +145,7 @@ LABELS = {
     "c": "(c) full dicomflow plugin",
     "c0": "(c-nice0) the same, scheduler at nice 0",
     "ci": "(c-idle) the same, scheduler under SCHED_IDLE",
+    "cf": "(c-50ms) the same, MaxBatchDelay 0.05 s, BatchSize 200",
     "ct": "(c-thread) the same, events built in Orthanc",
     "cj": "(c-json) the same, headers from Orthanc's JSON",
 }
@@ -166,14 +170,15 @@ def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, tok
     plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"]}.get(setup, True)
     return OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
                          plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
-                                         "BuilderProcess": setup != "ct"})
+                                         "BuilderProcess": setup != "ct",
+                                         **({"MaxBatchDelay": 0.05, "BatchSize": 200} if setup == "cf" else {})})
 
 
 def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[str, Path],
              scheduler_url: str | None, token: str, pipeline: RealScheduler | None = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
     sink = None
-    full = setup in ("c", "c0", "ci", "ct", "cj")
+    full = setup in ("c", "c0", "ci", "cf", "ct", "cj")
     if full and pipeline is not None:
         pipeline.reset()
         scheduler_url, token = pipeline.url, pipeline.token
@@ -252,7 +257,7 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     rate = {s: medians[s]["rate"] for s in setups}
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
     ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("c0", "a"), ("c0", "b"),
-                                  ("ci", "a"), ("ci", "b"), ("ct", "b"), ("cj", "b"))
+                                  ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"), ("cj", "b"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -266,6 +271,10 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     for setup in setups:
         cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
         print(f"  median CPU ms per instance {LABELS[setup].split()[0]}: {cpu}")
+    others = [s for s in setups if s != "c" and "p50_ms" in medians[s]]
+    if others:
+        print("  stored -> enqueued/delivered latency p50 / p99: " + "  ".join(
+            f"{LABELS[s].split()[0]} {medians[s]['p50_ms']:.0f} / {medians[s]['p99_ms']:.0f} ms" for s in others))
     if "p50_ms" in medians.get("c", {}):
         what = "enqueued" if scheduled else "delivered"
         print(f"  stored -> {what} latency (c): p50 {medians['c']['p50_ms']:.1f} ms, "
@@ -299,7 +308,7 @@ def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path,
     servers: dict[str, OrthancServer] = {}
     try:
         for setup in setups:
-            full = setup in ("c", "c0", "ci", "ct", "cj")
+            full = setup in ("c", "c0", "ci", "cf", "ct", "cj")
             url = scheduler_url or "http://127.0.0.1:9"
             if full and setup in pipelines:
                 url = pipelines[setup].url
@@ -335,6 +344,7 @@ def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealS
         pipeline.reset()
     if sink is not None:
         sink.batches.clear()
+    os.sync()  # the previous chunk's writes go to disk now, not during this one
     cpu_before = _cpu(server, pipeline)
     started = time.perf_counter()
     server.store([folder])
@@ -390,7 +400,7 @@ def main(args: Sequence[str] | None = None) -> int:
             pipelines: dict[str, RealScheduler] = {}
             if not options.sink and not options.scheduler_url:
                 shared = stack.enter_context(RealScheduler(root / "pipeline"))
-                pipelines = {"c": shared, "ct": shared, "cj": shared}
+                pipelines = {"c": shared, "cf": shared, "ct": shared, "cj": shared}
                 if "c0" in setups:
                     pipelines["c0"] = stack.enter_context(RealScheduler(root / "pipeline-nice0", nice=0))
                 if "ci" in setups:

@@ -95,8 +95,11 @@ class PluginSettings:
     token: str
     spool_path: str
     tags: tuple[str, ...] = DEFAULT_TAGS
-    batch_size: int = 200
-    max_batch_delay: float = 0.05
+    #: Fewer, larger batches cost Orthanc's ingest less: every batch wakes the sender, the
+    #: builder process, the scheduler and Redis. 0.5 s measured ~4 % more small-instance ingest
+    #: than 0.05 s, for ~0.35 s more stored -> enqueued latency (README).
+    batch_size: int = 1000
+    max_batch_delay: float = 0.5
     queue_size: int = 20000
     connect_timeout: float = 3.0
     request_timeout: float = 30.0
