@@ -764,7 +764,7 @@ class Relay:
             except orthanc.OrthancException as exc:
                 if not exc.args or exc.args[0] != _NOT_YET:
                     return  # another error: the catch-up reports it, and is retried
-            self._stop.wait(0.05)
+            self._stop.wait(0.01)  # briefly: see _first_checkpoint
 
     def _back_off(self, delay: float) -> None:
         """Wait `delay` s before the next attempt, spooling what arrives meanwhile (a crash then loses nothing)."""
@@ -797,7 +797,25 @@ class Relay:
             # The first start with this spool: what Orthanc logged before is not this plugin's
             # to replay, and what comes next is read back after a crash, even a crash before
             # the catch-up is done.
-            self._save_checkpoint(self._catch_up_last)
+            self._save_checkpoint(self._first_checkpoint(self._catch_up_last))
+
+    def _first_checkpoint(self, last: int) -> int:
+        """`last`, or just below the first instance this run's callback saw before it.
+
+        Instances may be stored between the opening of Orthanc's database and the sender's
+        first read of its change log; their events are still in memory, so the first
+        checkpoint must not pass them (a crash would lose them). They were stored moments
+        ago: their changes are among the last few.
+        """
+        seen = set(self._seen or ())  # after reading `last`: every callback of a change up to it that ran
+        if not seen:
+            return last
+        first = None
+        for changes in self._change_pages(max(0, last - 10 * len(seen) - 100), last):
+            for change in changes:
+                if change["ChangeType"] == "NewInstance" and change["ID"] in seen:
+                    first = change["Seq"] if first is None else min(first, change["Seq"])
+        return last if first is None else first - 1
 
     def _catch_up(self) -> None:
         """Events for the instances (and stable series/studies) logged after the checkpoint.
