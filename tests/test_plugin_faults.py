@@ -99,8 +99,12 @@ def test_graceful_stop_keeps_queued_events(tmp_path, servers, sink):
 def test_full_queue_overflows_to_the_spool_in_order(tmp_path, servers, sink):
     files = write_series(tmp_path / "dcm", 40, patient_id="FULL001")
     sink.stop()
+    # Short batches keep the sender draining while storescu still sends: the callback then
+    # queues new items behind a drain and spools the ones after them (a race CI once caught:
+    # the spool's head went out before the two queued items).
     server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url,
-                           plugin_options={"QueueSize": 2, "RetryMinDelay": 1.5, "RetryMaxDelay": 1.5})
+                           plugin_options={"QueueSize": 2, "RetryMinDelay": 1.5, "RetryMaxDelay": 1.5,
+                                           "MaxBatchDelay": 0.05})
     servers.append(server.start())
     server.store(files)
     wait_for(lambda: server.status()["received"] == 40, timeout=10, what="40 received events")
