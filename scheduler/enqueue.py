@@ -1,4 +1,4 @@
-"""Turning planned events into RQ jobs: idempotency checks and one transaction per batch."""
+"""Turning planned events into RQ jobs: idempotency checks and one atomic write per batch."""
 
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ ACTIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.SCHEDULED.v
 
 #: How long an event stays claimed if the process planning it dies (released at once otherwise).
 CLAIM_MS = 60_000
+
+#: Run a batch's commands (ARGV[2..]: a count, then that many words, repeated) as one atomic
+#: script, then delete the claims this request holds (KEYS; only those: compare the token in
+#: ARGV[1]). One reply for the batch instead of MULTI/EXEC's two per command.
+_APPLY = """
+local i = 2
+local n = #ARGV
+while i <= n do
+  local count = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + count))
+  i = i + count + 1
+end
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 1
+"""
 
 #: Delete the claims this request holds (and only those: compare the token).
 _RELEASE = """
@@ -88,6 +105,7 @@ class Enqueuer:
         # constructor checks its serializer against a runtime Protocol (slow) every time.
         self.deferred = {name: DeferredJobRegistry(queue=queue) for name, queue in self.queues.items()}
         self._release = connection.register_script(_RELEASE)
+        self._apply = connection.register_script(_APPLY)
 
     def submit(self, events: Sequence[Event], registry: Registry,
                planner: Callable[..., Plan] = plan_event) -> list[EventResult]:
@@ -182,9 +200,9 @@ class Enqueuer:
             plan = planner(event, registry, self.settings.config)
             plans.append((plan, result, new_members))
 
-        # Round trip 3: one transaction with every job of the batch.
-        pipe = conn.pipeline(transaction=True)
-        pipe.multi()
+        # Round trip 3: every job of the batch in one atomic script. The pipeline only
+        # collects the commands (RQ writes its jobs into a pipeline); _APPLY runs them.
+        pipe = conn.pipeline(transaction=False)
         now = time.time()
         used_queues: set[str] = set()
         for plan, result, new_members in plans:
@@ -203,13 +221,16 @@ class Enqueuer:
                 pipe.expire(self._state_key(plan.event), self.settings.failure_ttl)
         for name in sorted(used_queues):  # what RQ's enqueue does per job, once per batch here
             pipe.sadd(Queue.redis_queues_keys, self.queues[name].key)
-        self._release(keys=sorted(keys.claim(k) for k in mine), args=[token], client=pipe)
         counts = Counter(f"events:{r.status}" for r in results)
         counts["jobs"] = sum(len(r.jobs) for r in results if r.status == "scheduled")
         for name, n in counts.items():
             if n:
                 pipe.hincrby(keys.STATS, name, n)
-        pipe.execute()
+        words: list[Any] = [token]
+        for command, _options in pipe.command_stack:
+            words.append(len(command))
+            words.extend(command)
+        self._apply(keys=sorted(keys.claim(k) for k in mine), args=words)
         return results
 
     def _state_key(self, event: Event) -> str:
@@ -230,7 +251,7 @@ class Enqueuer:
 
     def _enqueue_plan(self, plan: Plan, result: EventResult, pipe, new_members: set[str],
                       used_queues: set[str]) -> None:
-        """Add the plan's jobs to the batch transaction, each written once (HSET) and pushed or deferred."""
+        """Add the plan's jobs to the batch's atomic write, each written once (HSET) and pushed or deferred."""
         event = plan.event
         context = event.context()
         if new_members:
@@ -269,7 +290,7 @@ class Enqueuer:
                 job.save(pipeline=pipe)
                 queue.push_job_id(job.id, pipeline=pipe)
             else:
-                # Its dependencies are created in this same transaction, so none can have
+                # Its dependencies are created in this same atomic write, so none can have
                 # finished yet: register it as deferred without RQ's WATCH round trips (what
                 # Job.register_dependency writes: the deferred registry and both link sets).
                 self.deferred[queue.name].add(job, ttl=job.ttl, pipeline=pipe)

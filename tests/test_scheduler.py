@@ -10,6 +10,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import DeferredJobRegistry
 
+from dicomflow import keys
 from scheduler.app import create_app
 from tests.support.procs import free_port
 from tests.support.services import AUTH, instance_event, job, make_service, settings_for
@@ -151,6 +152,22 @@ def test_redis_down_answers_503(tmp_path, services):
     response = app.test_client().post("/api/v1/events", json={"events": [instance_event("5.1")]}, headers=AUTH)
     assert response.status_code == 503 and response.get_json()["error"] == "redis-unavailable"
     assert app.test_client().get("/health").status_code == 503
+
+
+def test_a_batch_failing_half_way_in_redis_is_retried_without_loss_or_second_jobs(make_client, services, connection):
+    make_service(services, "a", job("aJob", "a"))
+    client = make_client()
+    connection.set(keys.STATS, "not a hash")  # the batch's last write (its counters) fails: WRONGTYPE
+    events = [instance_event("9.1"), instance_event("9.2")]
+    response = client.post("/api/v1/events", json={"events": events}, headers=AUTH)
+    assert response.status_code == 503 and response.get_json()["error"] == "redis-unavailable"
+    assert connection.keys(keys.claim("*")) == [], "the failed batch's claims are released"
+    connection.delete(keys.STATS)
+    # The plugin sends the batch again: the writes that went through count, none is repeated.
+    results = post(client, *events)
+    assert [r["status"] for r in results] == ["duplicate", "duplicate"]
+    queued = Queue("default", connection=connection).job_ids
+    assert sorted(queued) == sorted(r["jobs"]["aJob"] for r in results)
 
 
 def test_refuses_to_start_without_token(tmp_path, redis_url, services):
