@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -53,11 +54,11 @@ class Event(BaseModel):
             raise ValueError(f"{self.level.value} event without {keyword} in headers")
         return self
 
-    @property
+    @cached_property
     def uid(self) -> str:
         return str(self.headers[UID_KEYWORD[self.level]]).strip()
 
-    @property
+    @cached_property
     def key(self) -> str:
         """`instance:<SOPInstanceUID>`, `series:<SeriesInstanceUID>`, `study:<StudyInstanceUID>`."""
         return f"{self.level.value}:{self.uid}"

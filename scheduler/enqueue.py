@@ -5,31 +5,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import msgpack
 import redis
 from redis import Redis
-from rq import Queue, Retry
-from rq.job import Dependency, Job, JobStatus
+from rq import Queue
+from rq.job import Job, JobStatus
 from rq.registry import DeferredJobRegistry
 from rq.utils import now as rq_now
+from rq.utils import utcformat
 
 from dicomflow import keys
 from dicomflow.errors import DicomflowError
 from dicomflow.events import Event, Level
 from dicomflow.settings import Settings
+from scheduler.jobhash import JobHashes
 from scheduler.planning import Plan, plan_event
 from scheduler.registry import Registry
 
 log = logging.getLogger(__name__)
-
-#: The function every job runs on the worker side; it resolves the service's worker.
-RUNNER = "worker.runtime.run_service_job"
 
 #: A previous run with a job in one of these states makes a repeated instance event a
 #: duplicate. Deferred jobs do not count: all of a job's dependencies belong to its run, so a
@@ -39,16 +39,30 @@ ACTIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.SCHEDULED.v
 #: How long an event stays claimed if the process planning it dies (released at once otherwise).
 CLAIM_MS = 60_000
 
-#: Run a batch's commands (ARGV[2..]: a count, then that many words, repeated) as one atomic
-#: script, then delete the claims this request holds (KEYS; only those: compare the token in
-#: ARGV[1]). One reply for the batch instead of MULTI/EXEC's two per command.
+#: Claim each event of a batch (concurrent duplicates lose) and read its last run and, for a
+#: series or study, the instances already handed to jobs. KEYS: per event its claim, run and
+#: state key; ARGV: token, claim time (ms), then per event 1 if its state is wanted.
+#: Replies per event: claimed (1/0), the run (or nil), the state's members.
+_CLAIM = """
+local reply = {}
+for i = 1, #KEYS, 3 do
+  local claimed = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+  local members = {}
+  if ARGV[2 + (i + 2) / 3] == '1' then members = redis.call('SMEMBERS', KEYS[i + 2]) end
+  reply[#reply + 1] = claimed
+  reply[#reply + 1] = redis.call('GET', KEYS[i + 1])
+  reply[#reply + 1] = members
+end
+return reply
+"""
+
+#: Run a batch's commands (ARGV[2]: a MessagePack array of commands, each an array of words)
+#: as one atomic script, then delete the claims this request holds (KEYS; only those: compare
+#: the token in ARGV[1]). One reply for the batch, and one argument to encode instead of ~100
+#: per event (redis-py's encoding of those was a fifth of the scheduler's CPU).
 _APPLY = """
-local i = 2
-local n = #ARGV
-while i <= n do
-  local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
+for _, command in ipairs(cmsgpack.unpack(ARGV[2])) do
+  redis.call(unpack(command))
 end
 for _, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
@@ -88,10 +102,11 @@ class EventResult:
         return out
 
 
-def job_id_for(job_name: str, event_key: str) -> str:
-    """A job id RQ accepts, readable in the dashboard: `<jobName>-<event hash>-<run>`."""
-    digest = hashlib.sha1(event_key.encode()).hexdigest()[:12]
-    return f"{job_name}-{digest}-{uuid.uuid4().hex[:8]}"
+def run_id(event_key: str, batch: str) -> str:
+    """`<event hash>-<batch>`: the jobs of an event's run are `<jobName>-<run id>`, ids RQ
+    accepts, readable in the dashboard; every run of an event has the same event hash, and
+    the batch part (random per request) tells its runs apart."""
+    return f"{hashlib.sha1(event_key.encode()).hexdigest()[:12]}-{batch[:8]}"
 
 
 class Enqueuer:
@@ -104,8 +119,10 @@ class Enqueuer:
         # One per queue, built once: RQ's register_dependency builds one per job, and that
         # constructor checks its serializer against a runtime Protocol (slow) every time.
         self.deferred = {name: DeferredJobRegistry(queue=queue) for name, queue in self.queues.items()}
+        self.hashes = JobHashes(connection, settings)
         self._release = connection.register_script(_RELEASE)
         self._apply = connection.register_script(_APPLY)
+        self._claim = connection.register_script(_CLAIM)
 
     def submit(self, events: Sequence[Event], registry: Registry,
                planner: Callable[..., Plan] = plan_event) -> list[EventResult]:
@@ -134,18 +151,18 @@ class Enqueuer:
                 token: str) -> list[EventResult]:
         conn = self.connection
         # Round trip 1: claim each event key (concurrent duplicates lose), read its last run.
-        pipe = conn.pipeline(transaction=False)
+        claim_keys, wanted = [], [token, CLAIM_MS]
         for event in events:
-            pipe.set(keys.claim(event.key), token, nx=True, px=CLAIM_MS)
-            pipe.get(keys.event_run(event.key))
-            if event.level is not Level.INSTANCE:
-                pipe.smembers(self._state_key(event))
-        replies = iter(pipe.execute())
+            run_key = keys.event_run(event.key)
+            instance = event.level is Level.INSTANCE
+            claim_keys += (keys.claim(event.key), run_key, run_key if instance else self._state_key(event))
+            wanted.append(0 if instance else 1)
+        replies = iter(self._claim(keys=claim_keys, args=wanted))
         claimed, previous, states = [], [], []
-        for event in events:
+        for _event in events:
             claimed.append(bool(next(replies)))
             previous.append(_run_ids(next(replies)))
-            states.append({m.decode() for m in next(replies)} if event.level is not Level.INSTANCE else set())
+            states.append({m.decode() for m in next(replies)})
 
         # Round trip 2: are the previous runs still going?
         prior_ids = sorted({jid for runs in previous if runs for jid in runs.values()})
@@ -201,14 +218,14 @@ class Enqueuer:
             plans.append((plan, result, new_members))
 
         # Round trip 3: every job of the batch in one atomic script. The pipeline only
-        # collects the commands (RQ writes its jobs into a pipeline); _APPLY runs them.
+        # collects the commands (redis-py's command API); _APPLY runs them.
         pipe = conn.pipeline(transaction=False)
-        now = time.time()
+        now = rq_now()
         used_queues: set[str] = set()
         for plan, result, new_members in plans:
-            self._record(plan, result, pipe, now)
+            self._record(plan, result, pipe, now.timestamp())
             if plan.jobs:
-                self._enqueue_plan(plan, result, pipe, new_members, used_queues)
+                self._enqueue_plan(plan, result, pipe, new_members, used_queues, now, token)
             elif result.status == "scheduled":
                 result.status = "nothing"
                 if plan.event.level is Level.INSTANCE and not plan.failures:
@@ -226,11 +243,9 @@ class Enqueuer:
         for name, n in counts.items():
             if n:
                 pipe.hincrby(keys.STATS, name, n)
-        words: list[Any] = [token]
-        for command, _options in pipe.command_stack:
-            words.append(len(command))
-            words.extend(command)
-        self._apply(keys=sorted(keys.claim(k) for k in mine), args=words)
+        # Bytes as MessagePack's raw strings: Redis's cmsgpack predates the bin types.
+        commands = msgpack.packb([command for command, _options in pipe.command_stack], use_bin_type=False)
+        self._apply(keys=sorted(keys.claim(k) for k in mine), args=[token, commands])
         return results
 
     def _state_key(self, event: Event) -> str:
@@ -250,58 +265,49 @@ class Enqueuer:
         result.declined = plan.declined
 
     def _enqueue_plan(self, plan: Plan, result: EventResult, pipe, new_members: set[str],
-                      used_queues: set[str]) -> None:
+                      used_queues: set[str], now: datetime, batch: str) -> None:
         """Add the plan's jobs to the batch's atomic write, each written once (HSET) and pushed or deferred."""
         event = plan.event
         context = event.context()
         if new_members:
             context["newMembers"] = sorted(new_members)
         ids: dict[str, str] = {}
-        settings = self.settings
+        run = run_id(event.key, batch)
+        stamp = utcformat(now)
+        description_tail = f"{event.level.value} {event.uid}"
         for planned in plan.jobs:
             spec = planned.job.spec
             queue = self.queues[spec.priority]
             used_queues.add(spec.priority)
-            depends_on = None
-            if planned.waits_for:
-                depends_on = Dependency(jobs=[ids[d] for d in planned.waits_for],
-                                        allow_failure=spec.runOnDependencyFailure)
-            job = Job.create(
-                RUNNER,
+            job_id = f"{spec.jobName}-{run}"
+            waits_for = [ids[d] for d in planned.waits_for]
+            pipe.hset(Job.key_for(job_id), mapping=self.hashes.mapping(
+                planned.job,
                 kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": event.headers,
                         "params": spec.params, "added_params": plan.added_params, "event": context},
-                connection=self.connection,
-                id=job_id_for(spec.jobName, event.key),
-                origin=queue.name,
-                # Its status goes into the same HSET as the rest of the job (RQ's enqueue
-                # writes it a second time on its own).
-                status=JobStatus.QUEUED if depends_on is None else JobStatus.DEFERRED,
-                description=f"{spec.jobName} {event.level.value} {event.uid}",
-                timeout=spec.timeout or settings.default_timeout,
-                result_ttl=settings.result_ttl,
-                failure_ttl=settings.failure_ttl,
-                retry=Retry(max=spec.retry.max, interval=spec.retry.interval) if spec.retry else None,
-                depends_on=depends_on,
+                description=f"{spec.jobName} {description_tail}",
                 meta={"event": event.key, "service": planned.job.service, "notes": planned.notes},
-            )
-            ids[spec.jobName] = job.id
-            if depends_on is None:
-                job.enqueued_at = rq_now()
-                job.save(pipeline=pipe)
-                queue.push_job_id(job.id, pipeline=pipe)
+                depends_on=waits_for, stamp=stamp))
+            if not waits_for:
+                queue.push_job_id(job_id, pipeline=pipe)
             else:
                 # Its dependencies are created in this same atomic write, so none can have
                 # finished yet: register it as deferred without RQ's WATCH round trips (what
-                # Job.register_dependency writes: the deferred registry and both link sets).
-                self.deferred[queue.name].add(job, ttl=job.ttl, pipeline=pipe)
-                for dependency_id in depends_on.dependencies:
-                    pipe.sadd(Job.dependents_key_for(dependency_id), job.id)
-                    pipe.sadd(job.dependencies_key, dependency_id)
-                job.save(pipeline=pipe)
-            job.cleanup(ttl=job.ttl, pipeline=pipe)  # no commands unless a job ttl is set
+                # Job.register_dependency writes: the deferred registry, scored by creation
+                # time, and both link sets).
+                pipe.zadd(self.deferred[queue.name].key, {job_id: now.timestamp()})
+                pipe.sadd(dependencies_key(job_id), *waits_for)
+                for dependency_id in waits_for:
+                    pipe.sadd(Job.dependents_key_for(dependency_id), job_id)
+            ids[spec.jobName] = job_id
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
         result.jobs = ids
-        pipe.set(keys.event_run(event.key), json.dumps(ids), ex=settings.failure_ttl)
+        pipe.set(keys.event_run(event.key), json.dumps(ids), ex=self.settings.failure_ttl)
+
+
+def dependencies_key(job_id: str) -> str:
+    """Where RQ keeps the ids a job depends on (`Job.dependencies_key`, without building a Job)."""
+    return f"{Job.redis_job_namespace_prefix}:{job_id}:dependencies"
 
 
 def _run_ids(raw: bytes | None) -> dict[str, str] | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import zlib
 
 import pytest
 import redis
-from rq import Queue, SimpleWorker
-from rq.job import Job, JobStatus
+from rq import Queue, Retry, SimpleWorker
+from rq.job import Dependency, Job, JobStatus
 from rq.registry import DeferredJobRegistry
 
 from dicomflow import keys
@@ -41,6 +42,46 @@ def test_jobs_are_enqueued_in_order_with_dependencies(make_client, services, con
     # Later callbacks see what earlier ones added; every worker gets all of it.
     assert c.kwargs["added_params"]["cJob"]["seen"] == ["aJob", "bJob"]
     assert set(c.kwargs["added_params"]) == {"aJob", "bJob", "cJob"}
+
+
+def test_job_hashes_hold_what_rq_writes_for_the_same_jobs(make_client, services, connection):
+    """The scheduler writes job hashes itself (scheduler/jobhash.py): field for field what
+    RQ's Job.create + save write for the same jobs, except data, which is not compressed."""
+    make_service(services, "a", job("aJob", "a", sortPosition=1, timeout="5m", retry={"max": 2, "interval": [1, 5]}))
+    make_service(services, "b", job("bJob", "b", sortPosition=2, dependsOn="aJob", runOnDependencyFailure=True,
+                                    priority="high"))
+    (result,) = post(make_client(), instance_event("1.0"))
+    a_id, b_id = result["jobs"]["aJob"], result["jobs"]["bJob"]
+    written = {name: {k.decode(): v for k, v in connection.hgetall(Job.key_for(jid)).items()}
+               for name, jid in result["jobs"].items()}
+    assert written["aJob"]["created_at"] == written["aJob"]["enqueued_at"]
+    a, b = Job.fetch(a_id, connection=connection), Job.fetch(b_id, connection=connection)
+    reference = {
+        "aJob": Job.create("worker.runtime.run_service_job", kwargs=a.kwargs, connection=connection, id=a_id,
+                           origin="default", status=JobStatus.QUEUED, description="aJob instance 1.0",
+                           timeout=300, result_ttl=86400, failure_ttl=7 * 86400, retry=Retry(max=2, interval=[1, 5]),
+                           meta={"event": "instance:1.0", "service": "a", "notes": []}),
+        "bJob": Job.create("worker.runtime.run_service_job", kwargs=b.kwargs, connection=connection, id=b_id,
+                           origin="high", status=JobStatus.DEFERRED, description="bJob instance 1.0",
+                           timeout=3600, result_ttl=86400, failure_ttl=7 * 86400,
+                           depends_on=Dependency(jobs=[a_id], allow_failure=True),
+                           meta={"event": "instance:1.0", "service": "b", "notes": []}),
+    }
+    reference["aJob"].enqueued_at = reference["aJob"].created_at
+    encode = connection.get_encoder().encode
+    for name, rq_job in reference.items():
+        expected = {k: encode(v) for k, v in rq_job.to_dict().items()}
+        got = dict(written[name])
+        assert got.pop("data") == zlib.decompress(expected.pop("data"))
+        for stamp in ("created_at", "enqueued_at"):
+            assert (stamp in got) == (stamp in expected)
+            got.pop(stamp, None), expected.pop(stamp, None)
+        assert got == expected
+    # RQ reads them back as its own jobs.
+    assert a.func_name == "worker.runtime.run_service_job" and a.kwargs["jobName"] == "aJob"
+    assert a.retries_left == 2 and a.retry_intervals == [1, 5] and a.timeout == 300
+    assert b.dependency_ids == [a_id] and b.allow_dependency_failures and b.meta["service"] == "b"
+    assert connection.smembers(b.dependencies_key) == {a_id.encode()}
 
 
 def test_declined_and_unscheduled_dependency_is_not_waited_for(make_client, services, connection):
