@@ -76,32 +76,38 @@ class EventBuilder:
         """The keywords among `tags` this reader cannot read."""
         return [t for t in tags if t not in reader.KEYWORDS]
 
-    def read(self, data: bytes, complete: bool = True) -> dict[str, str]:
-        """The configured tags from the file's bytes (or its start), trimmed as Orthanc's JSON has them.
+    def read(self, data: bytes, complete: bool = True) -> tuple[str, dict[str, str]]:
+        """The file's transfer syntax and the configured tags from its bytes (or its start),
+        trimmed as Orthanc's JSON has them.
 
         Raises:
-            reader.HeaderError: a header this reader leaves to Orthanc (character set with
-                code extensions, an unusual encoding, a file it cannot parse).
+            reader.HeaderError: a header this reader leaves to Orthanc (a transfer syntax in
+                ``reader.UNSUPPORTED_SYNTAXES``, a character set with code extensions, an
+                unusual encoding, a file it cannot parse).
             reader.Incomplete: `data` is only the start of the file and the header goes on.
         """
-        _, found = self.reader.read_start(data, complete, self._by_tag, self._last)
+        syntax, found = self.reader.read_start(data, complete, self._by_tag, self._last)
         values = self.reader.decode(found, self._text)
         limit = self.max_string_length
-        return {self._by_tag[tag]: value.strip("\x00 ") for tag, value in values.items()
-                if tag in self._by_tag and len(value) <= limit}
+        return syntax, {self._by_tag[tag]: value.strip("\x00 ") for tag, value in values.items()
+                        if tag in self._by_tag and len(value) <= limit}
 
     def build(self, instance_id: str, data: bytes, complete: bool, aet: str | None, ip: str | None,
               called: str | None, syntax: str | None, received: float) -> str | None:
         """The instance's event as JSON text; None when it needs Orthanc (see `read`, `computed_ids`).
 
+        `syntax` None: the transfer syntax is read from the file (the callback no longer asks
+        Orthanc for it: ~6 µs of Orthanc's ingest thread per instance).
+
         Raises:
             reader.Incomplete: `data` is only the start of the file and the header goes on.
         """
         try:
-            dataset = self.read(data, complete)
+            found_syntax, dataset = self.read(data, complete)
         except self.reader.HeaderError:
             return None
         ids = computed_ids(instance_id, dataset)
         if ids is None:
             return None
-        return to_json(instance_event(select_headers(self.tags, dataset), ids, aet, ip, called, syntax, received))
+        return to_json(instance_event(select_headers(self.tags, dataset), ids, aet, ip, called,
+                                      syntax or found_syntax, received))

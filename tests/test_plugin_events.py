@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pydicom
 from pydicom.multival import MultiValue
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 import pytest
 
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
+from tests.support.repack_dicom import make_instance
 from tests.support.procs import wait_for
 
 CALLING_AET = "OXITESTORTHANC"
@@ -170,3 +172,23 @@ def test_status_route_counts(ingest):
     assert status["sender"] == "running"
     answer = server.session.post(server.url + "/dicomflow/status", timeout=10)
     assert answer.status_code == 405
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
+def test_a_syntax_the_reader_leaves_to_orthanc_still_gives_a_full_event(tmp_path, syntax):
+    """The callback takes the bytes without asking Orthanc for their transfer syntax; where
+    the raw reader cannot read them (big endian, deflated), Orthanc's REST API fills in."""
+    sink = EventSink().start()
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url).start()
+    try:
+        path = make_instance(tmp_path / "odd.dcm", transfer_syntax=syntax)
+        server.post("/instances", path.read_bytes())
+        (event,) = sink.wait_for_events(1, level="instance", timeout=30)
+        headers, file_syntax = _expected(path)
+        assert file_syntax == syntax and event["transferSyntax"] == syntax
+        for tag, value in headers.items():
+            assert event["headers"][tag] == value, tag
+        assert event["orthanc"]["instance"] in server.get("/instances")
+    finally:
+        server.stop()
+        sink.stop()
