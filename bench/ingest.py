@@ -8,6 +8,8 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       (gunicorn, at nice 10 as run.sh starts it) with its own redis-server and the two example services (tempJob, and
       tempFollowJob depending on it), so every instance becomes two RQ jobs; with `--sink`,
       an in-process HTTP sink instead (delivery only); `--scheduler-url` for one you run,
+  (c-sink) the same plugin delivering to an in-process HTTP sink in the same run as (c):
+      (c)/(c-sink) is what the scheduler and Redis cost the ingest, (c-sink)/(b) the plugin,
   (c-nice0) the same as (c) with the scheduler at nice 0 (at 10 the kernel lets Orthanc's
       ingest run first),
   (c-thread) the same as (c) with the events built by the sender thread in Orthanc's
@@ -80,7 +82,9 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "c0", "ci", "cf", "ct", "cj")
+SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj")
+#: The setups with the dicomflow plugin (all but "cs" deliver to a real scheduler unless --sink).
+FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -143,6 +147,7 @@ LABELS = {
     "b": "(b) on-stored callback that only returns",
     "b'": "(b') change callback only",
     "c": "(c) full dicomflow plugin",
+    "cs": "(c-sink) the same plugin, delivering to an HTTP sink",
     "c0": "(c-nice0) the same, scheduler at nice 0",
     "ci": "(c-idle) the same, scheduler under SCHED_IDLE",
     "cf": "(c-50ms) the same, MaxBatchDelay 0.05 s, BatchSize 200",
@@ -178,7 +183,7 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
              scheduler_url: str | None, token: str, pipeline: RealScheduler | None = None) -> dict[str, float]:
     """Start a fresh Orthanc for `setup`, send the folder once, return rate (and latency for c)."""
     sink = None
-    full = setup in ("c", "c0", "ci", "cf", "ct", "cj")
+    full = setup in FULL
     if full and pipeline is not None:
         pipeline.reset()
         scheduler_url, token = pipeline.url, pipeline.token
@@ -256,8 +261,9 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     rate = {s: medians[s]["rate"] for s in setups}
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
-    ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("b", "a"), ("b'", "a"), ("c0", "a"), ("c0", "b"),
-                                  ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"), ("cj", "b"))
+    ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("cs", "b"), ("c", "cs"), ("b", "a"), ("b'", "a"),
+                                  ("c0", "a"), ("c0", "b"), ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"),
+                                  ("cj", "b"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -308,7 +314,7 @@ def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path,
     servers: dict[str, OrthancServer] = {}
     try:
         for setup in setups:
-            full = setup in ("c", "c0", "ci", "cf", "ct", "cj")
+            full = setup in FULL
             url = scheduler_url or "http://127.0.0.1:9"
             if full and setup in pipelines:
                 url = pipelines[setup].url
