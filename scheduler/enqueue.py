@@ -151,15 +151,15 @@ class Enqueuer:
                 token: str) -> list[EventResult]:
         conn = self.connection
         # Round trip 1: claim each event key (concurrent duplicates lose), read its last run.
-        claim_keys, wanted = [], [token, CLAIM_MS]
+        claim_keys, claim_args = [], [token, CLAIM_MS]
         for event in events:
             run_key = keys.event_run(event.key)
             instance = event.level is Level.INSTANCE
             claim_keys += (keys.claim(event.key), run_key, run_key if instance else self._state_key(event))
-            wanted.append(0 if instance else 1)
-        replies = iter(self._claim(keys=claim_keys, args=wanted))
+            claim_args.append(0 if instance else 1)
+        replies = iter(self._claim(keys=claim_keys, args=claim_args))
         claimed, previous, states = [], [], []
-        for _event in events:
+        for _ in events:
             claimed.append(bool(next(replies)))
             previous.append(_run_ids(next(replies)))
             states.append({m.decode() for m in next(replies)})
