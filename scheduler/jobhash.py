@@ -61,7 +61,7 @@ class JobHashes:
             return cached.fields
         if len(self._templates) > 512:  # services were reloaded many times: drop the old ones
             self._templates.clear()
-        fields = self.rq_job(loaded, "template", {}, "", {}, ["dependency"] if deferred else []).to_dict()
+        fields = self._template_job(loaded, deferred).to_dict()
         for name in PER_JOB:
             fields.pop(name, None)
         odd = {name: value for name, value in fields.items()
@@ -71,20 +71,17 @@ class JobHashes:
         self._templates[key] = _Template(loaded, fields)
         return fields
 
-    def rq_job(self, loaded: LoadedJob, job_id: str, kwargs: dict[str, Any], description: str,
-               meta: dict[str, Any], depends_on: Sequence[str]) -> Job:
-        """The RQ `Job` RQ's own API would make for this job (the template's source; tests compare)."""
+    def _template_job(self, loaded: LoadedJob, deferred: bool) -> Job:
+        """The RQ `Job` RQ's own API makes for a job of `loaded` (its per-job fields are dropped)."""
         spec, settings = loaded.spec, self.settings
         return Job.create(
-            RUNNER, kwargs=kwargs, connection=self.connection, id=job_id, origin=spec.priority,
-            status=JobStatus.DEFERRED if depends_on else JobStatus.QUEUED,
-            description=description,
+            RUNNER, connection=self.connection, id="template", origin=spec.priority,
+            status=JobStatus.DEFERRED if deferred else JobStatus.QUEUED,
             timeout=spec.timeout or settings.default_timeout,
             result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl,
             retry=Retry(max=spec.retry.max, interval=spec.retry.interval) if spec.retry else None,
-            depends_on=Dependency(jobs=list(depends_on), allow_failure=spec.runOnDependencyFailure)
-            if depends_on else None,
-            meta=meta,
+            depends_on=Dependency(jobs=["dependency"], allow_failure=spec.runOnDependencyFailure)
+            if deferred else None,
         )
 
     def mapping(self, loaded: LoadedJob, kwargs: dict[str, Any], description: str, meta: dict[str, Any],
