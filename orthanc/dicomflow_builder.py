@@ -30,12 +30,19 @@ from typing import Any
 
 _LENGTH = 8
 _MARSHAL_VERSION = 4
-#: The first bytes of a file handed over at first: the default tags end before the pixel data,
-#: but after private groups (sag-anon's Siemens CSA headers: 101 KB). A longer header is asked
-#: for again (`BuilderProcess.build_events`), so a CT's pixels rarely cross the pipe.
+#: The most bytes of a file handed over at first, where no pixel data starts before: the
+#: default tags end before the pixel data, but after private groups (sag-anon's Siemens CSA
+#: headers: 101 KB). A longer header is asked for again (`BuilderProcess.build_events`).
 PREFIX = 32 * 1024
 #: Requests per batch before the rest is sent whole.
 _ROUNDS = 4
+#: The pixel data tag (7FE0,0010) as a little endian file stores it. The header the builder
+#: reads ends before it, so only the bytes up to it (and its element header: the reader then
+#: sees a tag past the last one wanted and stops) cross the pipe, not a small file's pixels.
+#: The same bytes inside a header value only cut too early: the builder asks for more.
+_PIXEL_DATA = b"\xe0\x7f\x10\x00"
+_ELEMENT_HEADER = 12
+_PREAMBLE = 132
 
 
 class BuilderError(Exception):
@@ -92,8 +99,11 @@ class BuilderProcess:
             BuilderError: as `build`.
         """
         files = {seq: data for seq, _, data, _ in items}
-        requests = [(seq, instance_id, data[:PREFIX], len(data) <= PREFIX, *context)
-                    for seq, instance_id, data, context in items]
+        requests = []
+        for seq, instance_id, data, context in items:
+            end = data.find(_PIXEL_DATA, _PREAMBLE, PREFIX)
+            end = PREFIX if end < 0 else end + _ELEMENT_HEADER
+            requests.append((seq, instance_id, data[:end], len(data) <= end, *context))
         by_seq = {request[0]: request for request in requests}
         built: dict[int, str | None] = {}
         for round_ in range(1, _ROUNDS + 1):
