@@ -187,8 +187,10 @@ def _cpu(server: OrthancServer, pipeline: RealScheduler | None) -> dict[str, flo
 
 def _pin_children(pid: int, cpus: Sequence[int]) -> None:
     """Move every thread of `pid`'s child processes (the plugin's builder) to `cpus`."""
-    with open(f"/proc/{pid}/task/{pid}/children") as handle:
-        children = [int(child) for child in handle.read().split()]
+    children = []
+    for thread in os.listdir(f"/proc/{pid}/task"):  # a child is listed under the thread that started it
+        with open(f"/proc/{pid}/task/{thread}/children") as handle:
+            children += [int(child) for child in handle.read().split()]
     for child in children:
         for task in os.listdir(f"/proc/{child}/task"):
             os.sched_setaffinity(int(task), cpus)
