@@ -57,7 +57,7 @@ import requests
 from rq import Queue
 from rq.job import Job
 
-from bench.support import cpu_seconds, private_redis
+from bench.support import children, cpu_seconds, private_redis
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
 from tests.support.procs import free_port, wait_for
 
@@ -176,22 +176,24 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _cpu(server: OrthancServer, pipeline: RealScheduler | None) -> dict[str, float]:
-    """CPU seconds so far of Orthanc, of waited-for children (storescu) and of the pipeline."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = {"orthanc": cpu_seconds(server.proc.pid), "storescu": children.ru_utime + children.ru_stime}
+def _cpu(server: OrthancServer, pipeline: RealScheduler | None, plugin: bool = False) -> dict[str, float]:
+    """CPU seconds so far of Orthanc (with its builder process), of waited-for children
+    (storescu) and of the pipeline; with the dicomflow `plugin`, also the part of Orthanc's
+    that is the plugin's sender thread (its status says) and the builder process's."""
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = {"orthanc": cpu_seconds(server.proc.pid), "storescu": waited.ru_utime + waited.ru_stime}
+    if plugin:
+        out["sender"] = server.status()["senderCpuSeconds"]
+        out["builder"] = cpu_seconds(*children(server.proc.pid))
     if pipeline is not None:
         out.update(pipeline.cpu())
     return out
 
 
+
 def _pin_children(pid: int, cpus: Sequence[int]) -> None:
     """Move every thread of `pid`'s child processes (the plugin's builder) to `cpus`."""
-    children = []
-    for thread in os.listdir(f"/proc/{pid}/task"):  # a child is listed under the thread that started it
-        with open(f"/proc/{pid}/task/{thread}/children") as handle:
-            children += [int(child) for child in handle.read().split()]
-    for child in children:
+    for child in children(pid):
         for task in os.listdir(f"/proc/{child}/task"):
             os.sched_setaffinity(int(task), cpus)
 
@@ -220,7 +222,7 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
     server = _orthanc_for(setup, work, scripts, url, token)
     try:
         server.start()
-        cpu_before = _cpu(server, pipeline if full else None)
+        cpu_before = _cpu(server, pipeline if full else None, full)
         started = time.perf_counter()
         server.store([files_dir])
         elapsed = time.perf_counter() - started
@@ -240,7 +242,7 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
                 result["p50_ms"] = _percentile(latencies, 0.50) * 1000
                 result["p99_ms"] = _percentile(latencies, 0.99) * 1000
                 result["posts"] = len(sink.delivered_batches())
-        cpu_after = _cpu(server, pipeline if full else None)
+        cpu_after = _cpu(server, pipeline if full else None, full)
         for name, before in cpu_before.items():
             result[f"cpu_{name}_ms"] = (cpu_after[name] - before) * 1000 / count
         if full:
@@ -275,7 +277,7 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
             runs[setup].append(result)
             extra = (f", p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
                      f"{result['posts']} POSTs" if "p50_ms" in result else "")
-            cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in result.items() if k.startswith("cpu_"))
+            cpu = ", ".join(f"{k[4:-3]} {v:.3f}" for k, v in result.items() if k.startswith("cpu_"))
             print(f"  round {round_ + 1} {LABELS[setup]:<45} {result['rate']:7.1f} inst/s{extra}; "
                   f"CPU ms/instance: {cpu}", flush=True)
     return _summary(runs, setups, bool(pipelines))
@@ -303,7 +305,7 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
         print(f"  {LABELS[x].split()[0]}/{LABELS[y].split()[0]} per round: median {statistics.median(paired):.3f} "
               f"(95 % interval {low:.3f}-{high:.3f}), range {paired[0]:.3f}-{paired[-1]:.3f}")
     for setup in setups:
-        cpu = ", ".join(f"{k[4:-3]} {v:.2f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
+        cpu = ", ".join(f"{k[4:-3]} {v:.3f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
         print(f"  median CPU ms per instance {LABELS[setup].split()[0]}: {cpu}")
     others = [s for s in setups if s != "c" and "p50_ms" in medians[s]]
     if others:
@@ -388,7 +390,7 @@ def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealS
     if sink is not None:
         sink.batches.clear()
     os.sync()  # the previous chunk's writes go to disk now, not during this one
-    cpu_before = _cpu(server, pipeline)
+    cpu_before = _cpu(server, pipeline, plugin=pipeline is not None or sink is not None)
     started = time.perf_counter()
     server.store([folder])
     elapsed = time.perf_counter() - started
@@ -404,7 +406,7 @@ def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealS
         result["drained"] = time.perf_counter() - started
         result["p50_ms"] = _percentile(latencies, 0.50) * 1000
         result["p99_ms"] = _percentile(latencies, 0.99) * 1000
-    cpu_after = _cpu(server, pipeline)
+    cpu_after = _cpu(server, pipeline, plugin=pipeline is not None or sink is not None)
     for name, before in cpu_before.items():
         result[f"cpu_{name}_ms"] = (cpu_after[name] - before) * 1000 / count
     return result

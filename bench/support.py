@@ -56,13 +56,20 @@ def best_rate(run: Callable[[], int], repeats: int = 3) -> tuple[float, list[flo
     return statistics.median(rates), rates
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid` (from /proc; Linux)."""
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc; Linux), whichever of its threads started them."""
+    found = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(p) for p in handle.read().split()]
+        threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
+    for thread in threads:  # a child is listed under the thread that started it, not the process
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children") as handle:
+                found += [int(p) for p in handle.read().split()]
+        except OSError:
+            continue
+    return found
 
 
 def cpu_seconds(*pids: int) -> float:
@@ -80,5 +87,5 @@ def cpu_seconds(*pids: int) -> float:
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        todo.extend(_children(pid))
+        todo.extend(children(pid))
     return total

@@ -414,6 +414,8 @@ class Relay:
         self._counters_lock = threading.Lock()
         self.last_error: str | None = None
         self.last_delivery: float | None = None
+        #: CPU seconds the sender thread has used (its share of Orthanc's CPU), as of its last step.
+        self._sender_cpu = 0.0
         self._thread = threading.Thread(target=self._run, name="dicomflow-sender", daemon=True)
 
     def _event_builder(self, settings: PluginSettings) -> EventBuilder | None:
@@ -538,6 +540,7 @@ class Relay:
             "checkpoint": self._checkpoint,
             "caughtUp": self._caught_up,
             "gilSwitchInterval": sys.getswitchinterval(),
+            "senderCpuSeconds": round(self._sender_cpu, 4),
         }
 
     # ---- building events (sender thread) ------------------------------------------------
@@ -765,6 +768,7 @@ class Relay:
                     self._advance_checkpoint(time.monotonic())
                 except Exception as exc:  # noqa: BLE001 - only the checkpoint lags; delivery goes on
                     self.last_error = f"checkpoint: {type(exc).__name__}: {exc}"
+            self._sender_cpu = time.thread_time()
         self._drain_queue_to_spool()
 
     def _wait_for_orthanc(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pydicom
@@ -30,6 +31,13 @@ def _expected(path: Path) -> tuple[dict[str, str], str]:
             value = ds[tag].value
             headers[tag] = "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
     return headers, str(ds.file_meta.TransferSyntaxUID)
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads, not its children)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 #: The ways the plugin builds events: headers read from the file's bytes by the builder process
@@ -62,6 +70,8 @@ def ingest(request, tmp_path_factory, sag_anon):
             assert (status["builder"], status["builtInPlugin"]) == ("process", 0)
         else:
             assert status["builder"] == "thread" and status["builtInPlugin"] >= 192 + 25
+        # The sender thread's CPU: some, and part of Orthanc's own (the builder's is not in it).
+        assert 0 < status["senderCpuSeconds"] <= _process_cpu_seconds(server.proc.pid)
         yield server, sink, sorted(sag_anon.glob("*.dcm")) + generated, folder
     finally:
         server.stop()
