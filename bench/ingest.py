@@ -167,8 +167,8 @@ def median_interval(values: Sequence[float], resamples: int = 4000, seed: int = 
     when the interval's low end is above it, not when the median happens to be.
     """
     rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return _percentile(medians, 0.025), _percentile(medians, 0.975)
+    medians = [statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)]
+    return _percentile(medians, 0.025), _percentile(medians, 0.975)  # _percentile sorts
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -190,12 +190,24 @@ def _cpu(server: OrthancServer, pipeline: RealScheduler | None, plugin: bool = F
     return out
 
 
-
 def _pin_children(pid: int, cpus: Sequence[int]) -> None:
     """Move every thread of `pid`'s child processes (the plugin's builder) to `cpus`."""
     for child in children(pid):
         for task in os.listdir(f"/proc/{child}/task"):
             os.sched_setaffinity(int(task), cpus)
+
+
+def _start_sink(token: str, cpus: Sequence[int]) -> EventSink:
+    """An in-process HTTP sink; with `cpus` (--pin), its server thread and the handler
+    threads it starts run there, off the ingest's CPU."""
+    if not cpus:
+        return EventSink(token=token).start()
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)  # threads inherit the affinity of the thread that starts them
+    try:
+        return EventSink(token=token).start()
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, token: str) -> OrthancServer:
@@ -350,13 +362,7 @@ def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path,
                 url = pipelines[setup].url
                 token = pipelines[setup].token
             elif full and scheduler_url is None:
-                mine = os.sched_getaffinity(0)
-                if pipeline_cpus:  # its server thread (and the handler threads it starts) run there
-                    os.sched_setaffinity(0, pipeline_cpus)
-                try:
-                    sinks[setup] = EventSink(token=token).start()
-                finally:
-                    os.sched_setaffinity(0, mine)
+                sinks[setup] = _start_sink(token, pipeline_cpus)
                 url = sinks[setup].url
             servers[setup] = _orthanc_for(setup, root / f"{name}-{setup}", scripts, url, token).start()
         runs: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
@@ -390,7 +396,8 @@ def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealS
     if sink is not None:
         sink.batches.clear()
     os.sync()  # the previous chunk's writes go to disk now, not during this one
-    cpu_before = _cpu(server, pipeline, plugin=pipeline is not None or sink is not None)
+    plugin = pipeline is not None or sink is not None
+    cpu_before = _cpu(server, pipeline, plugin)
     started = time.perf_counter()
     server.store([folder])
     elapsed = time.perf_counter() - started
@@ -406,7 +413,7 @@ def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealS
         result["drained"] = time.perf_counter() - started
         result["p50_ms"] = _percentile(latencies, 0.50) * 1000
         result["p99_ms"] = _percentile(latencies, 0.99) * 1000
-    cpu_after = _cpu(server, pipeline, plugin=pipeline is not None or sink is not None)
+    cpu_after = _cpu(server, pipeline, plugin)
     for name, before in cpu_before.items():
         result[f"cpu_{name}_ms"] = (cpu_after[name] - before) * 1000 / count
     return result
