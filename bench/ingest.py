@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -171,6 +172,22 @@ def median_interval(values: Sequence[float], resamples: int = 4000, seed: int = 
     return _percentile(medians, 0.025), _percentile(medians, 0.975)  # _percentile sorts
 
 
+def rotation_ratios(xs: Sequence[float], ys: Sequence[float], period: int) -> list[float]:
+    """The ratio x/y of each full rotation of the order: the geometric mean of `period`
+    consecutive rounds' ratios, in which every setup took every position once.
+
+    On this VM's disk a round's first chunk is slower than the next: in two 40-round runs
+    of (b) and (c), the rounds (c) went first gave (c)/(b) medians of 0.85 and 0.90, the
+    rounds (b) went first 1.10 and 1.02, so the per-round ratios split into two groups and
+    their median falls between them. Over a rotation each setup took each position once,
+    and a position's factor cancels out of the product. Rounds past the last full rotation
+    are left out.
+    """
+    ratios = [x / y for x, y in zip(xs, ys)]
+    return [math.exp(sum(math.log(r) for r in ratios[i:i + period]) / period)
+            for i in range(0, len(ratios) - period + 1, period)]
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -217,6 +234,24 @@ def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, tok
                          plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
                                          "BuilderProcess": setup != "ct",
                                          **({"MaxBatchDelay": 0.05, "BatchSize": 200} if setup == "cf" else {})})
+
+
+def settle(folder: Path) -> None:
+    """Read every file of `folder` once, then write everything to disk.
+
+    With `relatime` (Debian's default) the first read of a file after it was written
+    updates its access time: without this, storescu's first send of a chunk would dirty
+    its 1,000 inodes while it is timed, and the journal commits of that Orthanc's own
+    fsyncs would carry them; the setup that goes first in a round would pay for it. (The
+    read must come a clock tick after the write: an access time equal to the
+    modification time is updated again.) What is left of a first position's cost is
+    cancelled by reading the ratios per rotation (`rotation_ratios`).
+    """
+    time.sleep(0.02)
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            f.read(1)
+    os.sync()
 
 
 def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[str, Path],
@@ -278,6 +313,7 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
     files_dir = root / f"{name}-dicom"
     started = time.perf_counter()
     write_series(files_dir, count, rows=rows, columns=rows, patient_id=f"BENCH{name.upper()}")
+    settle(files_dir)
     size_kb = sum(p.stat().st_size for p in files_dir.iterdir()) / count / 1024
     print(f"\n## {name}: {count} instances {rows}x{rows} 16-bit, {size_kb:.0f} KB each "
           f"(generated in {time.perf_counter() - started:.1f} s)", flush=True)
@@ -296,7 +332,7 @@ def bench_size(name: str, count: int, rows: int, repeat: int, root: Path, script
 
 
 def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
-             scheduled: bool) -> dict[str, dict[str, float]]:
+             scheduled: bool, period: int = 0) -> dict[str, dict[str, float]]:
     """Print the medians, the ratios (of the medians and per round), CPU and latency; return the medians."""
     medians = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     rate = {s: medians[s]["rate"] for s in setups}
@@ -316,6 +352,15 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
         medians[x][f"per_round_{y}_low"], medians[x][f"per_round_{y}_high"] = low, high
         print(f"  {LABELS[x].split()[0]}/{LABELS[y].split()[0]} per round: median {statistics.median(paired):.3f} "
               f"(95 % interval {low:.3f}-{high:.3f}), range {paired[0]:.3f}-{paired[-1]:.3f}")
+        rotations = sorted(rotation_ratios([r["rate"] for r in runs[x]], [r["rate"] for r in runs[y]], period)
+                           if period > 1 else [])
+        if len(rotations) > 1:
+            low, high = median_interval(rotations)
+            medians[x][f"per_rotation_{y}"] = statistics.median(rotations)
+            medians[x][f"per_rotation_{y}_low"], medians[x][f"per_rotation_{y}_high"] = low, high
+            print(f"  {LABELS[x].split()[0]}/{LABELS[y].split()[0]} per rotation ({len(rotations)} x {period} rounds): "
+                  f"median {statistics.median(rotations):.3f} (95 % interval {low:.3f}-{high:.3f}), "
+                  f"range {rotations[0]:.3f}-{rotations[-1]:.3f}")
     for setup in setups:
         cpu = ", ".join(f"{k[4:-3]} {v:.3f}" for k, v in medians[setup].items() if k.startswith("cpu_"))
         print(f"  median CPU ms per instance {LABELS[setup].split()[0]}: {cpu}")
@@ -348,6 +393,7 @@ def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path,
     for round_ in range(rounds + 1):  # round 0 warms every setup up and is not counted
         folder = root / f"{name}-dicom" / str(round_)
         write_series(folder, chunk, rows=rows, columns=rows, patient_id=f"BENCH{name.upper()}{round_}")
+        settle(folder)
         folders.append(folder)
     size_kb = sum(p.stat().st_size for p in folders[0].iterdir()) / chunk / 1024
     print(f"\n## {name}: {rounds} rounds of {chunk} instances {rows}x{rows} 16-bit, {size_kb:.0f} KB each, "
@@ -385,7 +431,7 @@ def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path,
             sink.stop()
         if leftovers(list(servers.values())):
             raise RuntimeError("an Orthanc of the benchmark did not stop")
-    return _summary(runs, setups, bool(pipelines))
+    return _summary(runs, setups, bool(pipelines), period=len(setups))
 
 
 def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealScheduler | None,
