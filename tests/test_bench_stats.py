@@ -1,8 +1,10 @@
 """The ingest benchmark's statistics: the interval that decides whether a target is met."""
 
+import os
 import statistics
+import time
 
-from bench.ingest import median_interval
+from bench.ingest import median_interval, rotation_ratios, settle
 
 #: Ten rounds spread as this VM's per-round ratios do (±10 %), median 0.97.
 ROUNDS = [0.85, 0.88, 0.91, 0.94, 0.96, 0.98, 1.00, 1.03, 1.06, 1.09]
@@ -26,11 +28,6 @@ def test_rounds_that_agree_give_no_spread():
 
 def test_settled_files_are_read_without_dirtying_their_inodes(tmp_path):
     """`settle` reads a chunk once before it is timed: storescu's read then leaves the atime alone."""
-    import os
-    import time
-
-    from bench.ingest import settle
-
     files = [tmp_path / f"{n}.dcm" for n in range(3)]
     for path in files:
         path.write_bytes(b"x" * 100)
@@ -45,8 +42,6 @@ def test_settled_files_are_read_without_dirtying_their_inodes(tmp_path):
 def test_a_rotation_cancels_who_went_first():
     """Two setups, the order alternating, the first chunk of each round 10 % slow: the
     per-round ratios split in two groups; each rotation's ratio is the true one."""
-    from bench.ingest import rotation_ratios
-
     true_ratio, first_penalty = 0.96, 0.90
     b_rates, c_rates = [], []
     for round_ in range(1, 21):
