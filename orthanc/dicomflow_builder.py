@@ -14,8 +14,18 @@ request is a list of ``(seq, instance_id, data, complete, aet, ip, called, synta
 received)`` — `data` the file's bytes, or its first bytes with ``complete`` false — and
 each answer the list of ``(seq, answer)`` in the same order: the event's JSON, an offset
 (the header goes on past `data`: send the file's bytes at least up to there), or None (the
-plugin builds that one itself, asking Orthanc). The child exits when its stdin closes, so
-it never outlives Orthanc, however Orthanc ends. Standard library only.
+plugin builds that one itself, asking Orthanc).
+
+When the configuration has ``"delivery"`` (the scheduler's URL, token, intake path and
+timeouts), the builder also delivers: a request ``("keep", requests)`` is answered as
+above but with True instead of each event's JSON, which the child keeps; then
+``("deliver", parts)`` — each part a kept event's seq or a ``(seq, JSON)`` the plugin built
+— is POSTed as one batch, in that order, and answered ``(status, reason, rows)``: the HTTP
+status (None when the scheduler could not be reached), the start of its answer (or the
+error), and the ``(seq, JSON)`` rows unless the batch was taken (2xx), for the plugin to
+spool or keep as dead letters. The sender thread in Orthanc then neither reads the events
+back nor POSTs them. The child exits when its stdin closes, so it never outlives Orthanc,
+however Orthanc ends. Standard library only.
 """
 
 from __future__ import annotations
@@ -65,11 +75,21 @@ class BuilderProcess:
     """
 
     def __init__(self, python: str, root: str, tags: tuple[str, ...], max_string_length: int,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0, delivery: dict[str, Any] | None = None):
         self._command = [python, "-I", "-S", os.path.abspath(__file__)]
         self._config = {"root": root, "tags": list(tags), "maxStringLength": max_string_length}
+        if delivery is not None:
+            self._config["delivery"] = delivery
         self._timeout = timeout
+        #: How long a delivery may take: connecting, and the request twice (one reconnect).
+        self._delivery_timeout = (timeout + delivery["connectTimeout"] + 2 * delivery["requestTimeout"]
+                                  if delivery is not None else timeout)
         self._proc: subprocess.Popen | None = None
+
+    @property
+    def delivers(self) -> bool:
+        """Whether the child delivers the batches it builds (`build_events(keep=True)`, `deliver`)."""
+        return "delivery" in self._config
 
     @property
     def pid(self) -> int | None:
@@ -91,9 +111,11 @@ class BuilderProcess:
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._write(_frame(self._config), time.monotonic() + self._timeout)
 
-    def build_events(self, items: list[tuple[int, str, bytes, tuple]]) -> dict[int, str | None]:
+    def build_events(self, items: list[tuple[int, str, bytes, tuple]],
+                     keep: bool = False) -> dict[int, str | bool | None]:
         """{seq: event JSON or None} for `items` (seq, instance id, the file's bytes, (aet, ip,
         called, syntax, received)): the start of each file first, more where the header goes on.
+        With `keep` (a delivering child), True instead of each JSON: the child keeps it for `deliver`.
 
         Raises:
             BuilderError: as `build`.
@@ -105,10 +127,10 @@ class BuilderProcess:
             end = PREFIX if end < 0 else end + _ELEMENT_HEADER
             requests.append((seq, instance_id, data[:end], len(data) <= end, *context))
         by_seq = {request[0]: request for request in requests}
-        built: dict[int, str | None] = {}
+        built: dict[int, str | bool | None] = {}
         for round_ in range(1, _ROUNDS + 1):
             again = []
-            for seq, answer in self.build(requests):
+            for seq, answer in self.build(requests, keep):
                 if isinstance(answer, int) and not isinstance(answer, bool):
                     data = files[seq]
                     size = len(data) if round_ == _ROUNDS - 1 else max(answer, 2 * len(by_seq[seq][2]))
@@ -121,28 +143,49 @@ class BuilderProcess:
             by_seq.update((request[0], request) for request in again)
         return built
 
-    def build(self, requests: list[tuple]) -> list[tuple[int, str | int | None]]:
+    def build(self, requests: list[tuple], keep: bool = False) -> list[tuple[int, str | int | bool | None]]:
         """Answers to `requests` (see the module's protocol), in order.
 
         Raises:
             BuilderError: the child died or hung (it is then stopped; `start` again to retry).
         """
+        answer = self._exchange(("keep", requests) if keep else requests, self._timeout)
+        if not isinstance(answer, list) or len(answer) != len(requests):
+            self.close()
+            count = len(answer) if isinstance(answer, list) else "no"
+            raise BuilderError(f"{count} answers to {len(requests)} requests")
+        return answer
+
+    def deliver(self, parts: list[int | tuple[int, str]]) -> tuple[int | None, str, list[tuple[int, str]] | None]:
+        """POST kept events (by seq) and events built elsewhere ((seq, JSON)) as one batch.
+
+        Returns (status or None when the scheduler could not be reached, the start of its
+        answer or the error, the batch's (seq, JSON) rows unless it was taken).
+
+        Raises:
+            BuilderError: as `build` (whether the batch was taken is then unknown).
+        """
+        answer = self._exchange(("deliver", parts), self._delivery_timeout)
+        try:
+            status, reason, rows = answer
+        except (TypeError, ValueError) as exc:
+            self.close()
+            raise BuilderError(f"unreadable delivery answer: {exc}") from exc
+        return status, reason, rows
+
+    def _exchange(self, request: Any, timeout: float) -> Any:
         if self._proc is None:
             raise BuilderError("not started")
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + timeout
         try:
-            self._write(_frame(requests), deadline)
-            answer = marshal.loads(self._read(int.from_bytes(self._read(_LENGTH, deadline), "little"), deadline))
+            self._write(_frame(request), deadline)
+            return marshal.loads(self._read(int.from_bytes(self._read(_LENGTH, deadline), "little"), deadline))
         except BuilderError:
             self.close()
             raise
         except (ValueError, EOFError, TypeError) as exc:
             self.close()
             raise BuilderError(f"unreadable answer: {exc}") from exc
-        if len(answer) != len(requests):
-            self.close()
-            raise BuilderError(f"{len(answer)} answers to {len(requests)} requests")
-        return answer
 
     def _write(self, data: bytes, deadline: float) -> None:
         fd = self._proc.stdin.fileno()
@@ -230,21 +273,43 @@ def main() -> int:
     from dicomflow import dicomheader
     from dicomflow_events import EventBuilder
 
+    from dicomflow_delivery import Delivery, DeliveryError, batch_body
+
     builder = EventBuilder(dicomheader, config["tags"], config["maxStringLength"])
+    settings = config.get("delivery")
+    delivery = None if settings is None else Delivery(
+        settings["url"], settings["token"], settings["eventsPath"], settings["connectTimeout"],
+        settings["requestTimeout"])
+    #: The events built in "keep" requests, by seq, until the "deliver" request of their batch.
+    kept: dict[int, str] = {}
     while True:
-        requests = _read_frame(stdin)
-        if requests is None:
+        request = _read_frame(stdin)
+        if request is None:
             return 0
-        answer = []
-        for seq, instance_id, data, complete, aet, ip, called, syntax, received in requests:
+        if isinstance(request, tuple) and request[0] == "deliver":
+            rows = [part if isinstance(part, tuple) else (part, kept.pop(part)) for part in request[1]]
+            kept.clear()  # one batch at a time: nothing older is asked for again
             try:
-                text = builder.build(instance_id, data, complete, aet, ip, called, syntax, received)
-            except dicomheader.Incomplete as need:
-                text = need.end
-            except Exception as exc:  # noqa: BLE001 - one odd file: the plugin builds it itself and says why
-                print(f"dicomflow builder: instance {instance_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                text = None
-            answer.append((seq, text))
+                status, data = delivery.post(batch_body([text for _, text in rows]))
+                answer = (status, data[:500].decode("utf-8", "replace"), None if 200 <= status < 300 else rows)
+            except DeliveryError as exc:
+                answer = (None, str(exc), rows)
+        else:
+            keep = isinstance(request, tuple)
+            answer = []
+            for seq, instance_id, data, complete, aet, ip, called, syntax, received in (
+                    request[1] if keep else request):
+                try:
+                    text = builder.build(instance_id, data, complete, aet, ip, called, syntax, received)
+                except dicomheader.Incomplete as need:
+                    text = need.end
+                except Exception as exc:  # noqa: BLE001 - one odd file: the plugin builds it itself and says why
+                    print(f"dicomflow builder: instance {instance_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    text = None
+                if keep and isinstance(text, str):
+                    kept[seq] = text
+                    text = True
+                answer.append((seq, text))
         try:
             stdout.write(_frame(answer))
             stdout.flush()

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import atexit
 import collections
-import http.client
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +31,7 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 from dicomflow_builder import BuilderError, BuilderProcess  # noqa: E402 - beside this script
+from dicomflow_delivery import Delivery, DeliveryError, batch_body  # noqa: E402
 from dicomflow_events import EventBuilder, computed_ids, instance_event, select_headers, to_json  # noqa: E402
 
 #: Tags every built-in service reads; the "Tags" setting replaces this list.
@@ -307,62 +305,6 @@ class Spool:
             self._db.close()
 
 
-class DeliveryError(Exception):
-    """The scheduler could not be reached or answered with a transient error."""
-
-
-class Delivery:
-    """One keep-alive HTTP connection to the scheduler's event intake, Nagle off."""
-
-    def __init__(self, settings: PluginSettings):
-        url = urllib.parse.urlsplit(settings.scheduler_url)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or "127.0.0.1"
-        self._port = url.port or (443 if self._https else 80)
-        base = url.path.rstrip("/")
-        self._path = base if base.endswith(settings.events_path) else base + settings.events_path
-        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {settings.token}"}
-        self._settings = settings
-        self._conn: http.client.HTTPConnection | None = None
-
-    def _connect(self) -> http.client.HTTPConnection:
-        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = kind(self._host, self._port, timeout=self._settings.connect_timeout)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sock.settimeout(self._settings.request_timeout)
-        return conn
-
-    def post(self, body: bytes) -> tuple[int, bytes]:
-        """POST one batch; returns (status, body).
-
-        Raises:
-            DeliveryError: connection refused/reset, timeout, or a broken answer.
-        """
-        for attempt in (1, 2):  # a kept-alive connection the server closed: reconnect once
-            fresh = self._conn is None
-            try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                self._conn.request("POST", self._path, body=body, headers=self._headers)
-                answer = self._conn.getresponse()
-                data = answer.read()
-                if answer.will_close:
-                    self.close()
-                return answer.status, data
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                if fresh or attempt == 2 or isinstance(exc, TimeoutError):
-                    raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        """Drop the connection (the next post opens a new one)."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
 class Relay:
     """The queue, the sender thread, the spool and the counters; Orthanc's callbacks call into it."""
 
@@ -397,7 +339,8 @@ class Relay:
         self._queue: collections.deque = collections.deque()
         self._batch_ready = threading.Event()
         self._stop = threading.Event()
-        self._delivery = Delivery(settings)
+        self._delivery = Delivery(settings.scheduler_url, settings.token, settings.events_path,
+                                  settings.connect_timeout, settings.request_timeout)
         self._json_format = orthanc.DicomToJsonFormat.HUMAN
         self._json_flags = orthanc.DicomToJsonFlags.NONE
         self._events = self._event_builder(settings)
@@ -644,10 +587,14 @@ class Relay:
             return None
         return {"level": level, "headers": headers, "orthanc": ids, "receivedAt": received}
 
-    def _rows(self, items: list[tuple]) -> list[tuple[int, str]]:
-        """(seq, event JSON) for each item; an item that cannot be made an event becomes a dead letter."""
+    def _rows(self, items: list[tuple], keep: bool = False) -> list[tuple[int, str | bool]]:
+        """(seq, event JSON) for each item; an item that cannot be made an event becomes a dead letter.
+
+        With `keep` (the builder process delivers), True instead of the JSON of each event
+        the builder process built: it keeps them for `_send_by_builder`.
+        """
         rows, broken = [], []
-        built = self._build_outside(items)
+        built = self._build_outside(items, keep)
         for item in items:
             text = built.get(item[0])
             if text is not None:
@@ -669,10 +616,11 @@ class Relay:
             self.spool.bury([(seq, text)], 0, reason)
         return rows
 
-    def _build_outside(self, items: list[tuple]) -> dict[int, str | None]:
+    def _build_outside(self, items: list[tuple], keep: bool = False) -> dict[int, str | bool | None]:
         """Events of the captured instances among `items`, built by the builder process.
 
-        {seq: event JSON, or None where the plugin must build it itself}; {} when there is no
+        {seq: event JSON (True with `keep`: the process keeps it to deliver it), or None
+        where the plugin must build it itself}; {} when there is no
         builder process (it could not start, or failed and waits to be restarted), or when
         called outside the sender thread (an overflowing callback: the process serves one
         request at a time, the sender's).
@@ -684,7 +632,7 @@ class Relay:
         if not captured or not self._builder_ready():
             return {}
         try:
-            return self._builder.build_events(captured)
+            return self._builder.build_events(captured, keep)
         except BuilderError as exc:
             self._builder = None  # build() stopped it
             self._builder_failed(exc)
@@ -696,8 +644,12 @@ class Relay:
             return True
         if not self.settings.builder_process or time.monotonic() < self._builder_retry_at:
             return False
-        python = shutil.which(self.settings.builder_python) or self.settings.builder_python
-        builder = BuilderProcess(python, os.path.dirname(_HERE), self.settings.tags, self.settings.max_string_length)
+        settings = self.settings
+        python = shutil.which(settings.builder_python) or settings.builder_python
+        delivery = {"url": settings.scheduler_url, "token": settings.token, "eventsPath": settings.events_path,
+                    "connectTimeout": settings.connect_timeout, "requestTimeout": settings.request_timeout}
+        builder = BuilderProcess(python, os.path.dirname(_HERE), settings.tags, settings.max_string_length,
+                                 delivery=delivery)
         try:
             builder.start()
         except BuilderError as exc:
@@ -990,13 +942,21 @@ class Relay:
         return True
 
     def _send_items(self, items: list[tuple]) -> bool:
-        """Send queued items as one batch; spool them when the scheduler cannot take them."""
+        """Send queued items as one batch; spool them when the scheduler cannot take them.
+
+        The builder process, when there is one, builds and POSTs the batch itself: the
+        events then never come back through Orthanc's interpreter unless the batch must be
+        spooled or kept as dead letters.
+        """
         if not items:
             return True
-        rows = self._rows(items)
+        rows = self._rows(items, keep=True)
         if not rows:
             return True
-        outcome = self._send(rows)
+        if any(text is True for _, text in rows):
+            outcome, rows = self._send_by_builder(items, rows)
+        else:
+            outcome = self._send(rows)
         if outcome == "failed":
             self.spool.append(rows)
             self._bump("spooled", len(rows))
@@ -1010,9 +970,34 @@ class Relay:
         self._batch_ready.clear()
         return self._take(self.settings.batch_size)
 
+    def _send_by_builder(self, items: list[tuple], rows: list[tuple[int, str | bool]]) -> tuple[str, list]:
+        """Have the builder process POST the batch (its kept events and `rows`' JSON, in order).
+
+        Returns the outcome (as `_send`) and the batch's (seq, JSON) rows when it was not
+        taken (to spool), else `rows`.
+        """
+        self._bump("batches")
+        try:
+            status, reason, back = self._builder.deliver([seq if text is True else (seq, text) for seq, text in rows])
+        except BuilderError as exc:
+            self._builder = None  # deliver() stopped it
+            self._builder_failed(exc)
+            # Whether the scheduler took the batch is unknown: build the kept events here and
+            # send the batch again (the scheduler plans an event it already has only once).
+            kept = {seq for seq, text in rows if text is True}
+            again = dict(self._rows([item for item in items if item[0] in kept]))
+            rows = [(seq, again[seq] if text is True else text) for seq, text in rows
+                    if text is not True or seq in again]
+            return self._send(rows), rows
+        if status is None:
+            self._bump("failed", len(back))
+            self.last_error = f"delivery: {reason}"
+            return "failed", back
+        return self._answered(back if back is not None else rows, status, reason), back or rows
+
     def _send(self, rows: list[tuple[int, str]]) -> str:
         """POST the rows as one batch: 'delivered', 'rejected' (now dead letters) or 'failed'."""
-        body = ('{"events":[' + ",".join(text for _, text in rows) + "]}").encode("utf-8")
+        body = batch_body([text for _, text in rows])
         self._bump("batches")
         try:
             status, answer = self._delivery.post(body)
@@ -1020,11 +1005,14 @@ class Relay:
             self._bump("failed", len(rows))
             self.last_error = f"delivery: {exc}"
             return "failed"
+        return self._answered(rows, status, answer[:500].decode("utf-8", "replace"))
+
+    def _answered(self, rows: list[tuple[int, Any]], status: int, reason: str) -> str:
+        """Count the scheduler's answer to a batch of `rows` (their JSON unless taken); bury refused ones."""
         if 200 <= status < 300:
             self._bump("delivered", len(rows))
             self.last_delivery = time.time()
             return "delivered"
-        reason = answer[:500].decode("utf-8", "replace")
         self.last_error = f"scheduler answered {status}: {reason}"
         if status in REJECTED:
             self._bump("rejected", len(rows))

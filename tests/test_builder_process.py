@@ -6,6 +6,7 @@ events through Orthanc are covered by test_plugin_events.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pydicom
 import pytest
 
 from dicomflow import dicomheader
-from tests.support.orthanc import write_series
+from tests.support.orthanc import EventSink, write_series
+from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "orthanc"))
@@ -33,9 +35,9 @@ class RecordingBuilder(BuilderProcess):
         super().__init__(sys.executable, str(REPO), TAGS, 256)
         self.requests: list[list[tuple]] = []
 
-    def build(self, requests):
+    def build(self, requests, keep=False):
         self.requests.append(requests)
-        return super().build(requests)
+        return super().build(requests, keep)
 
 
 @pytest.fixture
@@ -100,3 +102,53 @@ def test_a_file_without_pixel_data_goes_as_its_first_bytes(tmp_path, builder):
     assert built == {1: _whole_file_event(item)}
     [[(_, _, sent, complete, *_)]] = builder.requests
     assert sent == item[2][:PREFIX] and complete is (len(item[2]) <= PREFIX)
+
+
+def _delivering_builder(url: str, token: str = "test-token") -> BuilderProcess:
+    delivery = {"url": url, "token": token, "eventsPath": "/api/v1/events", "connectTimeout": 2.0,
+                "requestTimeout": 5.0}
+    process = BuilderProcess(sys.executable, str(REPO), TAGS, 256, delivery=delivery)
+    process.start()
+    return process
+
+
+@pytest.fixture
+def sink():
+    server = EventSink().start()
+    yield server
+    server.stop()
+
+
+def test_a_delivering_builder_posts_its_kept_events_and_the_plugins_in_order(tmp_path, sink):
+    first, second = (_item(path, seq) for seq, path in enumerate(write_series(tmp_path, 2), start=1))
+    built_elsewhere = json.dumps({"level": "series", "orthanc": {"series": "s1"}})
+    process = _delivering_builder(sink.url)
+    try:
+        assert process.build_events([first, second], keep=True) == {1: True, 2: True}  # no JSON comes back
+        status, _, rows = process.deliver([2, (3, built_elsewhere), 1])
+    finally:
+        process.close()
+
+    assert (status, rows) == (200, None)
+    [batch] = sink.delivered_batches()
+    assert batch.events == [json.loads(_whole_file_event(second)), json.loads(built_elsewhere),
+                            json.loads(_whole_file_event(first))]
+
+
+@pytest.mark.parametrize("outage", ["unreachable", "503", "wrong token"])
+def test_a_batch_the_scheduler_did_not_take_comes_back_whole(tmp_path, sink, outage):
+    """The plugin spools (or buries) what the builder could not deliver: it gets every event's JSON."""
+    item = _item(write_series(tmp_path, 1)[0])
+    url = f"http://127.0.0.1:{free_port()}" if outage == "unreachable" else sink.url
+    sink.status = 503 if outage == "503" else 200
+    process = _delivering_builder(url, token="wrong" if outage == "wrong token" else "test-token")
+    try:
+        assert process.build_events([item], keep=True) == {1: True}
+        status, reason, rows = process.deliver([1, (2, '{"level": "study"}')])
+    finally:
+        process.close()
+
+    assert status == {"unreachable": None, "503": 503, "wrong token": 401}[outage]
+    assert reason  # the error, or the start of the scheduler's answer
+    assert rows == [(1, _whole_file_event(item)), (2, '{"level": "study"}')]
+    assert sink.delivered_batches() == []

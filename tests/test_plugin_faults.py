@@ -279,6 +279,30 @@ def test_a_builder_process_that_dies_loses_nothing_and_is_replaced(tmp_path, ser
     assert status["builder"] == "process" and status["builderPid"] not in (None, first)
 
 
+def test_a_builder_process_that_dies_while_it_delivers_loses_nothing(tmp_path, servers, sink):
+    """The builder process POSTs the batches it builds; killed while the scheduler has not
+    answered yet, whether the batch was taken is unknown: the plugin builds it again and
+    sends it itself (the scheduler plans an event it already has only once)."""
+    files = write_series(tmp_path / "dcm", 20, patient_id="BUILD03")
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, plugin_options=FAST_RETRY)
+    servers.append(server.start())
+    server.store(files[:10])
+    sink.wait_for_events(10, level="instance")
+    builder, batches = server.status()["builderPid"], server.status()["batches"]
+    sink.delay = 3.0  # the next POST waits for its answer
+    server.store(files[10:])
+    wait_for(lambda: server.status()["batches"] > batches, timeout=10, what="the next batch handed over")
+    os.kill(builder, signal.SIGKILL)
+
+    def numbers() -> set[int]:
+        return {int(e["headers"]["InstanceNumber"]) for e in sink.delivered() if e["level"] == "instance"}
+    wait_for(lambda: numbers() == set(range(1, 21)), timeout=30, what="every instance delivered")
+    status = server.status()
+    assert status["builderFailures"] == 1, status
+    assert status["builtInPlugin"] > 0, "the batch the dead process held should be built in the plugin"
+    assert status["spooled"] == 0 and status["failed"] == 0, status
+
+
 def test_without_a_python_for_the_builder_events_are_built_in_orthanc(tmp_path, servers, sink):
     files = write_series(tmp_path / "dcm", 20, patient_id="NOPY001")
     server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url,
