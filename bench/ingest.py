@@ -14,6 +14,8 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       ingest run first),
   (c-thread) the same as (c) with the events built by the sender thread in Orthanc's
       interpreter instead of the plugin's builder process (the default),
+  (c-post) the same as (c) with the builder process handing the events back to the sender
+      thread, which POSTs them (`BuilderDelivers` false: the plugin before session 7),
   (c-json) the same as (c) with the plugin reading headers from Orthanc's JSON (made in the
       callback) instead of the file's bytes,
   (c-idle) the same as (c) with the scheduler under SCHED_IDLE instead of nice 10,
@@ -84,9 +86,9 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj")
+SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp")
 #: The setups with the dicomflow plugin (all but "cs" deliver to a real scheduler unless --sink).
-FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj")
+FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -157,6 +159,7 @@ LABELS = {
     "cf": "(c-50ms) the same, MaxBatchDelay 0.05 s, BatchSize 200",
     "ct": "(c-thread) the same, events built in Orthanc",
     "cj": "(c-json) the same, headers from Orthanc's JSON",
+    "cp": "(c-post) the same, the sender thread POSTs",
 }
 
 
@@ -232,7 +235,7 @@ def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, tok
     plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"]}.get(setup, True)
     return OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
                          plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
-                                         "BuilderProcess": setup != "ct",
+                                         "BuilderProcess": setup != "ct", "BuilderDelivers": setup != "cp",
                                          **({"MaxBatchDelay": 0.05, "BatchSize": 200} if setup == "cf" else {})})
 
 
@@ -339,7 +342,7 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
     ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("cs", "b"), ("c", "cs"), ("b", "a"), ("b'", "a"),
                                   ("c0", "a"), ("c0", "b"), ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"),
-                                  ("cj", "b"))
+                                  ("cj", "b"), ("cp", "b"), ("c", "cp"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -507,7 +510,7 @@ def main(args: Sequence[str] | None = None) -> int:
             pipelines: dict[str, RealScheduler] = {}
             if not options.sink and not options.scheduler_url:
                 shared = stack.enter_context(RealScheduler(root / "pipeline", cpus=pipeline_cpus))
-                pipelines = {"c": shared, "cf": shared, "ct": shared, "cj": shared}
+                pipelines = {"c": shared, "cf": shared, "ct": shared, "cj": shared, "cp": shared}
                 if "c0" in setups:
                     pipelines["c0"] = stack.enter_context(RealScheduler(root / "pipeline-nice0", nice=0,
                                                                         cpus=pipeline_cpus))

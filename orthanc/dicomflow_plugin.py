@@ -125,6 +125,9 @@ class PluginSettings:
     #: Build events in a child process (``BuilderPython``), not in Orthanc's interpreter: the
     #: sender thread then barely holds the GIL that Orthanc's ingest threads wait for.
     builder_process: bool = True
+    #: The builder process also POSTs the batches it builds (false: it hands the events back
+    #: and the sender thread POSTs them, as before; kept to measure the difference side by side).
+    builder_delivers: bool = True
     builder_python: str = "python3"
     events_path: str = "/api/v1/events"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -170,10 +173,11 @@ class PluginSettings:
                 values[attr] = kind(section[key])
                 if values[attr] <= 0:
                     raise ValueError(f"Dicomflow.{key} must be positive")
-        if "BuilderProcess" in section:
-            if not isinstance(section["BuilderProcess"], bool):
-                raise ValueError(f"Dicomflow.BuilderProcess must be true or false, got {section['BuilderProcess']!r}")
-            values["builder_process"] = section["BuilderProcess"]
+        for key, attr in (("BuilderProcess", "builder_process"), ("BuilderDelivers", "builder_delivers")):
+            if key in section:
+                if not isinstance(section[key], bool):
+                    raise ValueError(f"Dicomflow.{key} must be true or false, got {section[key]!r}")
+                values[attr] = section[key]
         if "BuilderPython" in section:
             values["builder_python"] = str(section["BuilderPython"])
         if "EventsPath" in section:
@@ -649,7 +653,7 @@ class Relay:
         delivery = {"url": settings.scheduler_url, "token": settings.token, "eventsPath": settings.events_path,
                     "connectTimeout": settings.connect_timeout, "requestTimeout": settings.request_timeout}
         builder = BuilderProcess(python, os.path.dirname(_HERE), settings.tags, settings.max_string_length,
-                                 delivery=delivery)
+                                 delivery=delivery if settings.builder_delivers else None)
         try:
             builder.start()
         except BuilderError as exc:
@@ -950,7 +954,7 @@ class Relay:
         """
         if not items:
             return True
-        rows = self._rows(items, keep=True)
+        rows = self._rows(items, keep=self.settings.builder_delivers)
         if not rows:
             return True
         if any(text is True for _, text in rows):
