@@ -260,6 +260,37 @@ def _read_frame(stream: Any) -> Any:
     return None if payload is None else marshal.loads(payload)
 
 
+def _build(builder: Any, incomplete: type[Exception], requests: list[tuple], kept: dict[int, str] | None) -> list:
+    """The answer to a build request; with `kept`, the events go there and True into the answer."""
+    answer = []
+    for seq, instance_id, data, complete, aet, ip, called, syntax, received in requests:
+        try:
+            text = builder.build(instance_id, data, complete, aet, ip, called, syntax, received)
+        except incomplete as need:
+            text = need.end
+        except Exception as exc:  # noqa: BLE001 - one odd file: the plugin builds it itself and says why
+            print(f"dicomflow builder: instance {instance_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            text = None
+        if kept is not None and isinstance(text, str):
+            kept[seq] = text
+            text = True
+        answer.append((seq, text))
+    return answer
+
+
+def _deliver(delivery: Any, parts: list, kept: dict[int, str]) -> tuple:
+    """The answer to a deliver request: POST the batch, (status, reason, rows unless taken)."""
+    from dicomflow_delivery import DeliveryError, batch_body
+
+    rows = [part if isinstance(part, tuple) else (part, kept.pop(part)) for part in parts]
+    kept.clear()  # one batch at a time: nothing older is asked for again
+    try:
+        status, data = delivery.post(batch_body([text for _, text in rows]))
+    except DeliveryError as exc:
+        return None, str(exc), rows
+    return status, data[:500].decode("utf-8", "replace"), None if 200 <= status < 300 else rows
+
+
 def main() -> int:
     """The child's loop: configuration, then one answer per request until stdin closes."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -271,9 +302,8 @@ def main() -> int:
         if folder not in sys.path:
             sys.path.append(folder)
     from dicomflow import dicomheader
+    from dicomflow_delivery import Delivery
     from dicomflow_events import EventBuilder
-
-    from dicomflow_delivery import Delivery, DeliveryError, batch_body
 
     builder = EventBuilder(dicomheader, config["tags"], config["maxStringLength"])
     settings = config.get("delivery")
@@ -286,30 +316,12 @@ def main() -> int:
         request = _read_frame(stdin)
         if request is None:
             return 0
-        if isinstance(request, tuple) and request[0] == "deliver":
-            rows = [part if isinstance(part, tuple) else (part, kept.pop(part)) for part in request[1]]
-            kept.clear()  # one batch at a time: nothing older is asked for again
-            try:
-                status, data = delivery.post(batch_body([text for _, text in rows]))
-                answer = (status, data[:500].decode("utf-8", "replace"), None if 200 <= status < 300 else rows)
-            except DeliveryError as exc:
-                answer = (None, str(exc), rows)
+        if isinstance(request, list):
+            answer = _build(builder, dicomheader.Incomplete, request, None)
+        elif request[0] == "keep":
+            answer = _build(builder, dicomheader.Incomplete, request[1], kept)
         else:
-            keep = isinstance(request, tuple)
-            answer = []
-            for seq, instance_id, data, complete, aet, ip, called, syntax, received in (
-                    request[1] if keep else request):
-                try:
-                    text = builder.build(instance_id, data, complete, aet, ip, called, syntax, received)
-                except dicomheader.Incomplete as need:
-                    text = need.end
-                except Exception as exc:  # noqa: BLE001 - one odd file: the plugin builds it itself and says why
-                    print(f"dicomflow builder: instance {instance_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    text = None
-                if keep and isinstance(text, str):
-                    kept[seq] = text
-                    text = True
-                answer.append((seq, text))
+            answer = _deliver(delivery, request[1], kept)
         try:
             stdout.write(_frame(answer))
             stdout.flush()
