@@ -129,7 +129,7 @@ running && { say "already running"; load_config; where; exit 0; }
 chmod 700 "$home"  # Orthanc's storage, the spool and the cache hold patient data
 load_config
 workers=${workers:-${DICOMFLOW_WORKERS:-2}}
-# The scheduler, the workers and the dashboard yield the CPU to Orthanc's ingest (README: benchmark).
+# Redis, the scheduler, the workers and the dashboard yield the CPU to Orthanc's ingest (README: benchmark).
 niceness=${DICOMFLOW_NICE:-10}
 [[ "$niceness" =~ ^[0-9]+$ && "$niceness" -le 19 ]] || die "DICOMFLOW_NICE takes a whole number 0-19"
 mkdir -p "$home/logs" "$home/spool"
@@ -150,7 +150,7 @@ save ""
 RCONF
   )
   redis_program="[program:redis]
-command=$(command -v redis-server) $home/redis.conf
+command=nice -n $niceness $(command -v redis-server) $home/redis.conf
 priority=10
 autorestart=true
 stdout_logfile=$home/logs/redis.log

@@ -16,6 +16,10 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       interpreter instead of the plugin's builder process (the default),
   (c-post) the same as (c) with the builder process handing the events back to the sender
       thread, which POSTs them (`BuilderDelivers` false: the plugin before session 7),
+  (c-prio0) the same as (c) with the plugin's builder process and the scheduler's redis-server
+      at nice 0 (before session 8; their own scheduler and redis-server),
+  (c-nolog) the same as (c) with the change log never read (no stable series/study events):
+      what reading it every second costs the ingest,
   (c-json) the same as (c) with the plugin reading headers from Orthanc's JSON (made in the
       callback) instead of the file's bytes,
   (c-idle) the same as (c) with the scheduler under SCHED_IDLE instead of nice 10,
@@ -86,9 +90,9 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp")
+SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cn")
 #: The setups with the dicomflow plugin (all but "cs" deliver to a real scheduler unless --sink).
-FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp")
+FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cn")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -97,11 +101,15 @@ class RealScheduler:
 
     token = "bench-token"
 
-    def __init__(self, folder: Path, nice: int = 10, idle: bool = False, cpus: Sequence[int] = ()):
+    def __init__(self, folder: Path, nice: int = 10, idle: bool = False, cpus: Sequence[int] = (),
+                 redis_nice: int | None = None):
         self.folder = folder
         #: With `cpus` (--pin), the scheduler and its redis-server run only there.
         self.pinned = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
         self.prefix = [*self.pinned, *(["chrt", "--idle", "0"] if idle else ["nice", "-n", str(nice)] if nice else [])]
+        #: redis-server runs at the scheduler's nice value, as run.sh starts it, unless told otherwise.
+        redis_nice = nice if redis_nice is None else redis_nice
+        self.redis_prefix = [*self.pinned, *(["nice", "-n", str(redis_nice)] if redis_nice else [])]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -111,7 +119,7 @@ class RealScheduler:
             shutil.copytree(REPO / "examples" / name / "registry", services / "registry" / name)
             shutil.copytree(REPO / "examples" / name / "module", services / "modules" / name)
         self.redis_pids: list[int] = []
-        self._redis = private_redis(self.redis_pids, prefix=self.pinned)
+        self._redis = private_redis(self.redis_pids, prefix=self.redis_prefix)
         redis_url = self._redis.__enter__()
         self.connection = redis.Redis.from_url(redis_url)
         env = {**os.environ, "DICOMFLOW_CONFIG": "", "DICOMFLOW_REDIS_URL": redis_url,
@@ -160,6 +168,8 @@ LABELS = {
     "ct": "(c-thread) the same, events built in Orthanc",
     "cj": "(c-json) the same, headers from Orthanc's JSON",
     "cp": "(c-post) the same, the sender thread POSTs",
+    "cq": "(c-prio0) the same, builder process and redis-server at nice 0",
+    "cn": "(c-nolog) the same, change log never read",
 }
 
 
@@ -236,6 +246,8 @@ def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, tok
     return OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
                          plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
                                          "BuilderProcess": setup != "ct", "BuilderDelivers": setup != "cp",
+                                         "BuilderNice": 0 if setup == "cq" else 10,
+                                         **({"ChangePollInterval": 1e9} if setup == "cn" else {}),
                                          **({"MaxBatchDelay": 0.05, "BatchSize": 200} if setup == "cf" else {})})
 
 
@@ -342,7 +354,8 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
     ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("cs", "b"), ("c", "cs"), ("b", "a"), ("b'", "a"),
                                   ("c0", "a"), ("c0", "b"), ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"),
-                                  ("cj", "b"), ("cp", "b"), ("c", "cp"))
+                                  ("cj", "b"), ("cp", "b"), ("c", "cp"), ("cq", "b"), ("c", "cq"),
+                                  ("cn", "b"), ("c", "cn"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -510,9 +523,12 @@ def main(args: Sequence[str] | None = None) -> int:
             pipelines: dict[str, RealScheduler] = {}
             if not options.sink and not options.scheduler_url:
                 shared = stack.enter_context(RealScheduler(root / "pipeline", cpus=pipeline_cpus))
-                pipelines = {"c": shared, "cf": shared, "ct": shared, "cj": shared, "cp": shared}
+                pipelines = {"c": shared, "cf": shared, "ct": shared, "cj": shared, "cp": shared, "cn": shared}
                 if "c0" in setups:
                     pipelines["c0"] = stack.enter_context(RealScheduler(root / "pipeline-nice0", nice=0,
+                                                                        cpus=pipeline_cpus))
+                if "cq" in setups:
+                    pipelines["cq"] = stack.enter_context(RealScheduler(root / "pipeline-prio0", redis_nice=0,
                                                                         cpus=pipeline_cpus))
                 if "ci" in setups:
                     pipelines["ci"] = stack.enter_context(RealScheduler(root / "pipeline-idle", idle=True,

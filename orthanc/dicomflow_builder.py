@@ -9,7 +9,8 @@ thread then only copies bytes in and out (with the GIL released while it waits).
 
 Protocol over the child's stdin and stdout: frames of an 8-byte little-endian length and a
 ``marshal`` payload (plain values only: no objects are built from it). The first frame
-from the plugin is the configuration ``{"root", "tags", "maxStringLength"}``; then each
+from the plugin is the configuration ``{"root", "tags", "maxStringLength", "nice"}`` (the
+child first adds ``nice`` to its nice value: it yields the CPU to Orthanc); then each
 request is a list of ``(seq, instance_id, data, complete, aet, ip, called, syntax,
 received)`` — `data` the file's bytes, or its first bytes with ``complete`` false — and
 each answer the list of ``(seq, answer)`` in the same order: the event's JSON, an offset
@@ -72,12 +73,14 @@ class BuilderProcess:
         root: the repository folder (``dicomflow/dicomheader.py`` and ``orthanc/`` below it).
         tags, max_string_length: as the plugin's settings.
         timeout: how long one batch may take before the child is given up (s).
+        delivery: the scheduler's URL, token, path and timeouts when the child delivers.
+        nice: added to the child's nice value (it yields the CPU to Orthanc's ingest).
     """
 
     def __init__(self, python: str, root: str, tags: tuple[str, ...], max_string_length: int,
-                 timeout: float = 10.0, delivery: dict[str, Any] | None = None):
+                 timeout: float = 10.0, delivery: dict[str, Any] | None = None, nice: int = 0):
         self._command = [python, "-I", "-S", os.path.abspath(__file__)]
-        self._config = {"root": root, "tags": list(tags), "maxStringLength": max_string_length}
+        self._config = {"root": root, "tags": list(tags), "maxStringLength": max_string_length, "nice": nice}
         if delivery is not None:
             self._config["delivery"] = delivery
         self._timeout = timeout
@@ -297,6 +300,8 @@ def main() -> int:
     config = _read_frame(stdin)
     if config is None:
         return 0
+    if config.get("nice"):
+        os.nice(config["nice"])
     root = config["root"]
     for folder in (root, os.path.join(root, "orthanc")):
         if folder not in sys.path:

@@ -7,6 +7,7 @@ events through Orthanc are covered by test_plugin_events.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,18 @@ def test_a_file_without_pixel_data_goes_as_its_first_bytes(tmp_path, builder):
     assert built == {1: _whole_file_event(item)}
     [[(_, _, sent, complete, *_)]] = builder.requests
     assert sent == item[2][:PREFIX] and complete is (len(item[2]) <= PREFIX)
+
+
+def test_the_builder_process_yields_the_cpu_by_its_nice_increment(tmp_path):
+    item = _item(write_series(tmp_path, 1)[0])
+    process = BuilderProcess(sys.executable, str(REPO), TAGS, 256, nice=7)
+    process.start()
+    try:
+        assert process.build_events([item]) == {1: _whole_file_event(item)}  # it has read its configuration
+        child = os.getpriority(os.PRIO_PROCESS, process.pid)
+    finally:
+        process.close()
+    assert child == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
 
 
 def _delivering_builder(url: str, token: str = "test-token") -> BuilderProcess:

@@ -57,7 +57,7 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
         pids = {name: int(pid) for name, pid in re.findall(r"^(\S+)\s+RUNNING\s+pid (\d+)", status.stdout, re.M)}
         # What processes yields the CPU to Orthanc's ingest (DICOMFLOW_NICE, 10 by default).
         assert _niceness(pids["orthanc"]) == 0
-        for program in ("scheduler", "dashboard", "worker:worker-0"):
+        for program in ("redis", "scheduler", "dashboard", "worker:worker-0"):
             assert _niceness(pids[program]) == 10, program
         sched = f"http://127.0.0.1:{values['DICOMFLOW_SCHEDULER_PORT']}"
         assert requests.get(sched + "/api/v1/services", timeout=5).status_code == 401
@@ -78,6 +78,8 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
         builder = wait_for(lambda: plugin_status()["builderPid"], timeout=30, what="the builder process")
+        # The plugin's BuilderNice (10): the child yields the CPU to Orthanc, once it has read its configuration.
+        wait_for(lambda: _niceness(builder) == 10, timeout=10, what="the builder process at nice 10")
         assert _pids_under(home), "run.sh should have started processes"
         assert run().stdout.strip().endswith("already running") or "already running" in run().stdout
         # A second start keeps the same secrets.
