@@ -18,8 +18,9 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       thread, which POSTs them (`BuilderDelivers` false: the plugin before session 7),
   (c-prio0) the same as (c) with the plugin's builder process and the scheduler's redis-server
       at nice 0 (before session 8; their own scheduler and redis-server),
-  (c-nolog) the same as (c) with the change log never read (no stable series/study events):
-      what reading it every second costs the ingest,
+  (c-log) the same as (c) without the plugin's Lua script: stable series/studies found by
+      reading Orthanc's change log every second, every instance's change included (before
+      session 8),
   (c-json) the same as (c) with the plugin reading headers from Orthanc's JSON (made in the
       callback) instead of the file's bytes,
   (c-idle) the same as (c) with the scheduler under SCHED_IDLE instead of nice 10,
@@ -90,9 +91,9 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cn")
+SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl")
 #: The setups with the dicomflow plugin (all but "cs" deliver to a real scheduler unless --sink).
-FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cn")
+FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -169,7 +170,7 @@ LABELS = {
     "cj": "(c-json) the same, headers from Orthanc's JSON",
     "cp": "(c-post) the same, the sender thread POSTs",
     "cq": "(c-prio0) the same, builder process and redis-server at nice 0",
-    "cn": "(c-nolog) the same, change log never read",
+    "cl": "(c-log) the same, stable series from the change log",
 }
 
 
@@ -247,8 +248,8 @@ def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, tok
                          plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
                                          "BuilderProcess": setup != "ct", "BuilderDelivers": setup != "cp",
                                          "BuilderNice": 0 if setup == "cq" else 10,
-                                         **({"ChangePollInterval": 1e9} if setup == "cn" else {}),
-                                         **({"MaxBatchDelay": 0.05, "BatchSize": 200} if setup == "cf" else {})})
+                                         **({"MaxBatchDelay": 0.05, "BatchSize": 200} if setup == "cf" else {})},
+                         extra={"LuaScripts": []} if setup == "cl" else None)
 
 
 def settle(folder: Path) -> None:
@@ -355,7 +356,7 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("cs", "b"), ("c", "cs"), ("b", "a"), ("b'", "a"),
                                   ("c0", "a"), ("c0", "b"), ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"),
                                   ("cj", "b"), ("cp", "b"), ("c", "cp"), ("cq", "b"), ("c", "cq"),
-                                  ("cn", "b"), ("c", "cn"))
+                                  ("cl", "b"), ("c", "cl"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -523,7 +524,7 @@ def main(args: Sequence[str] | None = None) -> int:
             pipelines: dict[str, RealScheduler] = {}
             if not options.sink and not options.scheduler_url:
                 shared = stack.enter_context(RealScheduler(root / "pipeline", cpus=pipeline_cpus))
-                pipelines = {"c": shared, "cf": shared, "ct": shared, "cj": shared, "cp": shared, "cn": shared}
+                pipelines = {"c": shared, "cf": shared, "ct": shared, "cj": shared, "cp": shared, "cl": shared}
                 if "c0" in setups:
                     pipelines["c0"] = stack.enter_context(RealScheduler(root / "pipeline-nice0", nice=0,
                                                                         cpus=pipeline_cpus))

@@ -17,6 +17,8 @@ from dicomflow.settings import REPO_ROOT, Settings
 
 #: The plugin script Orthanc loads (stdlib only, runs in Orthanc's embedded Python).
 PLUGIN_SCRIPT = REPO_ROOT / "orthanc" / "dicomflow_plugin.py"
+#: Hands Orthanc's stable series/studies to the plugin (one Lua call per series, none per instance).
+STABLE_SCRIPT = REPO_ROOT / "orthanc" / "dicomflow_stable.lua"
 #: Debian's orthanc-python; load this file, not its folder (it holds other plugins too).
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 
@@ -138,6 +140,8 @@ def render_orthanc_config(settings: OrthancSettings, *, scheduler_url: str, toke
     config["PythonScript"] = str(script)  # orthanc-python 4.0 reads this top-level key
     config["Python"] = {"Path": str(script)}  # 4.1+ (the Docker image); 4.0 ignores it
     config["PythonVerbose"] = False
+    if plugin is True:
+        config["LuaScripts"] = [str(STABLE_SCRIPT)]
     section: dict[str, Any] = {
         "SchedulerUrl": scheduler_url,
         "Token": token,

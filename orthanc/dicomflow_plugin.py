@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import collections
 import json
+import re
 import os
 import shutil
 import sqlite3
@@ -65,6 +66,13 @@ _NOT_YET = 2038
 START_GRACE = 1.0
 #: How the callback captured an instance's headers: the file's bytes, or Orthanc's JSON.
 _RAW, _JSON = "raw", "json"
+#: The Lua script (beside this one) that hands Orthanc's stable series/studies to the plugin.
+STABLE_SCRIPT = "dicomflow_stable.lua"
+#: Where stable series/studies come from: that script (`_LUA`), or the change log read every
+#: ChangePollInterval (`_CHANGES`, when Orthanc's "LuaScripts" does not list the script).
+_LUA, _CHANGES = "lua", "changes"
+#: An Orthanc resource id (a SHA-1 in five dash-separated groups of 8 hex digits).
+_ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
 
 def load_header_reader() -> Any:
@@ -115,10 +123,18 @@ class PluginSettings:
     #: item (s): they run right after Orthanc's commit, in the same thread; the margin is for a
     #: machine under load.
     callback_grace: float = 10.0
-    #: How often the sender reads Orthanc's change log for stable series and studies (s).
-    #: Reading it costs Orthanc nothing measurable every second (more every 50 ms); an
-    #: on-change callback instead costs ~6 % of small-instance ingest (README).
+    #: How often the sender reads Orthanc's change log for stable series and studies (s),
+    #: when they do not come from the Lua script (``stable_events``).
     change_poll_interval: float = 1.0
+    #: "lua": Orthanc's Lua engine calls STABLE_SCRIPT once per stable series/study, which
+    #: queues its event through the plugin's REST route; nothing is read per instance (reading
+    #: every change of the log cost ~6 µs of Orthanc's time per instance; an on-change callback
+    #: in Python ~6 % of small-instance ingest, README). "changes": the change log is read.
+    stable_events: str = _CHANGES
+    #: With "lua": how long after a change its Lua callback has surely queued its event (s).
+    #: The catch-up after a crash reads stable series/studies back from this far before the
+    #: checkpoint (Orthanc's Lua engine runs its events in a queue of its own, after the commit).
+    stable_grace: float = 120.0
     #: "raw": take the file's bytes in the callback and read the tags in the sender thread
     #: (Orthanc's JSON conversion is the callback's main cost); "json": Orthanc's JSON.
     header_reader: str = _RAW
@@ -170,6 +186,7 @@ class PluginSettings:
             "checkpoint_interval": ("CheckpointInterval", float),
             "callback_grace": ("CallbackGrace", float),
             "change_poll_interval": ("ChangePollInterval", float),
+            "stable_grace": ("StableGrace", float),
         }
         values: dict[str, Any] = {}
         for attr, (key, kind) in numbers.items():
@@ -195,6 +212,11 @@ class PluginSettings:
             values["header_reader"] = str(section["HeaderReader"]).lower()
             if values["header_reader"] not in (_RAW, _JSON):
                 raise ValueError(f'Dicomflow.HeaderReader must be "raw" or "json", got {section["HeaderReader"]!r}')
+        scripts = configuration.get("LuaScripts") or []
+        if isinstance(scripts, str):
+            scripts = [scripts]
+        if any(os.path.basename(str(script)) == STABLE_SCRIPT for script in scripts):
+            values["stable_events"] = _LUA
         return cls(scheduler_url=url, token=token, spool_path=spool, tags=tuple(tags), **values)
 
 
@@ -343,6 +365,10 @@ class Relay:
         self._catch_up_last: int | None = None
         self._catch_up_due = 0.0
         self._pending_checkpoint: tuple[int, float, int | None] | None = None
+        #: With stable events from Lua: the change up to which every stable series/study was
+        #: handed over (it follows the checkpoint StableGrace behind), and its pending move.
+        self._stable_checkpoint: int | None = None
+        self._pending_stable: tuple[int, float, int | None] | None = None
         self._last_checkpoint_at = 0.0
         #: Instance ids the callback saw until the catch-up succeeded (they need no replay); None after.
         self._seen: set[str] | None = set()
@@ -365,7 +391,7 @@ class Relay:
         self.counters = {
             "received": 0, "delivered": 0, "spooled": 0, "rejected": 0, "failed": 0,
             "overflow": 0, "batches": 0, "callbackErrors": 0, "unresolved": 0, "idLookups": 0, "replayed": 0,
-            "builtInPlugin": 0, "builderFailures": 0,
+            "builtInPlugin": 0, "builderFailures": 0, "stableFromLua": 0, "changesRead": 0,
         }
         self._counters_lock = threading.Lock()
         self.last_error: str | None = None
@@ -422,6 +448,17 @@ class Relay:
             self._mark_lost(None)  # the checkpoint stays here: the next start reads it back from Orthanc
             self.last_error = f"on-stored {instance_id}: {type(exc).__name__}: {exc}"
             orthanc.LogError(f"dicomflow: {self.last_error}")
+
+    def on_stable(self, level: str, resource_id: str) -> bool:
+        """Queue the event of a series/study Orthanc declared stable (the Lua script's call).
+
+        False (nothing queued) when `level` or `resource_id` is not one Orthanc would send.
+        """
+        if level not in ("series", "study") or not _ORTHANC_ID.fullmatch(resource_id):
+            return False
+        self._offer((level, resource_id, None, None, None, None, None, time.time()))
+        self._bump("stableFromLua")
+        return True
 
     def _bump(self, name: str, amount: int = 1) -> None:
         with self._counters_lock:  # Orthanc runs one callback thread per association
@@ -494,6 +531,8 @@ class Relay:
             "builder": self._builder_state,
             "builderPid": None if self._builder is None else self._builder.pid,
             "checkpoint": self._checkpoint,
+            "stableEvents": self.settings.stable_events,
+            "stableCheckpoint": self._stable_checkpoint,
             "caughtUp": self._caught_up,
             "gilSwitchInterval": sys.getswitchinterval(),
             "senderCpuSeconds": round(self._sender_cpu, 4),
@@ -705,7 +744,7 @@ class Relay:
                     next_catch_up = time.monotonic() + self.settings.retry_max_delay
                     self.last_error = f"catch-up: {type(exc).__name__}: {exc}"
                     orthanc.LogError(f"dicomflow: {self.last_error}")
-            if self._caught_up and time.monotonic() >= self._next_poll:
+            if self._caught_up and self.settings.stable_events == _CHANGES and time.monotonic() >= self._next_poll:
                 self._next_poll = time.monotonic() + self.settings.change_poll_interval
                 try:
                     self._read_changes()
@@ -780,6 +819,7 @@ class Relay:
             # to replay, and what comes next is read back after a crash, even a crash before
             # the catch-up is done.
             self._save_checkpoint(self._first_checkpoint(self._catch_up_last))
+            self._save_stable_checkpoint(self._checkpoint)
 
     def _first_checkpoint(self, last: int) -> int:
         """`last`, or just below the first instance this run's callback saw before it.
@@ -807,6 +847,8 @@ class Relay:
         """
         last = self._catch_up_last
         stored = self.spool.get_state("checkpoint")
+        stable = self.spool.get_state("stableCheckpoint")  # absent in a spool from before session 8
+        self._stable_checkpoint = None if stable is None else int(stable)
         # Changes up to `last` logged by this process have had their on-stored callbacks run
         # within the grace time: their instances are in `_seen` (no replay needed), numbered
         # below the marker taken here, so the checkpoint passes `last` once they are delivered.
@@ -815,7 +857,8 @@ class Relay:
                                f"{stored} (a new database?): nothing to catch up")
         replayed = 0
         if stored is not None and int(stored) <= last:
-            replayed = self._replay(int(stored), last, self._seen | self.spool.instance_ids())
+            since_stable = int(stored) if stable is None else min(int(stable), int(stored))
+            replayed = self._replay(int(stored), since_stable, last, self._seen | self.spool.instance_ids())
         if self._stop.is_set():
             return  # stopped half-way: the next start catches up again from the same checkpoint
         self._bump("replayed", replayed)
@@ -824,6 +867,10 @@ class Relay:
                                "handed over (Orthanc stopped abruptly?): read back from Orthanc and spooled")
         with self._seq_lock:
             self._pending_checkpoint = (last, time.monotonic(), self._next_seq)
+        if self.settings.stable_events == _LUA:
+            # The Lua engine may still be working through changes up to `last`: its marker
+            # is taken StableGrace from now.
+            self._pending_stable = (last, time.monotonic(), None)
         self._cursor = last
         self._caught_up = True
         self._seen = None
@@ -833,19 +880,22 @@ class Relay:
         while not self._stop.is_set():
             page = json.loads(orthanc.RestApiGet(f"/changes?since={since}&limit={_CHANGES_PAGE}"))
             changes = [c for c in page["Changes"] if last is None or c["Seq"] <= last]
+            self._bump("changesRead", len(changes))
             if changes:
                 yield changes
             if page["Done"] or len(changes) < len(page["Changes"]) or not changes:
                 return
             since = changes[-1]["Seq"]
 
-    def _replay(self, since: int, last: int, skip: set[str]) -> int:
-        """Spool events for the changes in (since, last] worth an event, but the instances in `skip`."""
+    def _replay(self, since: int, since_stable: int, last: int, skip: set[str]) -> int:
+        """Spool events for the instances logged in (since, last] but those in `skip`, and
+        for the stable series/studies logged in (since_stable, last]."""
         replayed = 0
-        for changes in self._change_pages(since, last):
+        for changes in self._change_pages(min(since, since_stable), last):
             items = [(self._new_seq(), _REPLAYED_CHANGES[c["ChangeType"]], c["ID"], None, None, None, None, None,
                       time.time()) for c in changes
-                     if c["ChangeType"] in _REPLAYED_CHANGES and c["ID"] not in skip]
+                     if c["ChangeType"] in _REPLAYED_CHANGES and c["ID"] not in skip
+                     and c["Seq"] > (since if c["ChangeType"] == "NewInstance" else since_stable)]
             self._spool_items(items)
             replayed += sum(1 for item in items if item[1] == _KIND_REPLAY)
         return replayed
@@ -868,6 +918,14 @@ class Relay:
         if change != self._checkpoint:
             self.spool.set_state("checkpoint", str(change))
             self._checkpoint = change
+        if self.settings.stable_events == _CHANGES:
+            # The change reader had queued every stable series/study up to it: both move together.
+            self._save_stable_checkpoint(change)
+
+    def _save_stable_checkpoint(self, change: int | None) -> None:
+        if change is not None and change != self._stable_checkpoint:
+            self.spool.set_state("stableCheckpoint", str(change))
+            self._stable_checkpoint = change
 
     def _first_queued(self) -> int:
         """The sequence number of the oldest queued item (the next one when the queue is empty).
@@ -889,25 +947,43 @@ class Relay:
 
     def _advance_checkpoint(self, now: float) -> None:
         """Every CheckpointInterval: note Orthanc's last change; once the events of every
-        instance logged up to it are delivered or spooled, make it the checkpoint."""
-        pending = self._pending_checkpoint
-        if pending is None:
+        instance logged up to it are delivered or spooled, make it the checkpoint.
+
+        With stable series/studies from the Lua script, the stable checkpoint follows the
+        same way with StableGrace for the callbacks' time (one move at a time).
+        """
+        lua = self.settings.stable_events == _LUA
+        if self._pending_checkpoint is None:
             if now - self._last_checkpoint_at >= self.settings.checkpoint_interval:
-                # Every stable series/study up to the change reader's cursor is queued already.
-                self._pending_checkpoint = (self._cursor, now, None)
-            return
+                # Read from the change log: every stable series/study up to its cursor is queued already.
+                change = self._last_change() if lua else self._cursor
+                self._pending_checkpoint = (change, now, None)
+                if lua and self._pending_stable is None:
+                    self._pending_stable = (change, now, None)
+        else:
+            self._pending_checkpoint, reached = self._moved(self._pending_checkpoint, now,
+                                                            self.settings.callback_grace)
+            if reached is not None:
+                self._save_checkpoint(reached)
+                self._last_checkpoint_at = now
+        if lua and self._pending_stable is not None:
+            self._pending_stable, reached = self._moved(self._pending_stable, now, self.settings.stable_grace)
+            self._save_stable_checkpoint(reached)
+
+    def _moved(self, pending: tuple[int, float, int | None], now: float,
+               grace: float) -> tuple[tuple[int, float, int | None] | None, int | None]:
+        """One step of a checkpoint's move: (what is still pending, the change reached or None)."""
         change, noted, marker = pending
         if marker is None:
-            # The callbacks of changes up to `change` have all queued their items by now:
-            # every one of them is numbered below `marker`.
-            if now - noted >= self.settings.callback_grace:
+            # `grace` after noting `change`, the callbacks of changes up to it have all queued
+            # their items by now: every one of them is numbered below the marker taken here.
+            if now - noted >= grace:
                 with self._seq_lock:
-                    self._pending_checkpoint = (change, noted, self._next_seq)
-            return
+                    return (change, noted, self._next_seq), None
+            return pending, None
         if self._low_water() >= marker:
-            self._save_checkpoint(change)
-            self._pending_checkpoint = None
-            self._last_checkpoint_at = now
+            return None, change
+        return pending, None
 
     def _take(self, limit: int) -> list[tuple]:
         """Pop up to `limit` queued items, oldest first."""
@@ -1071,13 +1147,26 @@ def install() -> Relay | None:
             limit = int((request.get("get") or {}).get("limit", 100))
             _answer(output, relay.spool.dead_letters(limit))
 
+    def stable_route(output: Any, uri: str, **request: Any) -> None:
+        # Called by dicomflow_stable.lua (Orthanc's Lua engine), once per stable series/study.
+        if request["method"] != "POST":
+            output.SendMethodNotAllowed("POST")
+            return
+        resource_id = (request.get("body") or b"").decode("ascii", "replace").strip()
+        if relay.on_stable(request["groups"][0], resource_id):
+            _answer(output, {"queued": request["groups"][0], "id": resource_id})
+        else:
+            output.SendHttpStatusCode(400)
+
     orthanc.RegisterOnStoredInstanceCallback(relay.on_stored)
+    orthanc.RegisterRestCallback("/dicomflow/stable/(series|study)", stable_route)
     orthanc.RegisterRestCallback("/dicomflow/status", status_route)
     orthanc.RegisterRestCallback("/dicomflow/spool/retry", retry_route)
     orthanc.RegisterRestCallback("/dicomflow/spool/dead", dead_route)
     orthanc.LogWarning(
         f"dicomflow: delivering to {settings.scheduler_url}; spool {settings.spool_path} holds "
-        f"{relay.spool.length} events, {relay.spool.dead_length} dead letters"
+        f"{relay.spool.length} events, {relay.spool.dead_length} dead letters; stable series/studies from "
+        f"{'the Lua script' if settings.stable_events == _LUA else 'the change log'}"
     )
     relay.start()
     # Orthanc's plugin 4.0 finalises the interpreter when Orthanc stops: the queue goes to the spool then.

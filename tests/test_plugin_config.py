@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from dicomflow.errors import ConfigError
-from dicomflow.orthanc_config import PLUGIN_SCRIPT, OrthancSettings, main, render_orthanc_config
+from dicomflow.orthanc_config import PLUGIN_SCRIPT, STABLE_SCRIPT, OrthancSettings, main, render_orthanc_config
 
 BASE = {"DICOMFLOW_HOME": "/srv/df", "ORTHANC_PASSWORD": "s3cret"}
 
@@ -23,6 +23,9 @@ def test_defaults_and_plugin_section():
     assert config["RegisteredUsers"] == {"dicomflow": "s3cret"}
     assert config["Plugins"] == ["/usr/share/orthanc/plugins/libOrthancPython.so"]
     assert config["PythonScript"] == str(PLUGIN_SCRIPT)
+    # Stable series/studies reach the plugin through its Lua script, not by reading the change log.
+    assert config["LuaScripts"] == [str(STABLE_SCRIPT)] and STABLE_SCRIPT.is_file()
+    assert STABLE_SCRIPT.parent == PLUGIN_SCRIPT.parent  # the docker-compose mounts that one folder
     assert config["StorageDirectory"] == "/srv/df/orthanc/storage"
     section = config["Dicomflow"]
     assert section["SchedulerUrl"] == "http://127.0.0.1:8642" and section["Token"] == "tok"
@@ -34,8 +37,9 @@ def test_without_plugin_or_with_another_script():
     settings = OrthancSettings.from_config(BASE)
     bare = render_orthanc_config(settings, scheduler_url="http://x", token="t", plugin=False)
     assert bare["Plugins"] == [] and "PythonScript" not in bare and "Dicomflow" not in bare
+    assert "LuaScripts" not in bare
     other = render_orthanc_config(settings, scheduler_url="http://x", token="t", plugin="/tmp/noop.py")
-    assert other["PythonScript"] == "/tmp/noop.py"
+    assert other["PythonScript"] == "/tmp/noop.py" and "LuaScripts" not in other
 
 
 @pytest.mark.parametrize("key,value", [("ORTHANC_HTTP_PORT", "http"), ("ORTHANC_AET", "A" * 17),

@@ -47,6 +47,9 @@ BUILDS = {
     "raw-thread": {"HeaderReader": "raw", "BuilderProcess": False, "GilSwitchInterval": 0.001},
     "json": {"HeaderReader": "json"},
 }
+#: Where stable series/studies come from: the Lua script run.sh configures (the default), or
+#: Orthanc's change log read every second (when "LuaScripts" does not list the script).
+STABLE_FROM = {"raw": "lua", "raw-thread": "changes", "json": "lua"}
 
 
 @pytest.fixture(scope="module", params=list(BUILDS))
@@ -55,9 +58,10 @@ def ingest(request, tmp_path_factory, sag_anon):
     folder = tmp_path_factory.mktemp("plugin-events")
     sink = EventSink().start()
     options = BUILDS[request.param]
-    server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2,
-                           plugin_options=options).start()
+    server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2, plugin_options=options,
+                           extra={} if STABLE_FROM[request.param] == "lua" else {"LuaScripts": []}).start()
     status = server.status()
+    assert status["stableEvents"] == STABLE_FROM[request.param]
     assert status["headerReader"] == options["HeaderReader"]
     assert status["gilSwitchInterval"] == pytest.approx(options.get("GilSwitchInterval", 0.005))
     generated = write_series(folder / "generated", 25, patient_id="GEN0001")
@@ -168,6 +172,36 @@ def test_a_series_stable_again_after_late_instances_is_sent_again(ingest):
     assert len(before["orthanc"]["instances"]) == 5
     assert len(after["orthanc"]["instances"]) == 8
     assert set(before["orthanc"]["instances"]) < set(after["orthanc"]["instances"])
+
+
+def test_with_the_lua_script_no_change_is_read_while_orthanc_runs(ingest):
+    server, sink, files, _ = ingest
+    wait_for(lambda: [e for e in sink.delivered() if e["level"] == "study"], timeout=30, what="a study event")
+    status = server.status()
+    if status["stableEvents"] == "lua":
+        # Every series/study event delivered came through the Lua script (the last ones may still travel).
+        wait_for(lambda: server.status()["stableFromLua"] == sum(
+            1 for e in sink.delivered() if e["level"] in ("series", "study")), timeout=10, what="the Lua count")
+        assert server.status()["changesRead"] == 0  # a first start on an empty Orthanc: nothing to catch up
+    else:
+        assert status["changesRead"] >= len(files)  # every instance's change, to find the stable ones
+        assert status["stableFromLua"] == 0
+
+
+def test_the_stable_route_takes_only_orthanc_ids(ingest):
+    server, sink, _, _ = ingest
+    before = server.status()["received"], len(sink.delivered())
+    for body in ("../../etc/passwd", "", "1234", "'; DROP TABLE spool; --"):
+        answer = server.session.post(server.url + "/dicomflow/stable/series", data=body, timeout=10)
+        assert answer.status_code == 400, body
+    assert server.session.get(server.url + "/dicomflow/stable/series", timeout=10).status_code == 405
+    assert (server.status()["received"], len(sink.delivered())) == before
+    series_id = server.get("/series")[0]
+    answer = server.session.post(server.url + "/dicomflow/stable/series", data=series_id, timeout=10)
+    assert answer.status_code == 200 and answer.json() == {"queued": "series", "id": series_id}
+    wait_for(lambda: len(sink.delivered()) > before[1], timeout=10, what="the series event")
+    [event] = sink.delivered()[before[1]:]
+    assert (event["level"], event["orthanc"]["series"]) == ("series", series_id)
 
 
 def test_status_route_counts(ingest):

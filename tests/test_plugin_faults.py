@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dicomflow.orthanc_config import STABLE_SCRIPT
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, stop_all, write_series
 from tests.support.procs import free_port, process_running, wait_for
 
@@ -325,3 +326,51 @@ def test_the_builder_process_ends_with_orthanc_even_killed(tmp_path, servers, si
     assert pid and process_running(pid)
     server.kill()
     wait_for(lambda: not process_running(pid), timeout=10, what=f"the builder process {pid} to exit")
+
+
+#: Loaded before dicomflow_stable.lua: holds Orthanc's Lua queue for 1 s of Orthanc's CPU time
+#: per stored instance (os.clock: at least 0.5 s of wall time on two cores), so the Lua engine
+#: reaches a series' stable change long after Orthanc logged it. (It also holds Orthanc's HTTP
+#: server, which asks Lua about each request: the test looks at the sink and the spool meanwhile.)
+SLOW_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  local started = os.clock()
+  while os.clock() - started < 1.0 do end
+end
+"""
+
+
+def _spool_state(server: OrthancServer) -> dict[str, int]:
+    with sqlite3.connect(server.spool_path) as db:
+        return {key: int(value) for key, value in db.execute("SELECT key, value FROM state")}
+
+
+def test_a_stable_series_the_lua_engine_had_not_reached_at_a_sigkill_is_read_back(tmp_path, servers, sink):
+    slow = tmp_path / "slow.lua"
+    slow.write_text(SLOW_LUA)
+    files = write_series(tmp_path / "dcm", 20, patient_id="LUALAG1")
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, stable_age=1,
+                           plugin_options={"CheckpointInterval": 0.2, "CallbackGrace": 0.2, "StableGrace": 600},
+                           extra={"LuaScripts": [str(slow), str(STABLE_SCRIPT)]})
+    servers.append(server.start())
+    assert server.status()["stableEvents"] == "lua"
+    wait_for(lambda: server.status()["checkpoint"] is not None, timeout=10, what="the start's catch-up")
+    server.store(files)
+    sink.wait_for_events(20, level="instance")
+    # Orthanc logs the series stable ~1-2 s after its last instance and the checkpoint passes
+    # that change; the Lua engine is still ~10 s of OnStoredInstance behind it.
+    time.sleep(4)
+    assert not [e for e in sink.delivered() if e["level"] != "instance"], "the Lua engine was not held up"
+    before = _spool_state(server)
+    server.kill()
+    server.start()
+    stable_seq = next(c["Seq"] for c in server.get("/changes?limit=1000")["Changes"]
+                      if c["ChangeType"] == "StableSeries")
+    # What happened before the kill: a checkpoint past the stable change, whose event was
+    # never queued; the stable checkpoint (StableGrace behind) below it.
+    assert before["checkpoint"] >= stable_seq > before["stableCheckpoint"]
+    [event] = sink.wait_for_events(1, timeout=30, level="series")
+    series = server.get(f"/series/{event['orthanc']['series']}")
+    assert sorted(event["orthanc"]["instances"]) == sorted(series["Instances"]) and len(series["Instances"]) == 20
+    assert sink.wait_for_events(1, timeout=30, level="study")
+    assert server.status()["replayed"] == 0  # the instances were delivered: only the series and study are read back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -115,6 +116,12 @@ def test_compose_file_parses_and_uses_the_native_names():
             assert port.startswith("127.0.0.1:"), f"{port} must bind to loopback"
     assert compose["services"]["orthanc"]["environment"]["ORTHANC__STORAGE_COMPRESSION"] == "false"
     assert compose["services"]["orthanc"]["environment"]["TCP_NODELAY"] == "1"
+    # The plugin and its Lua script, from the mounted orthanc/ folder (as the native config has them).
+    orthanc_env = compose["services"]["orthanc"]["environment"]
+    mounted = {Path(orthanc_env["ORTHANC__PYTHON_SCRIPT"]).name,
+               *(Path(script).name for script in json.loads(orthanc_env["ORTHANC__LUA_SCRIPTS"]))}
+    assert mounted == {"dicomflow_plugin.py", "dicomflow_stable.lua"}
+    assert all((REPO / "orthanc" / name).is_file() for name in mounted)
 
 
 def test_config_file_and_environment(tmp_path):
