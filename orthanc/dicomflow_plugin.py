@@ -5,7 +5,9 @@ library only. The on-stored callback captures the instance's bytes and context, 
 on a bounded in-memory queue and returns; one sender thread has a builder process
 (``dicomflow_builder.py``) turn them into events outside Orthanc's interpreter, delivers
 them in batches (``POST {"events": [...]}`` with a bearer token) and keeps what it cannot
-deliver in a durable SQLite spool, re-sent in reception order. Settings: the
+deliver in a durable SQLite spool, re-sent in reception order. Stable series/studies come
+from ``dicomflow_stable.lua`` (Orthanc's Lua engine, through the route
+``/dicomflow/stable/{series,study}``), or from Orthanc's change log without it. Settings: the
 ``"Dicomflow"`` section of Orthanc's configuration (README, "The Orthanc plugin").
 """
 
@@ -14,8 +16,8 @@ from __future__ import annotations
 import atexit
 import collections
 import json
-import re
 import os
+import re
 import shutil
 import sqlite3
 import sys
