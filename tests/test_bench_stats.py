@@ -5,6 +5,7 @@ import statistics
 import time
 
 from bench.ingest import median_interval, rotation_ratios, settle
+from bench.pool import pooled, read_rounds
 
 #: Ten rounds spread as this VM's per-round ratios do (±10 %), median 0.97.
 ROUNDS = [0.85, 0.88, 0.91, 0.94, 0.96, 0.98, 1.00, 1.03, 1.06, 1.09]
@@ -55,3 +56,29 @@ def test_a_rotation_cancels_who_went_first():
     assert all(abs(r - true_ratio) < 1e-9 for r in rotations)
     # A round past the last full rotation is left out, not averaged alone.
     assert len(rotation_ratios(c_rates[:5], b_rates[:5], period=2)) == 2
+
+
+def _log(rates: list[dict[str, float]], labels: dict[str, str]) -> list[str]:
+    """A bench.ingest output as it prints it: headers, rounds, a CT section to be left alone."""
+    lines = ["storescu -> Orthanc 1.10, ...", "", "## small: 4 rounds of 1000 instances 64x64 ..."]
+    for number, rates_of_round in enumerate(rates, start=1):
+        lines.append(f"  round {number:2d}: " + "  ".join(f"{labels[k]} {v:6.1f}" for k, v in rates_of_round.items())
+                     + " inst/s")
+    lines += ["  median rates: ...", "## ct: 4 rounds of 100 instances 512x512 ...",
+              "  round  1: " + "  ".join(f"{labels[k]}    1.0" for k in rates[0]) + " inst/s"]
+    return lines
+
+
+def test_pooled_runs_read_back_from_their_logs_rotate_within_each_run():
+    labels = {"b": "(b)", "c": "(c)", "cq": "(c-prio0)"}
+    # Run 1 (b, c): whoever goes first is 10 % slower; the true (c)/(b) is 0.95.
+    first = [{"b": 100.0, "c": 95.0 * 0.9}, {"b": 100.0 * 0.9, "c": 95.0}] * 2
+    # Run 2 (b, c, c-prio0): three setups, so a rotation is three rounds.
+    second = [{"b": 200.0, "c": 190.0, "cq": 180.0}] * 3
+    runs = [read_rounds(_log(first, labels)), read_rounds(_log(second, labels))]
+    assert runs[0] == first and runs[1] == second  # the CT section is not mixed in
+    per_round, per_rotation = pooled(runs, "c", "b")
+    assert len(per_round) == 7 and len(per_rotation) == 2 + 1
+    assert sorted({round(r, 3) for r in per_round}) == [0.855, 0.95, 1.056]
+    assert [round(r, 6) for r in per_rotation] == [0.95, 0.95, 0.95]
+    assert read_rounds(_log(second, labels), size="ct") == [{"b": 1.0, "c": 1.0, "cq": 1.0}]
