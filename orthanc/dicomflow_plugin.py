@@ -957,7 +957,8 @@ class Relay:
         lua = self.settings.stable_events == _LUA
         if self._pending_checkpoint is None:
             if now - self._last_checkpoint_at >= self.settings.checkpoint_interval:
-                # Read from the change log: every stable series/study up to its cursor is queued already.
+                # Lua: Orthanc's last change. Change log: the reader's cursor (every stable
+                # series/study up to it is queued already).
                 change = self._last_change() if lua else self._cursor
                 self._pending_checkpoint = (change, now, None)
                 if lua and self._pending_stable is None:
