@@ -10,9 +10,6 @@
 -- Load it after your own scripts: an OnStableSeries/OnStableStudy defined before it is
 -- still called, after the plugin's.
 
-local earlierOnStableSeries = OnStableSeries
-local earlierOnStableStudy = OnStableStudy
-
 local function handOver(level, resourceId)
   if RestApiPost('/dicomflow/stable/' .. level, resourceId, false) == nil then
     -- Orthanc has logged why (the plugin is not loaded, or refused the id).
@@ -20,16 +17,15 @@ local function handOver(level, resourceId)
   end
 end
 
-function OnStableSeries(seriesId, tags, metadata)
-  handOver('series', seriesId)
-  if earlierOnStableSeries ~= nil then
-    earlierOnStableSeries(seriesId, tags, metadata)
+-- The callback for `level`, calling `earlier` (a script's own, loaded before this one) after.
+local function handingOver(level, earlier)
+  return function(resourceId, tags, metadata)
+    handOver(level, resourceId)
+    if earlier ~= nil then
+      earlier(resourceId, tags, metadata)
+    end
   end
 end
 
-function OnStableStudy(studyId, tags, metadata)
-  handOver('study', studyId)
-  if earlierOnStableStudy ~= nil then
-    earlierOnStableStudy(studyId, tags, metadata)
-  end
-end
+OnStableSeries = handingOver('series', OnStableSeries)
+OnStableStudy = handingOver('study', OnStableStudy)

@@ -10,6 +10,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 import pytest
 
+from dicomflow.orthanc_config import STABLE_SCRIPT
 from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
 from tests.support.repack_dicom import make_instance
 from tests.support.procs import wait_for
@@ -233,6 +234,25 @@ def test_a_syntax_the_reader_leaves_to_orthanc_still_gives_a_full_event(tmp_path
         for tag, value in headers.items():
             assert event["headers"][tag] == value, tag
         assert event["orthanc"]["instance"] in server.get("/instances")
+    finally:
+        server.stop()
+        sink.stop()
+
+
+def test_a_users_own_stable_series_callback_loaded_before_the_plugins_still_runs(tmp_path):
+    own = tmp_path / "own.lua"
+    own.write_text("function OnStableSeries(seriesId, tags, metadata)\n"
+                   "  print('own OnStableSeries ' .. seriesId .. ' ' .. tags['SeriesInstanceUID'])\nend\n")
+    sink = EventSink().start()
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, stable_age=1,
+                           extra={"LuaScripts": [str(own), str(STABLE_SCRIPT)]}).start()
+    try:
+        server.store(write_series(tmp_path / "dcm", 3, patient_id="OWNLUA1"))
+        [event] = sink.wait_for_events(1, timeout=30, level="series")
+        series_id, uid = event["orthanc"]["series"], event["headers"]["SeriesInstanceUID"]
+        wait_for(lambda: f"own OnStableSeries {series_id} {uid}" in server.log_tail(200), timeout=10,
+                 what="the user's own OnStableSeries in Orthanc's log")
+        assert server.status()["stableFromLua"] == 2  # the series and its study, through dicomflow's script
     finally:
         server.stop()
         sink.stop()
