@@ -432,11 +432,10 @@ class Relay:
                 syntax = dicom.GetInstanceTransferSyntaxUid()
                 headers = (_JSON, dicom.GetInstanceAdvancedJson(self._json_format, self._json_flags,
                                                                 self.settings.max_string_length))
+            metadata = dicom.GetInstanceMetadata  # None where absent (an upload has no called AE)
             item = (
                 _KIND_INSTANCE, instance_id, headers,
-                dicom.GetInstanceRemoteAet(),
-                dicom.GetInstanceMetadata("RemoteIP") if dicom.HasInstanceMetadata("RemoteIP") else None,
-                dicom.GetInstanceMetadata("CalledAET") if dicom.HasInstanceMetadata("CalledAET") else None,
+                dicom.GetInstanceRemoteAet(), metadata("RemoteIP"), metadata("CalledAET"),
                 syntax,
                 time.time(),
             )

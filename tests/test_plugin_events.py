@@ -234,6 +234,10 @@ def test_a_syntax_the_reader_leaves_to_orthanc_still_gives_a_full_event(tmp_path
         for tag, value in headers.items():
             assert event["headers"][tag] == value, tag
         assert event["orthanc"]["instance"] in server.get("/instances")
+        # Uploaded over HTTP: a remote IP, no called AE title, and no error for the missing one.
+        assert (event["remoteIp"], event["calledAet"]) == ("127.0.0.1", None)
+        assert server.status()["callbackErrors"] == 0
+        assert "CalledAET" not in server.log_tail(400)
     finally:
         server.stop()
         sink.stop()
