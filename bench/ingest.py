@@ -5,7 +5,9 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
   (b) Orthanc with a Python plugin whose on-stored callback only returns (the design's floor),
   (b') Orthanc with a Python plugin that only registers a change callback (no instance hand-over),
   (c) the full pipeline: Orthanc with the dicomflow plugin delivering to the real scheduler
-      (gunicorn, at nice 10 as run.sh starts it) with its own redis-server and the two example services (tempJob, and
+      (gunicorn, at nice 10 as run.sh starts it) with its own redis-server (keeping an
+      append-only file on the benchmark's disk, fsynced every second, as run.sh's Redis
+      does) and the two example services (tempJob, and
       tempFollowJob depending on it), so every instance becomes two RQ jobs; with `--sink`,
       an in-process HTTP sink instead (delivery only); `--scheduler-url` for one you run,
   (c-sink) the same plugin delivering to an in-process HTTP sink in the same run as (c):
@@ -18,6 +20,8 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       thread, which POSTs them (`BuilderDelivers` false: the plugin before session 7),
   (c-prio0) the same as (c) with the plugin's builder process and the scheduler's redis-server
       at nice 0 (before session 8; their own scheduler and redis-server),
+  (c-nofile) the same as (c) with a redis-server that keeps nothing on disk (the benchmark's
+      Redis before session 9; a scheduler and Redis of its own),
   (c-log) the same as (c) without the plugin's Lua script: stable series/studies found by
       reading Orthanc's change log every second, every instance's change included (before
       session 8),
@@ -91,19 +95,23 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl")
+SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl", "cn")
 #: The setups with the dicomflow plugin (all but "cs" deliver to a real scheduler unless --sink).
-FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl")
+FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl", "cn")
 REPO = Path(__file__).resolve().parent.parent
 
 
 class RealScheduler:
-    """The scheduler (gunicorn) + a private redis-server + the example services, for (c)."""
+    """The scheduler (gunicorn) + a private redis-server + the example services, for (c).
+
+    Its redis-server keeps an append-only file as run.sh's does (`aof`), on the disk the
+    Orthancs store to: its writes and fsyncs are part of what the pipeline costs the ingest.
+    """
 
     token = "bench-token"
 
     def __init__(self, folder: Path, nice: int = 10, idle: bool = False, cpus: Sequence[int] = (),
-                 redis_nice: int | None = None):
+                 redis_nice: int | None = None, aof: bool = True):
         self.folder = folder
         #: With `cpus` (--pin), the scheduler and its redis-server run only there.
         self.pinned = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
@@ -111,6 +119,7 @@ class RealScheduler:
         #: redis-server runs at the scheduler's nice value, as run.sh starts it, unless told otherwise.
         redis_nice = nice if redis_nice is None else redis_nice
         self.redis_prefix = [*self.pinned, *(["nice", "-n", str(redis_nice)] if redis_nice else [])]
+        self.aof = aof
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -120,7 +129,7 @@ class RealScheduler:
             shutil.copytree(REPO / "examples" / name / "registry", services / "registry" / name)
             shutil.copytree(REPO / "examples" / name / "module", services / "modules" / name)
         self.redis_pids: list[int] = []
-        self._redis = private_redis(self.redis_pids, prefix=self.redis_prefix)
+        self._redis = private_redis(self.redis_pids, prefix=self.redis_prefix, aof=self.aof)
         redis_url = self._redis.__enter__()
         self.connection = redis.Redis.from_url(redis_url)
         env = {**os.environ, "DICOMFLOW_CONFIG": "", "DICOMFLOW_REDIS_URL": redis_url,
@@ -171,6 +180,7 @@ LABELS = {
     "cp": "(c-post) the same, the sender thread POSTs",
     "cq": "(c-prio0) the same, builder process and redis-server at nice 0",
     "cl": "(c-log) the same, stable series from the change log",
+    "cn": "(c-nofile) the same, Redis keeping nothing on disk",
 }
 
 
@@ -356,7 +366,7 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("cs", "b"), ("c", "cs"), ("b", "a"), ("b'", "a"),
                                   ("c0", "a"), ("c0", "b"), ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"),
                                   ("cj", "b"), ("cp", "b"), ("c", "cp"), ("cq", "b"), ("c", "cq"),
-                                  ("cl", "b"), ("c", "cl"))
+                                  ("cl", "b"), ("c", "cl"), ("cn", "b"), ("c", "cn"))
               if x in rate and y in rate]
     print("  ratios of the medians: " + "   ".join(
         f"{LABELS[x].split()[0]}/{LABELS[y].split()[0]} = {rate[x] / rate[y]:.3f}" for x, y in ratios))
@@ -530,6 +540,9 @@ def main(args: Sequence[str] | None = None) -> int:
                                                                         cpus=pipeline_cpus))
                 if "cq" in setups:
                     pipelines["cq"] = stack.enter_context(RealScheduler(root / "pipeline-prio0", redis_nice=0,
+                                                                        cpus=pipeline_cpus))
+                if "cn" in setups:
+                    pipelines["cn"] = stack.enter_context(RealScheduler(root / "pipeline-nofile", aof=False,
                                                                         cpus=pipeline_cpus))
                 if "ci" in setups:
                     pipelines["ci"] = stack.enter_context(RealScheduler(root / "pipeline-idle", idle=True,

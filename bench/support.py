@@ -17,15 +17,18 @@ from tests.support.procs import free_port, wait_for
 
 
 @contextlib.contextmanager
-def private_redis(pids: list[int] | None = None, prefix: Sequence[str] = ()) -> Iterator[str]:
+def private_redis(pids: list[int] | None = None, prefix: Sequence[str] = (), aof: bool = False) -> Iterator[str]:
     """A redis-server on a free port for one benchmark run; yields its URL (its pid into `pids`).
 
-    `prefix` goes before the command (e.g. ``["nice", "-n", "10"]``).
+    `prefix` goes before the command (e.g. ``["nice", "-n", "10"]``). With `aof`, it keeps
+    an append-only file as run.sh's Redis does (``appendfsync everysec``), in a folder under
+    TMPDIR (the disk the benchmark's Orthancs store to); else it keeps nothing on disk.
     """
     port = free_port()
     folder = tempfile.mkdtemp(prefix="dicomflow-bench-redis-")
     proc = subprocess.Popen([*prefix, shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", folder],
+                             "--save", "", "--appendonly", "yes" if aof else "no", "--appendfsync", "everysec",
+                             "--dir", folder],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if pids is not None:
         pids.append(proc.pid)
