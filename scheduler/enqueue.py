@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -217,63 +217,63 @@ class Enqueuer:
             plan = planner(event, registry, self.settings.config)
             plans.append((plan, result, new_members))
 
-        # Round trip 3: every job of the batch in one atomic script. The pipeline only
-        # collects the commands (redis-py's command API); _APPLY runs them.
-        pipe = conn.pipeline(transaction=False)
+        # Round trip 3: every job of the batch in one atomic script.
+        pipe = BatchWrite()
         now = rq_now()
+        stamp = utcformat(now)  # one creation time for the batch, in RQ's format
         used_queues: set[str] = set()
         for plan, result, new_members in plans:
             self._record(plan, result, pipe, now.timestamp())
             if plan.jobs:
-                self._enqueue_plan(plan, result, pipe, new_members, used_queues, now, token)
+                self._enqueue_plan(plan, result, pipe, new_members, used_queues, now.timestamp(), stamp, token)
             elif result.status == "scheduled":
                 result.status = "nothing"
                 if plan.event.level is Level.INSTANCE and not plan.failures:
                     # Seen, and nothing to run: a replayed copy must not be planned again.
-                    pipe.set(keys.event_run(plan.event.key), "{}", ex=self.settings.failure_ttl)
+                    pipe.add("SET", keys.event_run(plan.event.key), "{}", "EX", self.settings.failure_ttl)
             if plan.event.level is not Level.INSTANCE and new_members and plan.jobs and not plan.failures:
                 # Only what was really handed to jobs: a series whose callback failed, or that
                 # no active service wanted yet, runs when it is sent again.
-                pipe.sadd(self._state_key(plan.event), *sorted(new_members))
-                pipe.expire(self._state_key(plan.event), self.settings.failure_ttl)
+                pipe.add("SADD", self._state_key(plan.event), *sorted(new_members))
+                pipe.add("EXPIRE", self._state_key(plan.event), self.settings.failure_ttl)
         for name in sorted(used_queues):  # what RQ's enqueue does per job, once per batch here
-            pipe.sadd(Queue.redis_queues_keys, self.queues[name].key)
+            pipe.add("SADD", Queue.redis_queues_keys, self.queues[name].key)
         counts = Counter(f"events:{r.status}" for r in results)
         counts["jobs"] = sum(len(r.jobs) for r in results if r.status == "scheduled")
         for name, n in counts.items():
             if n:
-                pipe.hincrby(keys.STATS, name, n)
-        # Bytes as MessagePack's raw strings: Redis's cmsgpack predates the bin types.
-        commands = msgpack.packb([command for command, _options in pipe.command_stack], use_bin_type=False)
-        self._apply(keys=sorted(keys.claim(k) for k in mine), args=[token, commands])
+                pipe.add("HINCRBY", keys.STATS, name, n)
+        self._apply(keys=sorted(keys.claim(k) for k in mine), args=[token, pipe.packed()])
         return results
 
     def _state_key(self, event: Event) -> str:
         """Where the instance ids already handed to this series'/study's jobs are kept."""
         return keys.series_state(event.uid) if event.level is Level.SERIES else keys.study_state(event.uid)
 
-    def _record(self, plan: Plan, result: EventResult, pipe, now: float) -> None:
+    def _record(self, plan: Plan, result: EventResult, pipe: BatchWrite, now: float) -> None:
         """Keep callback failures where an operator sees them (API + Redis list)."""
         for failure in plan.failures:
             result.errors.append(f"{failure.jobName}: {failure.error}")
-            pipe.lpush(keys.CALLBACK_ERRORS, json.dumps({
+            pipe.add("LPUSH", keys.CALLBACK_ERRORS, json.dumps({
                 "time": now, "event": plan.event.key, "jobName": failure.jobName,
                 "error": failure.error, "traceback": failure.traceback,
             }))
         if plan.failures:
-            pipe.ltrim(keys.CALLBACK_ERRORS, 0, self.settings.error_log_length - 1)
+            pipe.add("LTRIM", keys.CALLBACK_ERRORS, 0, self.settings.error_log_length - 1)
         result.declined = plan.declined
 
-    def _enqueue_plan(self, plan: Plan, result: EventResult, pipe, new_members: set[str],
-                      used_queues: set[str], now: datetime, batch: str) -> None:
-        """Add the plan's jobs to the batch's atomic write, each written once (HSET) and pushed or deferred."""
+    def _enqueue_plan(self, plan: Plan, result: EventResult, pipe: BatchWrite, new_members: set[str],
+                      used_queues: set[str], now: float, stamp: str, batch: str) -> None:
+        """Add the plan's jobs to the batch's atomic write, each written once (HSET) and pushed or deferred.
+
+        `now` is the batch's time (the deferred registry's score), `stamp` the same in RQ's format.
+        """
         event = plan.event
         context = event.context()
         if new_members:
             context["newMembers"] = sorted(new_members)
         ids: dict[str, str] = {}
         run = run_id(event.key, batch)
-        stamp = utcformat(now)
         description_tail = f"{event.level.value} {event.uid}"
         for planned in plan.jobs:
             spec = planned.job.spec
@@ -281,7 +281,7 @@ class Enqueuer:
             used_queues.add(spec.priority)
             job_id = f"{spec.jobName}-{run}"
             waits_for = [ids[d] for d in planned.waits_for]
-            pipe.hset(Job.key_for(job_id), mapping=self.hashes.mapping(
+            pipe.hset(Job.key_for(job_id), self.hashes.mapping(
                 planned.job,
                 kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": event.headers,
                         "params": spec.params, "added_params": plan.added_params, "event": context},
@@ -289,20 +289,44 @@ class Enqueuer:
                 meta={"event": event.key, "service": planned.job.service, "notes": planned.notes},
                 depends_on=waits_for, stamp=stamp))
             if not waits_for:
-                queue.push_job_id(job_id, pipeline=pipe)
+                pipe.add("RPUSH", queue.key, job_id)  # what Queue.push_job_id writes
             else:
                 # Its dependencies are created in this same atomic write, so none can have
                 # finished yet: register it as deferred without RQ's WATCH round trips (what
                 # Job.register_dependency writes: the deferred registry, scored by creation
                 # time, and both link sets).
-                pipe.zadd(self.deferred[queue.name].key, {job_id: now.timestamp()})
-                pipe.sadd(dependencies_key(job_id), *waits_for)
+                pipe.add("ZADD", self.deferred[queue.name].key, now, job_id)
+                pipe.add("SADD", dependencies_key(job_id), *waits_for)
                 for dependency_id in waits_for:
-                    pipe.sadd(Job.dependents_key_for(dependency_id), job_id)
+                    pipe.add("SADD", Job.dependents_key_for(dependency_id), job_id)
             ids[spec.jobName] = job_id
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
         result.jobs = ids
-        pipe.set(keys.event_run(event.key), json.dumps(ids), ex=self.settings.failure_ttl)
+        pipe.add("SET", keys.event_run(event.key), json.dumps(ids), "EX", self.settings.failure_ttl)
+
+
+class BatchWrite:
+    """The commands of a batch's atomic write, collected as word lists for `_APPLY`.
+
+    Plain tuples, not a redis-py pipeline: `_APPLY` runs them from one MessagePack argument,
+    so redis-py never sends them, and its command API (a pipeline's `hset`, `set`, ...) cost
+    ~15 % of the scheduler's CPU per event only to build the same word lists
+    (`bench/scheduler.py`, events as the plugin sends them). Words are str, bytes or numbers.
+    """
+
+    def __init__(self) -> None:
+        self.commands: list[tuple] = []
+
+    def add(self, *words: Any) -> None:
+        self.commands.append(words)
+
+    def hset(self, key: str, mapping: dict[str, Any]) -> None:
+        self.commands.append(("HSET", key, *chain.from_iterable(mapping.items())))
+
+    def packed(self) -> bytes:
+        """The commands as `_APPLY` takes them (bytes as MessagePack's raw strings: Redis's
+        cmsgpack predates the bin types)."""
+        return msgpack.packb(self.commands, use_bin_type=False)
 
 
 def dependencies_key(job_id: str) -> str:
