@@ -43,7 +43,11 @@ CLAIM_MS = 60_000
 #: series or study, the instances already handed to jobs. KEYS: per event its claim, run and
 #: state key; ARGV: token, claim time (ms), then per event 1 if its state is wanted.
 #: Replies per event: claimed (1/0), the run (or nil), the state's members.
+#: Claims live in memory only: not written to the append-only file (nor to replicas). A
+#: claim is a lock of a request in flight, which a Redis restart ends anyway; two AOF
+#: entries per event (the claim and its deletion) were Redis writing to disk for nothing.
 _CLAIM = """
+redis.set_repl(redis.REPL_NONE)
 local reply = {}
 for i = 1, #KEYS, 3 do
   local claimed = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
@@ -59,11 +63,13 @@ return reply
 #: Run a batch's commands (ARGV[2]: a MessagePack array of commands, each an array of words)
 #: as one atomic script, then delete the claims this request holds (KEYS; only those: compare
 #: the token in ARGV[1]). One reply for the batch, and one argument to encode instead of ~100
-#: per event (redis-py's encoding of those was a fifth of the scheduler's CPU).
+#: per event (redis-py's encoding of those was a fifth of the scheduler's CPU). The batch's
+#: commands reach the append-only file; the claims' deletion does not (see _CLAIM).
 _APPLY = """
 for _, command in ipairs(cmsgpack.unpack(ARGV[2])) do
   redis.call(unpack(command))
 end
+redis.set_repl(redis.REPL_NONE)
 for _, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
 end
@@ -72,6 +78,7 @@ return 1
 
 #: Delete the claims this request holds (and only those: compare the token).
 _RELEASE = """
+redis.set_repl(redis.REPL_NONE)
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
 end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import zlib
+from pathlib import Path
 
 import pytest
 import redis
@@ -11,6 +12,7 @@ from rq import Queue, Retry, SimpleWorker
 from rq.job import Dependency, Job, JobStatus
 from rq.registry import DeferredJobRegistry
 
+from bench.support import private_redis
 from dicomflow import keys
 from scheduler.app import create_app
 from tests.support.procs import free_port
@@ -315,3 +317,20 @@ def test_a_replayed_instance_nobody_wanted_is_not_planned_again(make_client, ser
     (replayed,) = post(client, {**instance_event("1.42"), "replay": True})
     assert replayed["status"] == "known" and "jobs" not in replayed
     assert Queue("default", connection=connection).count == 0
+
+
+def test_claims_stay_out_of_the_append_only_file(tmp_path, services):
+    """A claim locks an event while one request plans it, and a Redis restart ends that
+    request anyway: the append-only file gets the batch's jobs, not its claims."""
+    make_service(services, "a", job("aJob", "a"))
+    with private_redis(aof=True) as url:
+        connection = redis.Redis.from_url(url)
+        client = create_app(settings_for(tmp_path, url, services), connection).test_client()
+        results = post(client, instance_event("11.1"), instance_event("11.2"))
+        assert [r["status"] for r in results] == ["scheduled", "scheduled"]
+        folder = Path(connection.config_get("dir")["dir"]) / connection.config_get("appenddirname")["appenddirname"]
+        written = b"".join(path.read_bytes() for path in folder.glob("*.incr.aof"))
+        assert all(f"rq:job:{r['jobs']['aJob']}".encode() in written for r in results)
+        assert keys.claim("").encode() not in written
+        # The claims did their work in memory: a second copy of the batch is a duplicate.
+        assert [r["status"] for r in post(client, instance_event("11.1"))] == ["duplicate"]
