@@ -358,8 +358,11 @@ def test_a_stable_series_the_lua_engine_had_not_reached_at_a_sigkill_is_read_bac
     server.store(files)
     sink.wait_for_events(20, level="instance")
     # Orthanc logs the series stable ~1-2 s after its last instance and the checkpoint passes
-    # that change; the Lua engine is still ~10 s of OnStoredInstance behind it.
-    time.sleep(4)
+    # that change (past the ingest's own changes: each instance's, its series', study's and
+    # patient's); the Lua engine is still ~10 s of OnStoredInstance behind it.
+    ingest_changes = len(files) + 3
+    wait_for(lambda: _spool_state(server).get("checkpoint", 0) > ingest_changes, timeout=12,
+             what="the checkpoint past the stable change")
     assert not [e for e in sink.delivered() if e["level"] != "instance"], "the Lua engine was not held up"
     before = _spool_state(server)
     server.kill()
