@@ -9,8 +9,9 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
       append-only file on the benchmark's disk, fsynced every second, as run.sh's Redis
       does) and the two example services (tempJob, and
       tempFollowJob depending on it), so every instance becomes two RQ jobs; with `--sink`,
-      an in-process HTTP sink instead (delivery only); `--scheduler-url` for one you run,
-  (c-sink) the same plugin delivering to an in-process HTTP sink in the same run as (c):
+      the counting sink instead (delivery only); `--scheduler-url` for one you run,
+  (c-sink) the same plugin delivering to a counting sink (`bench/sink.py`: a process at
+      nice 10 that answers every batch and parses no JSON) in the same run as (c):
       (c)/(c-sink) is what the scheduler and Redis cost the ingest, (c-sink)/(b) the plugin,
   (c-nice0) the same as (c) with the scheduler at nice 0 (at 10 the kernel lets Orthanc's
       ingest run first),
@@ -70,7 +71,8 @@ from rq import Queue
 from rq.job import Job
 
 from bench.support import children, cpu_seconds, private_redis
-from tests.support.orthanc import EventSink, OrthancServer, leftovers, write_series
+from bench.sink import CountingSink
+from tests.support.orthanc import OrthancServer, leftovers, write_series
 from tests.support.procs import free_port, wait_for
 
 NOOP_STORED = '''"""Benchmark floor: an on-stored callback that only returns."""
@@ -153,10 +155,14 @@ class RealScheduler:
     def reset(self) -> None:
         self.connection.flushall()
 
-    def wait_for_jobs(self, count: int) -> list[float]:
-        """Wait until `count` instance events were scheduled; stored -> enqueued latencies (s)."""
+    def wait_for_jobs(self, count: int) -> None:
+        """Wait until `count` instance events were scheduled."""
         wait_for(lambda: int(self.connection.hget("dicomflow:stats", "events:scheduled") or 0) >= count,
                  timeout=120, what=f"{count} scheduled events")
+
+    def latencies(self) -> list[float]:
+        """Stored -> enqueued latencies (s) of the jobs in the queue. Read after the CPU
+        figures: fetching every job costs redis-server more than scheduling them."""
         queue = Queue("default", connection=self.connection)
         jobs = [j for j in Job.fetch_many(queue.job_ids, connection=self.connection) if j is not None]
         return [j.enqueued_at.replace(tzinfo=UTC).timestamp() - j.kwargs["event"]["receivedAt"]
@@ -171,7 +177,7 @@ LABELS = {
     "b": "(b) on-stored callback that only returns",
     "b'": "(b') change callback only",
     "c": "(c) full dicomflow plugin",
-    "cs": "(c-sink) the same plugin, delivering to an HTTP sink",
+    "cs": "(c-sink) the same plugin, delivering to a counting sink",
     "c0": "(c-nice0) the same, scheduler at nice 0",
     "ci": "(c-idle) the same, scheduler under SCHED_IDLE",
     "cf": "(c-50ms) the same, MaxBatchDelay 0.05 s, BatchSize 200",
@@ -217,10 +223,11 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _cpu(server: OrthancServer, pipeline: RealScheduler | None, plugin: bool = False) -> dict[str, float]:
+def _cpu(server: OrthancServer, pipeline: RealScheduler | None, plugin: bool = False,
+         sink: CountingSink | None = None) -> dict[str, float]:
     """CPU seconds so far of Orthanc (with its builder process), of waited-for children
-    (storescu) and of the pipeline; with the dicomflow `plugin`, also the part of Orthanc's
-    that is the plugin's sender thread (its status says) and the builder process's."""
+    (storescu) and of the pipeline or the sink; with the dicomflow `plugin`, also the part
+    of Orthanc's that is the plugin's sender thread (its status says) and the builder process's."""
     waited = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = {"orthanc": cpu_seconds(server.proc.pid), "storescu": waited.ru_utime + waited.ru_stime}
     if plugin:
@@ -228,6 +235,8 @@ def _cpu(server: OrthancServer, pipeline: RealScheduler | None, plugin: bool = F
         out["builder"] = cpu_seconds(*children(server.proc.pid))
     if pipeline is not None:
         out.update(pipeline.cpu())
+    if sink is not None:
+        out.update(sink.cpu())
     return out
 
 
@@ -238,17 +247,11 @@ def _pin_children(pid: int, cpus: Sequence[int]) -> None:
             os.sched_setaffinity(int(task), cpus)
 
 
-def _start_sink(token: str, cpus: Sequence[int]) -> EventSink:
-    """An in-process HTTP sink; with `cpus` (--pin), its server thread and the handler
-    threads it starts run there, off the ingest's CPU."""
-    if not cpus:
-        return EventSink(token=token).start()
-    mine = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)  # threads inherit the affinity of the thread that starts them
-    try:
-        return EventSink(token=token).start()
-    finally:
-        os.sched_setaffinity(0, mine)
+def _start_sink(token: str, cpus: Sequence[int]) -> CountingSink:
+    """The counting sink (`bench/sink.py`), a process at nice 10 as the scheduler runs; with
+    `cpus` (--pin), on those CPUs only."""
+    pinned = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+    return CountingSink(token, prefix=[*pinned, "nice", "-n", "10"]).start()
 
 
 def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, token: str) -> OrthancServer:
@@ -290,32 +293,30 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
         scheduler_url, token = pipeline.url, pipeline.token
     url = scheduler_url or "http://127.0.0.1:9"
     if full and scheduler_url is None:
-        sink = EventSink(token=token).start()
+        sink = CountingSink(token, prefix=["nice", "-n", "10"]).start()
         url = sink.url
     server = _orthanc_for(setup, work, scripts, url, token)
     try:
         server.start()
-        cpu_before = _cpu(server, pipeline if full else None, full)
+        cpu_before = _cpu(server, pipeline if full else None, full, sink)
         started = time.perf_counter()
         server.store([files_dir])
         elapsed = time.perf_counter() - started
         result = {"rate": count / elapsed, "seconds": elapsed}
+        latencies = None
         if full:
             if pipeline is not None:
-                latencies = pipeline.wait_for_jobs(count)
-                result["drained"] = time.perf_counter() - started
-                result["p50_ms"] = _percentile(latencies, 0.50) * 1000
-                result["p99_ms"] = _percentile(latencies, 0.99) * 1000
-                result["posts"] = server.status()["batches"]
+                pipeline.wait_for_jobs(count)
             elif sink is not None:
-                sink.wait_for_events(count, timeout=120, level="instance")
-                result["drained"] = time.perf_counter() - started
-                latencies = [b.arrived - e["receivedAt"] for b in sink.delivered_batches()
-                             for e in b.events if e["level"] == "instance"]
-                result["p50_ms"] = _percentile(latencies, 0.50) * 1000
-                result["p99_ms"] = _percentile(latencies, 0.99) * 1000
-                result["posts"] = len(sink.delivered_batches())
-        cpu_after = _cpu(server, pipeline if full else None, full)
+                latencies = sink.wait_for_events(count)
+            result["drained"] = time.perf_counter() - started
+            result["posts"] = server.status()["batches"]
+        cpu_after = _cpu(server, pipeline if full else None, full, sink)
+        if full and pipeline is not None:
+            latencies = pipeline.latencies()
+        if latencies:
+            result["p50_ms"] = _percentile(latencies, 0.50) * 1000
+            result["p99_ms"] = _percentile(latencies, 0.99) * 1000
         for name, before in cpu_before.items():
             result[f"cpu_{name}_ms"] = (cpu_after[name] - before) * 1000 / count
         if full:
@@ -425,7 +426,7 @@ def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path,
     size_kb = sum(p.stat().st_size for p in folders[0].iterdir()) / chunk / 1024
     print(f"\n## {name}: {rounds} rounds of {chunk} instances {rows}x{rows} 16-bit, {size_kb:.0f} KB each, "
           f"alternating between running Orthancs (generated in {time.perf_counter() - started:.1f} s)", flush=True)
-    sinks: dict[str, EventSink] = {}
+    sinks: dict[str, CountingSink] = {}
     servers: dict[str, OrthancServer] = {}
     try:
         for setup in setups:
@@ -462,31 +463,30 @@ def bench_alternating(name: str, rounds: int, chunk: int, rows: int, root: Path,
 
 
 def _send_chunk(server: OrthancServer, folder: Path, count: int, pipeline: RealScheduler | None,
-                sink: EventSink | None) -> dict[str, float]:
+                sink: CountingSink | None) -> dict[str, float]:
     """Send one folder to a running Orthanc; rate, CPU per instance, and (c)'s latencies."""
     if pipeline is not None:
         pipeline.reset()
-    if sink is not None:
-        sink.batches.clear()
     os.sync()  # the previous chunk's writes go to disk now, not during this one
     plugin = pipeline is not None or sink is not None
-    cpu_before = _cpu(server, pipeline, plugin)
+    cpu_before = _cpu(server, pipeline, plugin, sink)
     started = time.perf_counter()
     server.store([folder])
     elapsed = time.perf_counter() - started
     result = {"rate": count / elapsed, "seconds": elapsed}
     latencies = None
     if pipeline is not None:
-        latencies = pipeline.wait_for_jobs(count)
+        pipeline.wait_for_jobs(count)
     elif sink is not None:
-        sink.wait_for_events(count, timeout=120, level="instance")
-        latencies = [b.arrived - e["receivedAt"] for b in sink.delivered_batches()
-                     for e in b.events if e["level"] == "instance"]
-    if latencies is not None:
+        latencies = sink.wait_for_events(count)
+    if plugin:
         result["drained"] = time.perf_counter() - started
+    cpu_after = _cpu(server, pipeline, plugin, sink)
+    if pipeline is not None:
+        latencies = pipeline.latencies()
+    if latencies:
         result["p50_ms"] = _percentile(latencies, 0.50) * 1000
         result["p99_ms"] = _percentile(latencies, 0.99) * 1000
-    cpu_after = _cpu(server, pipeline, plugin)
     for name, before in cpu_before.items():
         result[f"cpu_{name}_ms"] = (cpu_after[name] - before) * 1000 / count
     return result
@@ -506,7 +506,7 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=12, help="alternating: counted rounds")
     parser.add_argument("--repeat", type=int, default=3, help="fresh: runs per setup (medians)")
     parser.add_argument("--scheduler-url", help="deliver (c) to this scheduler (you run it)")
-    parser.add_argument("--sink", action="store_true", help="deliver (c) to an in-process HTTP sink")
+    parser.add_argument("--sink", action="store_true", help="deliver (c) to the counting sink (bench/sink.py)")
     parser.add_argument("--token", default="bench-token", help="bearer token for (c)")
     parser.add_argument("--setups", default=",".join(SETUPS),
                         help=f"comma-separated subset of {','.join(SETUPS)} (default: all)")
@@ -550,7 +550,7 @@ def main(args: Sequence[str] | None = None) -> int:
             if ingest_cpus:
                 # This thread starts every Orthanc and storescu: they inherit its CPU.
                 os.sched_setaffinity(0, ingest_cpus)
-            target = (options.scheduler_url or ("in-process HTTP sink" if options.sink else
+            target = (options.scheduler_url or ("the counting sink" if options.sink else
                       "the real scheduler + redis-server, 2 jobs per instance"))
             how = (f"{options.rounds} rounds alternating between running Orthancs" if options.method == "alternating"
                    else f"{options.repeat} runs per setup, a fresh Orthanc each")
