@@ -12,9 +12,13 @@ minus the fields that differ per job (`PER_JOB`), which are set here with RQ's e
 Every field RQ writes is therefore there, encoded by RQ. One difference: `data` is stored
 as RQ's serializer gives it, without zlib. RQ reads both forms (`Job.restore` falls back to
 the raw bytes when zlib cannot decompress them, and a pickle never starts with a zlib
-header); a job takes ~0.5 KB more memory in Redis until it expires. The test suite compares
-these hashes with what RQ writes for the same job, field by field, so an RQ upgrade that
-changes the format fails there.
+header); a job takes ~0.5 KB more memory in Redis until it expires. Another: the fields
+RQ writes as "" (unset: started_at, ended_at, worker_name, the callbacks' names, ...) are
+left out, as `Job.restore` reads a missing field as unset; RQ's worker sets them when it
+runs the job. That is 9 of a queued job's 18 fields: ~10 % of the bytes Redis appends to
+its append-only file per event, and ~1 KB of memory per event. The test suite compares these
+hashes with what RQ writes for the same job, field by field, and RQ's reading of both, so
+an RQ upgrade that changes the format fails there.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class JobHashes:
         fields = self._template_job(loaded, deferred).to_dict()
         for name in PER_JOB:
             fields.pop(name, None)
+        # RQ writes "" for what is unset (started_at, worker_name, the callbacks, ...) and
+        # reads a missing field the same way (`Job.restore` takes `obj.get(name)`): left out.
+        fields = {name: value for name, value in fields.items() if value != ""}
         odd = {name: value for name, value in fields.items()
                if isinstance(value, bool) or not isinstance(value, (str, bytes, int, float))}
         if odd:  # the batch script takes strings and numbers only (redis-py would refuse the rest too)
