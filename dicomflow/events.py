@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from enum import Enum
 from functools import cached_property
 from typing import Any
@@ -64,5 +65,19 @@ class Event(BaseModel):
         return f"{self.level.value}:{self.uid}"
 
     def context(self) -> dict[str, Any]:
-        """What a worker receives as its `event` keyword: everything but the headers."""
-        return self.model_dump(mode="json", exclude={"headers"})
+        """What a worker receives as its `event` keyword: everything but the headers.
+
+        The same as ``model_dump(mode="json", exclude={"headers"})``, built directly: it is
+        made twice per event (for the callbacks, and for the jobs, which must not see what a
+        callback changed in its copy), and pydantic's dump was ~5 % of the scheduler's CPU.
+        Every call returns a new copy.
+        """
+        out = {
+            "level": self.level.value,
+            "orthanc": {k: v if isinstance(v, str) else copy.deepcopy(v) for k, v in self.orthanc.items()},
+            "remoteAet": self.remoteAet, "remoteIp": self.remoteIp, "calledAet": self.calledAet,
+            "transferSyntax": self.transferSyntax, "receivedAt": self.receivedAt, "replay": self.replay,
+        }
+        if self.model_extra:  # fields of a newer plugin: JSON values, copied whole
+            out.update(copy.deepcopy(self.model_extra))
+        return out
