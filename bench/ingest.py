@@ -4,6 +4,8 @@ Sends N generated instances with dcmtk's storescu (one association, TCP_NODELAY)
   (a) Orthanc without any plugin,
   (b) Orthanc with a Python plugin whose on-stored callback only returns (the design's floor),
   (b') Orthanc with a Python plugin that only registers a change callback (no instance hand-over),
+  (b-capture) Orthanc with a Python plugin whose on-stored callback asks Orthanc for what the
+      dicomflow plugin's asks (the file's bytes, AE titles, IP), queues it and drops it,
   (c) the full pipeline: Orthanc with the dicomflow plugin delivering to the real scheduler
       (gunicorn, at nice 10 as run.sh starts it) with its own redis-server (keeping an
       append-only file on the benchmark's disk, fsynced every second, as run.sh's Redis
@@ -86,6 +88,33 @@ def on_stored(dicom, instance_id):
 orthanc.RegisterOnStoredInstanceCallback(on_stored)
 '''
 
+CAPTURE_STORED = '''"""Benchmark: an on-stored callback that captures what the dicomflow plugin's does.
+
+The file's bytes, the calling AE title, the remote IP, the called AE title and the time, as
+orthanc/dicomflow_plugin.py's `on_stored` asks Orthanc for them, into a bounded queue under
+a lock that nothing reads (no sender thread, no builder process, no delivery).
+"""
+import collections
+import threading
+import time
+
+import orthanc
+
+_queue = collections.deque(maxlen=1000)
+_lock = threading.Lock()
+
+
+def on_stored(dicom, instance_id):
+    metadata = dicom.GetInstanceMetadata
+    item = (instance_id, dicom.GetInstanceData(), dicom.GetInstanceRemoteAet(), metadata("RemoteIP"),
+            metadata("CalledAET"), time.time())
+    with _lock:
+        _queue.append(item)
+
+
+orthanc.RegisterOnStoredInstanceCallback(on_stored)
+'''
+
 NOOP_CHANGE = '''"""Benchmark: a plugin that only listens to changes (Orthanc hands over no instance)."""
 import orthanc
 
@@ -97,7 +126,7 @@ def on_change(change_type, level, resource_id):
 orthanc.RegisterOnChangeCallback(on_change)
 '''
 
-SETUPS = ("a", "b", "b'", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl", "cn")
+SETUPS = ("a", "b", "b'", "bk", "c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl", "cn")
 #: The setups with the dicomflow plugin (all but "cs" deliver to a real scheduler unless --sink).
 FULL = ("c", "cs", "c0", "ci", "cf", "ct", "cj", "cp", "cq", "cl", "cn")
 REPO = Path(__file__).resolve().parent.parent
@@ -176,6 +205,7 @@ LABELS = {
     "a": "(a) no plugin",
     "b": "(b) on-stored callback that only returns",
     "b'": "(b') change callback only",
+    "bk": "(b-capture) on-stored callback capturing as the plugin's does",
     "c": "(c) full dicomflow plugin",
     "cs": "(c-sink) the same plugin, delivering to a counting sink",
     "c0": "(c-nice0) the same, scheduler at nice 0",
@@ -256,7 +286,7 @@ def _start_sink(token: str, cpus: Sequence[int]) -> CountingSink:
 
 def _orthanc_for(setup: str, work: Path, scripts: dict[str, Path], url: str, token: str) -> OrthancServer:
     """An Orthanc (not started) configured as `setup` asks."""
-    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"]}.get(setup, True)
+    plugin: bool | Path = {"a": False, "b": scripts["b"], "b'": scripts["b'"], "bk": scripts["bk"]}.get(setup, True)
     return OrthancServer(work, plugin=plugin, scheduler_url=url, token=token, stable_age=3600,
                          plugin_options={"HeaderReader": "json" if setup == "cj" else "raw",
                                          "BuilderProcess": setup != "ct", "BuilderDelivers": setup != "cp",
@@ -365,6 +395,7 @@ def _summary(runs: dict[str, list[dict[str, float]]], setups: Sequence[str],
     rate = {s: medians[s]["rate"] for s in setups}
     print("  median rates: " + "  ".join(f"{LABELS[s].split()[0]} {r:.1f}" for s, r in rate.items()) + " instances/s")
     ratios = [(x, y) for x, y in (("c", "a"), ("c", "b"), ("cs", "b"), ("c", "cs"), ("b", "a"), ("b'", "a"),
+                                  ("bk", "b"), ("cs", "bk"), ("c", "bk"),
                                   ("c0", "a"), ("c0", "b"), ("ci", "a"), ("ci", "b"), ("cf", "b"), ("ct", "b"),
                                   ("cj", "b"), ("cp", "b"), ("c", "cp"), ("cq", "b"), ("c", "cq"),
                                   ("cl", "b"), ("c", "cl"), ("cn", "b"), ("c", "cn"))
@@ -527,9 +558,10 @@ def main(args: Sequence[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="dicomflow-bench-") as tmp:
         root = Path(tmp)
-        scripts = {"b": root / "noop_stored.py", "b'": root / "noop_change.py"}
+        scripts = {"b": root / "noop_stored.py", "b'": root / "noop_change.py", "bk": root / "capture_stored.py"}
         scripts["b"].write_text(NOOP_STORED)
         scripts["b'"].write_text(NOOP_CHANGE)
+        scripts["bk"].write_text(CAPTURE_STORED)
         with contextlib.ExitStack() as stack:
             pipelines: dict[str, RealScheduler] = {}
             if not options.sink and not options.scheduler_url:
