@@ -323,7 +323,7 @@ def run_once(setup: str, files_dir: Path, count: int, work: Path, scripts: dict[
         scheduler_url, token = pipeline.url, pipeline.token
     url = scheduler_url or "http://127.0.0.1:9"
     if full and scheduler_url is None:
-        sink = CountingSink(token, prefix=["nice", "-n", "10"]).start()
+        sink = _start_sink(token, ())
         url = sink.url
     server = _orthanc_for(setup, work, scripts, url, token)
     try:
