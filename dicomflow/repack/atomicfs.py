@@ -30,12 +30,21 @@ from collections.abc import Callable
 
 # next() on an itertools.count is atomic under the GIL: unique names across threads too.
 _serial = itertools.count()
+#: The most bytes of a target's name that a temporary or lock file name repeats, so that
+#: ``.{name}.{pid}.{serial}.tmp`` stays under NAME_MAX (255) for a target name of 255 bytes.
+_STEM_MAX = 200
+
+
+def _stem(name: str) -> str:
+    """`name`, cut to `_STEM_MAX` bytes (never inside a character)."""
+    data = name.encode()
+    return name if len(data) <= _STEM_MAX else data[:_STEM_MAX].decode("utf-8", "ignore")
 
 
 def _temp_name(path: str) -> str:
     """A name beside `path`, unique per process and thread, hidden from ``*.json``/``*.dcm`` globs."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{os.getpid()}.{next(_serial)}.tmp")
+    return os.path.join(folder, f".{_stem(name)}.{os.getpid()}.{next(_serial)}.tmp")
 
 
 def _write_temp(path: str, data: bytes) -> str:
@@ -96,11 +105,13 @@ def update_json_locked(path: str, update: Callable[[object], object]) -> object:
     """Read `path` (None if absent or not JSON), apply `update`, write the result back atomically.
 
     The whole read-update-write holds an exclusive lock on ``.{name}.lock`` beside `path`, so
-    concurrent callers never lose each other's updates. The file is rewritten only when the
+    concurrent callers never lose each other's updates. (A name over 200 bytes is cut to
+    200 there: two long names with the same start then share a lock, which only
+    serialises them more.) The file is rewritten only when the
     result differs. Returns the result.
     """
     folder, name = os.path.split(path)
-    lock_fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    lock_fd = os.open(os.path.join(folder, f".{_stem(name)}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:

@@ -1,7 +1,10 @@
-"""Where a repacked instance goes: the pypx folder layout (rx-repack's rules, see docs/readme/repack.md).
+"""Where a repacked instance goes: the pypx folder layout (rx-repack's rules, see docs/repack.md).
 
 ``{PatientID}-{PatientName}-{PatientBirthDate}/{StudyDescription}-{AccessionNumber}-{StudyDate}/
 {SeriesNumber:0>5}-{SeriesDescription}-{hash7}/{InstanceNumber:0>4}-{SOPInstanceUID}.dcm``
+
+A name longer than the file system allows (`NAME_MAX` bytes; px-repack and rx-repack fail
+with "File name too long") is shortened by `fit_name`.
 """
 
 from __future__ import annotations
@@ -9,6 +12,13 @@ from __future__ import annotations
 from dicomflow.dicomtags import hash7, pad_number, sanitize
 from dicomflow.errors import MissingTagError
 from dicomflow.repack.header import Header
+
+#: Linux's NAME_MAX: the most bytes one file or folder name may have (ext4, xfs, btrfs, tmpfs).
+NAME_MAX = 255
+#: The most bytes of the file name: its log file (kind 5) is named ``{file name}.json``.
+FILE_NAME_MAX = NAME_MAX - len(".json")
+#: Hex digits of the SHA-256 that a shortened name carries.
+HASH_DIGITS = 16
 
 #: Tags without which nothing is written.
 REQUIRED = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -40,6 +50,34 @@ class PackPath:
 
     def __repr__(self) -> str:
         return f"PackPath({self.relpath!r})"
+
+
+def fit_name(name: str, keep: str = "", limit: int = NAME_MAX) -> str:
+    """`name` when it fits in `limit` bytes of UTF-8, else a shortened name of at most `limit` bytes.
+
+    The shortened name is ``{prefix}_{digest}{keep}``: `digest` is the first `HASH_DIGITS`
+    hex digits of the SHA-256 of the whole `name` (UTF-8), `keep` its ending that must
+    survive (``.dcm``, the series folder's ``-{hash7}``, a log file's ``-meta.json``), and
+    `prefix` the longest start of the rest that fits (never a character cut in two). So
+    the same name always gives the same result, in any process or worker, names that fit
+    are never changed, and two long names that differ anywhere, even only at the very end,
+    get different digests.
+
+    Args:
+        name: the full name; it must end with `keep`.
+        keep: the ending to keep (a few ASCII characters).
+        limit: the most bytes the result may have.
+    """
+    data = name.encode()
+    if len(data) <= limit:
+        return name
+    import hashlib  # only here: the per-file command's imports are kept to the minimum
+
+    digest = hashlib.sha256(data).hexdigest()[:HASH_DIGITS]
+    tail = keep.encode()
+    room = limit - 1 - HASH_DIGITS - len(tail)
+    prefix = data[:len(data) - len(tail)][:room].decode("utf-8", "ignore")
+    return f"{prefix}_{digest}{keep}"
 
 
 def required_values(header: Header) -> dict[str, str]:
@@ -82,10 +120,12 @@ def pack_path(header: Header) -> PackPath:
         value = header.get(keyword)
         return keyword if value is None else value
 
+    series_hash = f"-{hash7(req['SeriesInstanceUID'])}"
     return PackPath(
-        sanitize(f"{req['PatientID']}-{opt('PatientName')}-{opt('PatientBirthDate')}"),
-        sanitize(f"{opt('StudyDescription')}-{opt('AccessionNumber')}-{opt('StudyDate')}"),
-        sanitize(f"{series_number(header.get('SeriesNumber'))}-{opt('SeriesDescription')}-"
-                 f"{hash7(req['SeriesInstanceUID'])}"),
-        sanitize(f"{instance_number(header.get('InstanceNumber'))}-{req['SOPInstanceUID']}.dcm"),
+        fit_name(sanitize(f"{req['PatientID']}-{opt('PatientName')}-{opt('PatientBirthDate')}")),
+        fit_name(sanitize(f"{opt('StudyDescription')}-{opt('AccessionNumber')}-{opt('StudyDate')}")),
+        fit_name(sanitize(f"{series_number(header.get('SeriesNumber'))}-{opt('SeriesDescription')}")
+                 + series_hash, keep=series_hash),
+        fit_name(sanitize(f"{instance_number(header.get('InstanceNumber'))}-{req['SOPInstanceUID']}.dcm"),
+                 keep=".dcm", limit=FILE_NAME_MAX),
     )

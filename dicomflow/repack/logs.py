@@ -11,6 +11,7 @@ import os
 
 from dicomflow.repack.errors import UnsafeValueError
 from dicomflow.repack.header import Header
+from dicomflow.repack.layout import fit_name
 
 NOT_DEFINED = "Not defined"
 #: Optional tags the log files read (a missing one is reported in the ndjson ``missing`` list).
@@ -31,20 +32,31 @@ def checked_name(value: str, keyword: str, path: str) -> str:
     return value
 
 
+def _name(stem: str, suffix: str) -> str:
+    """``{stem}{suffix}``, shortened by `fit_name` (keeping `suffix`) when too long for a file name."""
+    return fit_name(stem + suffix, keep=suffix)
+
+
 class LogPaths:
-    """The six log files of one instance under a log folder."""
+    """The six log files of one instance under a log folder.
+
+    Names are pypx's; one that would be too long (an over-long PatientID or UID) is
+    shortened by `fit_name`, keeping its ending (``.json``, ``-meta.json``, ``-img``, ...).
+    `filename` (the output file's name) is short enough already (`layout.FILE_NAME_MAX`).
+    """
 
     __slots__ = ("instance", "patient_data", "series_meta", "series_pack", "study_meta", "study_series_meta")
 
     def __init__(self, logdir: str, patient_id: str, study_uid: str, series_uid: str, filename: str):
         study_data = os.path.join(logdir, "studyData")
         series_data = os.path.join(logdir, "seriesData")
-        self.patient_data = os.path.join(logdir, "patientData", f"{patient_id}.json")
-        self.study_series_meta = os.path.join(study_data, f"{study_uid}-series", f"{series_uid}-meta.json")
-        self.study_meta = os.path.join(study_data, f"{study_uid}-meta.json")
-        self.series_meta = os.path.join(series_data, f"{series_uid}-meta.json")
-        self.instance = os.path.join(series_data, f"{series_uid}-img", f"{filename}.json")
-        self.series_pack = os.path.join(series_data, f"{series_uid}-pack.json")
+        self.patient_data = os.path.join(logdir, "patientData", _name(patient_id, ".json"))
+        self.study_series_meta = os.path.join(study_data, _name(study_uid, "-series"),
+                                              _name(series_uid, "-meta.json"))
+        self.study_meta = os.path.join(study_data, _name(study_uid, "-meta.json"))
+        self.series_meta = os.path.join(series_data, _name(series_uid, "-meta.json"))
+        self.instance = os.path.join(series_data, _name(series_uid, "-img"), f"{filename}.json")
+        self.series_pack = os.path.join(series_data, _name(series_uid, "-pack.json"))
 
 
 def patient_record(header: Header, ids: dict[str, str]) -> dict[str, object]:
