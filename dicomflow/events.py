@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import re
 from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Level(str, Enum):
@@ -24,6 +25,28 @@ UID_KEYWORD = {
     Level.SERIES: "SeriesInstanceUID",
     Level.STUDY: "StudyInstanceUID",
 }
+
+
+#: The UID headers an event may carry; when present, each must be a UID string (`_uid_headers`).
+UID_HEADERS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+
+#: The longest UID accepted: twice the standard's 64 characters. Files in the wild break the
+#: 64 (UIDs of 65-70 characters are reported) and Orthanc stores them; the scheduler only
+#: needs a bounded key, so it refuses only what is no UID at all.
+MAX_UID_LENGTH = 128
+
+#: What DICOM readers strip from a UI value: space and NUL padding (the plugin does the same).
+_UID_PADDING = " \x00"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: Orthanc's resource ids: a SHA-1 as five dash-separated groups of 8 lowercase hex digits.
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, bounded."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Event(BaseModel):
@@ -53,6 +76,46 @@ class Event(BaseModel):
         keyword = UID_KEYWORD[self.level]
         if not str(self.headers.get(keyword) or "").strip():
             raise ValueError(f"{self.level.value} event without {keyword} in headers")
+        return self
+
+    @field_validator("headers")
+    @classmethod
+    def _uid_headers(cls, headers: dict[str, Any]) -> dict[str, Any]:
+        """The UID headers, when present, are UID strings: a number, bool, list or object
+        (or an empty, overlong or control-character value) makes the event invalid. Space and
+        NUL padding is stripped, as DICOM readers do. Characters other than digits and dots
+        are accepted: non-conformant UIDs exist in real files, and Orthanc stores them.
+        A null counts as absent."""
+        stripped: dict[str, str] = {}
+        for keyword in UID_HEADERS:
+            value = headers.get(keyword)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"{keyword} must be a string (a DICOM UID), not {type(value).__name__} "
+                                 f"{_shown(value)}")
+            uid = value.strip(_UID_PADDING)
+            if not uid:
+                raise ValueError(f"{keyword} is empty")
+            if len(uid) > MAX_UID_LENGTH:
+                raise ValueError(f"{keyword} is {len(uid)} characters long, more than {MAX_UID_LENGTH}: "
+                                 f"{_shown(uid)}")
+            if _CONTROL.search(uid):
+                raise ValueError(f"{keyword} holds control characters: {_shown(uid)}")
+            if uid != value:
+                stripped[keyword] = uid
+        return {**headers, **stripped} if stripped else headers
+
+    @model_validator(mode="after")
+    def _has_instance_id(self) -> Event:
+        """An instance event names its Orthanc instance: without it no worker gets its file."""
+        if self.level is Level.INSTANCE:
+            instance = self.orthanc.get("instance")
+            if not isinstance(instance, str) or not ORTHANC_ID.fullmatch(instance):
+                what = "without orthanc.instance" if instance is None else \
+                    f"with orthanc.instance {_shown(instance)}, which is not an Orthanc id"
+                raise ValueError(f"instance event {what} (an Orthanc id is 5 groups of 8 hex digits "
+                                 "separated by dashes)")
         return self
 
     @cached_property

@@ -8,13 +8,18 @@ from dataclasses import dataclass
 
 import redis
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from dicomflow.settings import Settings
 from scheduler.enqueue import Enqueuer, EventsBusy
 from scheduler.registry import RegistryHolder
 
 log = logging.getLogger(__name__)
+
+#: The largest request body the scheduler reads (MiB), unless DICOMFLOW_SCHEDULER_MAX_BODY_MB
+#: says otherwise. A batch of the plugin's 1000 instance events is ~1.3 MB; a study event
+#: lists ~41 bytes per instance id.
+MAX_BODY_MB = 64
 
 
 @dataclass
@@ -39,6 +44,7 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
         raise ConfigError("DICOMFLOW_SCHEDULER_TOKEN is empty: the scheduler refuses to run without a token")
     app = Flask(__name__)
     app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = _max_body(settings.config)
     connection = connection or redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     holder = RegistryHolder(settings.services_dir / "registry", settings.queues, settings.config,
                             poll_interval=settings.registry_poll)
@@ -69,8 +75,23 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
         # 503: the plugin keeps the batch in its spool and sends it again after a pause.
         return jsonify(error="busy", message=str(exc)), 503, {"Retry-After": "1"}
 
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return jsonify(error="too-large", message=f"the request body is larger than {limit // 2**20} MiB "
+                       "(DICOMFLOW_SCHEDULER_MAX_BODY_MB)"), 413
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         return jsonify(error=exc.name.lower().replace(" ", "-"), message=exc.description), exc.code
 
     return app
+
+
+def _max_body(config) -> int:
+    """MAX_CONTENT_LENGTH in bytes, from DICOMFLOW_SCHEDULER_MAX_BODY_MB (whole MiB)."""
+    raw = str(config.get("DICOMFLOW_SCHEDULER_MAX_BODY_MB", "") or MAX_BODY_MB).strip()
+    if not raw.isdigit() or int(raw) < 1:
+        from dicomflow.errors import ConfigError
+        raise ConfigError(f"DICOMFLOW_SCHEDULER_MAX_BODY_MB must be a whole number of MiB >= 1, not {raw!r}")
+    return int(raw) * 2**20

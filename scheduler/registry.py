@@ -95,13 +95,26 @@ class Registry:
         }
 
 
+#: The largest settings.json the registry reads: a service's jobs take a few KB; a bigger
+#: file is a mistake (or a data file in the wrong place) and would be read on every reload.
+MAX_SETTINGS_BYTES = 1 << 20
+
+
 def _settings_entries(path: Path) -> list[dict[str, Any]]:
     """The job objects of one settings.json (an object or a list of objects)."""
     try:
-        data = json.loads(path.read_text())
+        with open(path, "rb") as file:
+            raw = file.read(MAX_SETTINGS_BYTES + 1)  # never more, whatever the file claims to be
+        if len(raw) > MAX_SETTINGS_BYTES:
+            raise ServiceLoadError(f"larger than {MAX_SETTINGS_BYTES // 1024} KiB: not read", str(path))
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ServiceLoadError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                                str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ServiceLoadError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", str(path)) from exc
+    except RecursionError as exc:
+        raise ServiceLoadError("not valid JSON: nested too deeply", str(path)) from exc
     except OSError as exc:
         raise ServiceLoadError(f"cannot read: {exc.strerror}", str(path)) from exc
     entries = data if isinstance(data, list) else [data]

@@ -8,7 +8,8 @@ from dicomflow.events import Event
 
 EVENTS = [
     {"level": "instance", "headers": {"SOPInstanceUID": "1.2.3", "PatientID": "P"},
-     "orthanc": {"instance": "i", "series": "s", "study": "t", "patient": "p"},
+     "orthanc": {"instance": "8c71dce7-18b5a29b-a0c56856-48d9abf0-0dd1f7d9", "series": "s", "study": "t",
+                 "patient": "p"},
      "remoteAet": "STORESCU", "remoteIp": "127.0.0.1", "calledAet": None,
      "transferSyntax": "1.2.840.10008.1.2.1", "receivedAt": 1795758007.5},
     {"level": "series", "headers": {"SeriesInstanceUID": "1.2"},

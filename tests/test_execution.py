@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,11 +12,27 @@ import pytest
 from rq.job import Job, JobStatus
 
 from tests.conftest import REPO
-from tests.support.services import AUTH, instance_event, job, make_service
+from tests.support.services import AUTH, job, make_service
+from tests.support.services import instance_event as _event_without_ids
+
+
+def instance_event(sop: str, **kwargs) -> dict:
+    """An instance event as the plugin sends it, with a well-formed Orthanc id whose file
+    `submit` puts in the workers' cache (no Orthanc runs here)."""
+    event = _event_without_ids(sop, **kwargs)
+    digest = hashlib.sha1(sop.encode()).hexdigest()
+    event["orthanc"] = {"instance": "-".join(digest[i:i + 8] for i in range(0, 40, 8))}
+    return event
+
 
 @pytest.fixture()
-def submit(make_client):
+def submit(make_client, tmp_path):
     def submit(*events):
+        cache = tmp_path / "home" / "cache" / "instances"  # the workers' DICOMFLOW_HOME (run_workers)
+        cache.mkdir(parents=True, exist_ok=True)
+        for event in events:
+            if event.get("orthanc", {}).get("instance"):
+                (cache / f"{event['orthanc']['instance']}.dcm").write_bytes(b"not really DICOM")
         response = make_client().post("/api/v1/events", json={"events": list(events)}, headers=AUTH)
         assert response.status_code == 200
         return response.get_json()["results"]
@@ -123,12 +140,15 @@ def worker(connection=None, **kw):
     assert job_.get_status() == JobStatus.FINISHED and job_.return_value() == 3
 
 
-def test_worker_without_orthanc_ids_gets_no_dcmpath(services, submit, run_workers, connection):
+def test_an_instance_worker_gets_its_file_from_the_cache_as_dcmpath(services, submit, run_workers, connection,
+                                                                    tmp_path):
     make_service(services, "p", job("pJob", "p"), worker_code="""
 def worker(dcmpath=None, event=None, config=None, **kw):
     return {"dcmpath": dcmpath, "level": event["level"], "has_config": "DICOMFLOW_REDIS_URL" in config}
 """)
-    (res,) = submit(instance_event("9.3"))
+    event = instance_event("9.3")
+    (res,) = submit(event)
     run_workers(1)
+    cached = tmp_path / "home" / "cache" / "instances" / f"{event['orthanc']['instance']}.dcm"
     assert Job.fetch(res["jobs"]["pJob"], connection=connection).return_value() == {
-        "dcmpath": None, "level": "instance", "has_config": True}
+        "dcmpath": str(cached), "level": "instance", "has_config": True}

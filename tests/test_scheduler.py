@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import zlib
 from pathlib import Path
@@ -16,8 +17,17 @@ from bench.support import private_redis
 from dicomflow import keys
 from scheduler.app import create_app
 from tests.support.procs import free_port
-from tests.support.services import AUTH, instance_event, job, make_service, settings_for
+from tests.support.services import AUTH, job, make_service, settings_for
+from tests.support.services import instance_event as _event_without_ids
 
+
+def instance_event(sop: str, **kwargs) -> dict:
+    """An instance event as the plugin sends it, with a well-formed Orthanc id (these tests
+    never fetch the file; an instance event without one is invalid)."""
+    event = _event_without_ids(sop, **kwargs)
+    digest = hashlib.sha1(sop.encode()).hexdigest()
+    event["orthanc"] = {"instance": "-".join(digest[i:i + 8] for i in range(0, 40, 8))}
+    return event
 
 
 def post(client, *events):

@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 from dicomflow.errors import OrthancError
+from dicomflow.events import ORTHANC_ID
 from dicomflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,16 @@ class DicomCache:
         self._last_sweep = 0.0
 
     def instance(self, orthanc_id: str) -> Path:
-        """The local file of an Orthanc instance, downloading it if this host has none."""
-        if not orthanc_id or "/" in orthanc_id or orthanc_id.startswith("."):
-            raise OrthancError(f"invalid Orthanc instance id {orthanc_id!r}")
+        """The local file of an Orthanc instance, downloading it if this host has none.
+
+        Raises:
+            OrthancError: `orthanc_id` is no Orthanc id, or Orthanc has no such instance, refused
+                it or could not be reached; the message names the id and what Orthanc said.
+        """
+        if not isinstance(orthanc_id, str) or not ORTHANC_ID.fullmatch(orthanc_id):
+            shown = repr(orthanc_id) if len(repr(orthanc_id)) <= 80 else repr(orthanc_id)[:77] + "..."
+            raise OrthancError(f"invalid Orthanc instance id {shown} ({type(orthanc_id).__name__}): an Orthanc "
+                               "id is 5 groups of 8 hex digits separated by dashes")
         path = self.instances / f"{orthanc_id}.dcm"
         if path.exists():
             os.utime(path)
@@ -58,6 +66,8 @@ class DicomCache:
 
     def folder(self, orthanc_ids: Sequence[str], job_id: str) -> Path:
         """A folder with every listed instance as `<id>.dcm` (hard links into the cache)."""
+        if not isinstance(orthanc_ids, (list, tuple)):
+            raise OrthancError(f"expected a list of Orthanc instance ids, not {type(orthanc_ids).__name__}")
         folder = self.jobs / f"{job_id}-{uuid.uuid4().hex[:6]}"
         folder.mkdir(parents=True)
         try:
@@ -83,8 +93,12 @@ class DicomCache:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             with self.session.get(url, stream=True, timeout=(5, 120)) as response:
+                if response.status_code == 404:
+                    raise OrthancError(f"Orthanc has no instance {orthanc_id} (GET {url} answered 404: "
+                                       f"{_said(response)})")
                 if response.status_code != 200:
-                    raise OrthancError(f"GET {url} answered {response.status_code}: {response.text[:200]}")
+                    raise OrthancError(f"Orthanc could not give instance {orthanc_id}: GET {url} answered "
+                                       f"{response.status_code}: {_said(response)}")
                 with open(tmp, "wb") as out:
                     for chunk in response.iter_content(1 << 20):
                         out.write(chunk)
@@ -115,3 +129,12 @@ class DicomCache:
             except FileNotFoundError:
                 continue
         return removed
+
+
+def _said(response: requests.Response) -> str:
+    """The start of an error answer, for a message."""
+    try:
+        text = next(response.iter_content(512), b"").decode("utf-8", "replace")[:200].strip()
+    except requests.RequestException as exc:  # the body broke off
+        return f"(no readable body: {exc})"
+    return text or "(empty body)"
