@@ -2,9 +2,10 @@
 
 Checked: the series folder equals px-repack's apart from our ``-{hash7}`` suffix, the same
 file names and bytes, ``patientData/*.json`` equal as JSON, every log file px-repack writes
-present (and the study/series meta files equal). Where px-repack differs from rx-repack —
-an absent, empty or multi-valued value, NULs — we follow rx-repack; each such case below
-states px-repack's actual output, so the documented difference is itself tested.
+present, the study/series meta files equal, and the series-meta DICOM dump equal (for the
+instance each tool dumps). Where px-repack differs from rx-repack — an absent, empty or
+multi-valued value, NULs — we follow rx-repack; each such case below states px-repack's
+actual output, so the documented difference is itself tested.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
+from dicomflow.repack.seriesmeta import dicom_dump
 from dicomflow.repack.tree import repack_tree
 from tests.support.pypx_env import PypxUnavailable, px_repack
 from tests.support.repack_dicom import make_instance
@@ -97,6 +99,18 @@ def test_parity_on_sag_anon(sag_anon: Path, px_repack_script: Path, tmp_path):
     assert load(px / "log" / "patientData" / "1449c1d.json") == load(ours / "log" / "patientData" / "1449c1d.json")
     missing = log_files(px / "log") - log_files(ours / "log")
     assert missing == set()
+
+    # The series-meta dump describes the first file each run repacked: px-repack's first in
+    # os.listdir() order (the file system's), ours the first in sorted order. Each is the
+    # exact dump of its own file.
+    (rel,) = [rel for rel in log_files(px / "log") if "-series/" in rel]
+    (px_meta,) = load(px / "log" / rel).values()
+    (our_meta,) = load(ours / "log" / rel).values()
+    px_first = next(p for p in sag_anon.glob("*.dcm") if px_meta["DICOM"]["SOPInstanceUID"]["value"] in p.name)
+    assert px_meta["DICOM"] == dicom_dump(str(px_first))
+    assert our_meta["DICOM"] == dicom_dump(str(min(inbox.iterdir())))
+    assert our_meta["SeriesBaseDir"] == str(ours / "data" / next(iter(our_series)))
+    assert px_meta["SeriesBaseDir"] == str(px / "data" / next(iter(px_series)))
     for rel in log_files(px / "log"):
         if rel.endswith("-pack.json") or (rel.endswith("-meta.json") and "-series/" not in rel):
             assert load(px / "log" / rel) == load(ours / "log" / rel), rel
@@ -196,6 +210,12 @@ def test_parity_on_generated_data(px_repack_script: Path, tmp_path):
                     f"seriesData/{series}-pack.json"):
             if not case.meta_differs:
                 assert load(px / "log" / rel) == load(ours / "log" / rel), (case.name, rel)
+        # The series-meta dump: equal but for the series folder it names (ours has -{hash7}).
+        rel = f"studyData/{study}-series/{series}-meta.json"
+        px_meta, our_meta = load(px / "log" / rel)[study], load(ours / "log" / rel)[study]
+        assert px_meta.pop("SeriesBaseDir") == str((px / "data" / by_sop[sop]).parent), case.name
+        assert our_meta.pop("SeriesBaseDir") == str(our_files[our_rel].parent), case.name
+        assert our_meta == px_meta, case.name
 
     for rel in px_log:
         expected = rel

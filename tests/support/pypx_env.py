@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,3 +45,29 @@ def px_repack() -> Path:
     if not script.exists():
         raise PypxUnavailable(f"pypx installed but {script} is missing")
     return script
+
+
+#: Run in px-repack's virtualenv: print, for each file named in argv, the ``{keyword: value}``
+#: map px-repack stores as the series-meta ``DICOM`` (its ``d_dicomSimple``), as one JSON list.
+_DUMP_SCRIPT = """
+import json, sys
+from pypx.repack import Process
+out = []
+for path in sys.argv[1:]:
+    read = Process.DICOMfile_read(file=path)
+    assert read["status"], (path, read)
+    out.append(read["d_DICOM"]["d_dicomSimple"])
+print(json.dumps(out))
+"""
+
+
+def px_dicom_dumps(paths: list[str]) -> list[dict[str, str]]:
+    """px-repack's own series-meta ``DICOM`` values (``{keyword: str}``) for each of `paths`, in one process.
+
+    Raises:
+        PypxUnavailable: as `px_repack`.
+    """
+    python = px_repack().parent / "python"
+    proc = subprocess.run([str(python), "-c", _DUMP_SCRIPT, *paths], check=True, capture_output=True,
+                          text=True, timeout=600)
+    return json.loads(proc.stdout)
