@@ -9,6 +9,7 @@ import pytest
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
 )
@@ -177,3 +178,24 @@ def test_unreadable_file(tmp_path, make):
     path = make(tmp_path / "gone.dcm")
     with pytest.raises(UnreadableFileError, match="gone.dcm: cannot read it"):
         read_header(str(path))
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ("Doe^Jane=", "Doe^Jane"), ("Doe^Jane==  ", "Doe^Jane"), ("Doe^Jane", "Doe^Jane"),
+    ("=Yamada", "=Yamada"), ("Yamada^Tarou=山田^太郎=", "Yamada^Tarou=山田^太郎"), ("=", None), ("==", None),
+])
+def test_a_person_name_loses_its_empty_trailing_groups(raw, clean):
+    h = header(PatientName=raw)
+    assert h.get("PatientName") == clean
+    assert h.missing_reason("PatientName") == (None if clean else "empty value")
+    assert h.log_value("PatientName") == (clean or "Not defined")
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_a_trailing_equals_sign_gives_the_same_path_with_either_reader(tmp_path, syntax):
+    src = make_instance(tmp_path / "x.dcm", transfer_syntax=syntax, raw={"PatientName": b"Doe^Jane="})
+    assert b"Doe^Jane=" in src.read_bytes()
+    h = read_header(str(src))
+    assert h.reader == ("fast" if syntax == ExplicitVRLittleEndian else "pydicom")
+    assert pack_path(h).patient == "PAT001-Doe_Jane-19800102"  # px-repack's (rx-repack: Doe_Jane_)
+    assert h.get("PatientName") == read_header_pydicom(str(src)).get("PatientName") == "Doe^Jane"

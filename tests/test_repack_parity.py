@@ -150,6 +150,9 @@ CASES = [
     Case("zeropadded", {"SeriesNumber": "05", "InstanceNumber": "007"}),
     Case("longnumbers", {"SeriesNumber": "123456", "InstanceNumber": "12345"}),
     Case("noage", {"PatientAge": None, "PatientSex": None, "PerformedStationAETitle": None}),
+    # Empty trailing name groups are dropped, in the path and the logs, as px-repack (rx-repack keeps them).
+    Case("pntrailing", {"raw": {"PatientName": b"Doe^Jane=="}}),
+    Case("pntrailingbe", {"raw": {"PatientName": b"Doe^Jane="}, "transfer_syntax": ExplicitVRBigEndian}),
     # Where px-repack differs (rx-repack's rules win): an absent value becomes "%Tag" sanitised...
     Case("noname", {"PatientName": None}, (("-PatientName-", "-_PatientName-"),)),
     Case("noaccession", {"AccessionNumber": None}, (("-AccessionNumber-", "-_AccessionNumber-"),)),

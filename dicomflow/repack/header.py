@@ -32,6 +32,8 @@ TAG_OF: dict[str, int] = {keyword: tag for tag, (keyword, _) in TAGS.items()}
 _LAST_TAG = max(TAGS)
 
 _TEXT_TAGS = frozenset(tag for tag, (_, text) in TAGS.items() if text)
+#: Person Name tags, whose empty trailing component groups are dropped (see `Header.get`).
+_PERSON_NAMES = frozenset({"PatientName"})
 _ERRORS = {"not-dicom": NotDicomError, "malformed": MalformedDicomError, "unsupported": UnsupportedEncodingError}
 
 
@@ -47,8 +49,19 @@ class Header:
         self.reader = reader
 
     def get(self, keyword: str) -> str | None:
-        """The clean value (NULs removed, trimmed), or None when absent, empty or multi-valued."""
-        return clean_value(self.values.get(keyword))
+        """The clean value (NULs removed, trimmed), or None when absent, empty or multi-valued.
+
+        A person name loses its empty trailing component groups (``Doe^Jane=`` is ``Doe^Jane``),
+        as pydicom reads it, and so px-repack, in the path and in the logs, and as our pydicom
+        fallback reader already gave it: the value no longer depends on the transfer syntax.
+        """
+        value = clean_value(self.values.get(keyword))
+        if value is not None and keyword in _PERSON_NAMES and value.endswith("="):
+            groups = value.split("=")
+            while groups and not groups[-1]:
+                groups.pop()
+            value = "=".join(groups).strip() or None
+        return value
 
     def log_value(self, keyword: str) -> str:
         """The clean value, or ``"Not defined"`` (the pypx log files' word for a missing value)."""
@@ -60,7 +73,7 @@ class Header:
         raw = self.values.get(keyword)
         if raw is None:
             return "no such element"
-        if clean_value(raw) is not None:
+        if self.get(keyword) is not None:
             return None
         return "multiple values" if "\\" in raw.replace("\x00", "").strip() else "empty value"
 

@@ -59,7 +59,8 @@ def make_instance(path: Path, *, transfer_syntax: str = ExplicitVRLittleEndian, 
             setattr(ds, keyword, value)
     for keyword, data in (raw or {}).items():
         setattr(ds, keyword, "x")
-        ds[keyword].value = data.decode("latin_1")
+        # A person name as bytes is written as given (pydicom drops a trailing "=" from a str).
+        ds[keyword].value = data if ds[keyword].VR == "PN" else data.decode("latin_1")
     for keyword in drop:
         del ds[keyword]
     ds.Rows = ds.Columns = 4
