@@ -139,6 +139,17 @@ chmod 600 "$home/orthanc.json"
 
 redis_program=""
 if [ "${DICOMFLOW_START_REDIS:-1}" = 1 ]; then
+  # Redis's memory limit: DICOMFLOW_REDIS_MAXMEMORY in Redis's units (512mb, 2gb; 0: none),
+  # by default a quarter of the host's RAM. When full, Redis refuses writes and drops nothing
+  # (noeviction: queued jobs are never evicted); the scheduler answers 503 (redis-full) and
+  # the plugin keeps the events in its spool until there is room.
+  redis_maxmemory=${DICOMFLOW_REDIS_MAXMEMORY:-}
+  if [ -z "$redis_maxmemory" ]; then
+    mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null || true)
+    if [[ "$mem_kb" =~ ^[0-9]+$ ]]; then redis_maxmemory="$((mem_kb / 4 / 1024))mb"; else redis_maxmemory=1gb; fi
+  fi
+  [[ "$redis_maxmemory" =~ ^[0-9]+([kKmMgG][bB]?)?$ ]] \
+    || die "DICOMFLOW_REDIS_MAXMEMORY takes a size such as 512mb or 2gb, not '$redis_maxmemory'"
   ( umask 077; cat > "$home/redis.conf" <<RCONF
 bind 127.0.0.1 -::1
 port ${DICOMFLOW_REDIS_PORT}
@@ -147,6 +158,8 @@ dir $home
 appendonly yes
 appendfsync everysec
 save ""
+maxmemory $redis_maxmemory
+maxmemory-policy noeviction
 RCONF
   )
   redis_program="[program:redis]

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 #: lists ~41 bytes per instance id.
 MAX_BODY_MB = 64
 
+#: Seconds a client should wait when Redis is full (the plugin's longest retry pause).
+REDIS_FULL_RETRY_AFTER = 30
+
 
 @dataclass
 class SchedulerState:
@@ -67,6 +70,13 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError):
+        if _redis_full(exc):
+            # Redis refuses writes (maxmemory, noeviction): nothing of the batch was written
+            # (the batch's write is one script, refused at its first write). 503: the plugin
+            # keeps the batch in its spool and sends it again.
+            log.error("Redis is full, events refused until it has room: %s", exc)
+            return (jsonify(error="redis-full", message=f"Redis is out of memory (maxmemory): {exc}"), 503,
+                    {"Retry-After": str(REDIS_FULL_RETRY_AFTER)})
         log.error("Redis unavailable: %s", exc)
         return jsonify(error="redis-unavailable", message=f"Redis is unavailable: {exc}"), 503
 
@@ -95,3 +105,9 @@ def _max_body(config) -> int:
         from dicomflow.errors import ConfigError
         raise ConfigError(f"DICOMFLOW_SCHEDULER_MAX_BODY_MB must be a whole number of MiB >= 1, not {raw!r}")
     return int(raw) * 2**20
+
+
+def _redis_full(exc: redis.RedisError) -> bool:
+    """Whether Redis refused a write for want of memory: redis-py's OutOfMemoryError (an OOM
+    reply, also from a write inside a script), or the text Redis 6 wraps into a script's error."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in str(exc)

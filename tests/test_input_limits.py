@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import redis
 from rq import Queue
 from rq.job import Job
 
@@ -15,7 +18,7 @@ from dicomflow import keys
 from dicomflow.errors import ConfigError, OrthancError
 from scheduler.app import create_app
 from scheduler.registry import MAX_SETTINGS_BYTES, load_registry
-from tests.support.procs import free_port
+from tests.support.procs import free_port, wait_for
 from tests.support.services import AUTH, job, make_service, settings_for
 from tests.support.services import instance_event as _event_without_ids
 from worker.dicomcache import DicomCache
@@ -248,3 +251,65 @@ def test_an_oversized_settings_json_is_a_load_problem_naming_the_file(tmp_path):
     make_service(tmp_path, "huge", small)
     registry, _ = load_registry(tmp_path / "registry", ("high", "default", "low"), {})
     assert sorted(registry.jobs) == ["goodJob", "hugeJob"] and registry.errors == []
+
+
+# A full Redis (maxmemory, noeviction): 503, nothing written, the batch goes through later.
+
+@pytest.fixture()
+def small_redis(tmp_path):
+    """A redis-server of this test's own (its memory limit is changed), as tests/conftest.py starts one."""
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path), "--maxmemory-policy", "noeviction"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+    wait_for(up, timeout=10, what="redis-server to start")
+    yield url, client
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_a_full_redis_is_a_503_redis_full_and_nothing_of_the_batch_is_written(tmp_path, services, small_redis):
+    url, client = small_redis
+    make_service(services, "a", job("aJob", "a"))
+    make_service(services, "b", job("bJob", "b", dependsOn="aJob"))
+    app = create_app(settings_for(tmp_path, url, services), client)
+    http = app.test_client()
+    assert [r["status"] for r in results(http, instance_event("5.0"))] == ["scheduled"]  # scripts loaded
+    before = {k: client.type(k) for k in client.keys("*")}
+    valid = [instance_event("5.1"), instance_event("5.2")]
+    mixed = [instance_event("5.3"), {**instance_event("5.4"), "orthanc": {}}]
+    client.config_set("maxmemory", 1)  # Redis refuses every write that needs memory
+    try:
+        # Refused inside the planning script (EVALSHA), then in the invalid events' log (a pipeline).
+        for batch in (valid, mixed):
+            response = post(http, {"events": batch})
+            assert response.status_code == 503, response.get_json()
+            assert response.get_json()["error"] == "redis-full" and "maxmemory" in response.get_json()["message"]
+            assert response.headers["Retry-After"] == "30"
+            assert ("script" in response.get_json()["message"]) == (batch is valid)
+        assert {k: client.type(k) for k in client.keys("*")} == before, "nothing of the batches was written"
+    finally:
+        client.config_set("maxmemory", 0)
+    # The plugin sends the same batches again once Redis has room: all of them are planned.
+    assert [r["status"] for r in results(http, *valid)] == ["scheduled", "scheduled"]
+    assert [r["status"] for r in results(http, *mixed)] == ["scheduled", "invalid"]
+    assert Queue("default", connection=client).count == 4  # aJob of 5.0-5.3 (each bJob waits for its aJob)
+    assert client.hget(keys.STATS, "events:invalid") == b"1"
+
+
+def test_out_of_memory_is_recognised_in_both_forms_redis_gives():
+    from scheduler.app import _redis_full
+    assert _redis_full(redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))
+    # Redis 6 wraps a script's OOM into its own error.
+    assert _redis_full(redis.ResponseError("Error running script (call to f_1): @user_script:5: @user_script: 5: "
+                                           "-OOM command not allowed when used memory > 'maxmemory'."))
+    assert not _redis_full(redis.ConnectionError("Connection refused"))
+    assert not _redis_full(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
