@@ -70,6 +70,8 @@ class Event(BaseModel):
     receivedAt: float | None = None
     #: Re-read from Orthanc by the plugin after a crash: scheduled only if no earlier copy was.
     replay: bool = False
+    #: Series/study events the scheduler fires for a completed push: the push's id (a ULID).
+    push: str | None = None
 
     @model_validator(mode="after")
     def _has_uid(self) -> Event:
@@ -123,9 +125,18 @@ class Event(BaseModel):
         return str(self.headers[UID_KEYWORD[self.level]]).strip()
 
     @cached_property
+    def sender(self) -> str:
+        """The calling AE title that sent it ("" for a REST upload): a push is per sender."""
+        return (self.remoteAet or "").strip()
+
+    @cached_property
     def key(self) -> str:
-        """`instance:<SOPInstanceUID>`, `series:<SeriesInstanceUID>`, `study:<StudyInstanceUID>`."""
-        return f"{self.level.value}:{self.uid}"
+        """What identifies an event: `instance:<AE>:<SOPInstanceUID>` (the same instance from
+        another sender is another event), `series:<AE>:<SeriesInstanceUID>:<push>` and
+        `study:<AE>:<StudyInstanceUID>:<push>` (one per completed push); a series/study event
+        without a push (an outside source) is `series:<AE>:<SeriesInstanceUID>`."""
+        base = f"{self.level.value}:{self.sender}:{self.uid}"
+        return f"{base}:{self.push}" if self.push else base
 
     def context(self) -> dict[str, Any]:
         """What a worker receives as its `event` keyword: everything but the headers.
@@ -140,6 +151,7 @@ class Event(BaseModel):
             "orthanc": {k: v if isinstance(v, str) else copy.deepcopy(v) for k, v in self.orthanc.items()},
             "remoteAet": self.remoteAet, "remoteIp": self.remoteIp, "calledAet": self.calledAet,
             "transferSyntax": self.transferSyntax, "receivedAt": self.receivedAt, "replay": self.replay,
+            "push": self.push,
         }
         if self.model_extra:  # fields of a newer plugin: JSON values, copied whole
             out.update(copy.deepcopy(self.model_extra))

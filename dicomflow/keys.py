@@ -31,3 +31,19 @@ STATS = f"{PREFIX}stats"
 def service_key(name: str) -> str:
     """Namespace for a service's own keys: dicomflow:svc:<name>:..."""
     return f"{PREFIX}svc:{name}:"
+
+
+def push(level: str, sender: str, uid: str) -> str:
+    """Hash of one open push (one sender's delivery of a series or study): its id, template event, counts."""
+    return f"{PREFIX}push:{level}:{sender}:{uid}"
+
+
+def push_members(push_key: str) -> str:
+    """Set of the Orthanc instance ids an open push delivered."""
+    return f"{push_key}:members"
+
+
+#: Sorted set: open push key -> when it completes (its last instance + the stable age).
+PUSHES_DUE = f"{PREFIX}pushes:due"
+#: Hash jobName -> JSON reason: services whose callback kept timing out, switched off.
+SUSPENDED = f"{PREFIX}callbacks:suspended"

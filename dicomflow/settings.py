@@ -44,10 +44,23 @@ class Settings(BaseModel):
     cache_ttl: int = Field(default=3600, alias="DICOMFLOW_CACHE_TTL")
     result_ttl: int = Field(default=86400, alias="DICOMFLOW_RESULT_TTL")
     failure_ttl: int = Field(default=7 * 86400, alias="DICOMFLOW_FAILURE_TTL")
+    #: Seconds without a heartbeat after which a running job's worker counts as dead and the
+    #: job is queued again (worker/liveness.py); heartbeats come every quarter of it.
+    job_heartbeat_ttl: int = Field(default=60, ge=4, alias="DICOMFLOW_JOB_HEARTBEAT_TTL")
     #: Default job timeout (seconds) for services that set none.
     default_timeout: int = Field(default=3600, alias="DICOMFLOW_DEFAULT_TIMEOUT")
     #: How many callback errors / event errors the scheduler keeps for operators.
     error_log_length: int = Field(default=1000, alias="DICOMFLOW_ERROR_LOG_LENGTH")
+    #: Seconds after a push's last instance before its series/study counts as complete (the
+    #: pipeline's own StableAge; Orthanc's setting of the same name for the same idea).
+    stable_age: float = Field(default=60.0, gt=0, alias="ORTHANC_STABLE_AGE")
+    #: How often (seconds) the scheduler looks for completed pushes.
+    push_poll: float = Field(default=0.5, gt=0, alias="DICOMFLOW_PUSH_POLL")
+    #: Seconds a service's callback may take for one event; 0: no limit.
+    callback_timeout: float = Field(default=10.0, ge=0, alias="DICOMFLOW_CALLBACK_TIMEOUT")
+    #: Consecutive callback time-outs after which a service is switched off (reported; resumed
+    #: by the API or by changing its settings).
+    callback_strikes: int = Field(default=3, ge=1, alias="DICOMFLOW_CALLBACK_STRIKES")
     #: Everything from the configuration file and the environment, for services.
     config: Mapping[str, str] = Field(default_factory=dict, exclude=True)
 

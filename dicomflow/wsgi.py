@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
@@ -19,9 +21,14 @@ class _Server(BaseApplication):
         return self.application
 
 
-def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
-    """Serve `app` on host:port in one gunicorn process with `threads` threads, until stopped."""
-    _Server(app, {
+def serve(app: Flask, host: str, port: int, threads: int = 8,
+          on_start: Callable[[Flask], None] | None = None) -> None:
+    """Serve `app` on host:port in one gunicorn process with `threads` threads, until stopped.
+
+    `on_start(app)` runs in the serving process once it is up (gunicorn forks it: threads
+    started before would not be there).
+    """
+    options = {
         "bind": f"{host}:{port}",
         "workers": 1,  # one process: one registry and one Redis pool; threads for concurrency
         "worker_class": "gthread",
@@ -31,4 +38,7 @@ def serve(app: Flask, host: str, port: int, threads: int = 8) -> None:
         "timeout": 120,
         "keepalive": 75,
         "control_socket_disable": True,  # one default path for every gunicorn of the host would clash
-    }).run()
+    }
+    if on_start is not None:
+        options["post_worker_init"] = lambda worker: on_start(app)
+    _Server(app, options).run()

@@ -27,8 +27,25 @@ def health():
 
 @bp.get("/api/v1/services")
 def services():
-    """Loaded jobs in planning order, inactive ones and why, and load problems."""
-    return jsonify(current_app.extensions["dicomflow"].registry.current().describe())
+    """Loaded jobs in planning order, inactive ones and why, load problems, and jobs switched
+    off because their callback kept timing out."""
+    state = current_app.extensions["dicomflow"]
+    return jsonify({**state.registry.current().describe(), "switchedOff": state.enqueuer.callbacks.report()})
+
+
+@bp.post("/api/v1/services/<job_name>/resume")
+def resume_service(job_name: str):
+    """Switch a job whose callback kept timing out back on."""
+    state = current_app.extensions["dicomflow"]
+    if not state.enqueuer.callbacks.resume(job_name):
+        return jsonify(error="not-switched-off", message=f"{job_name} is not switched off"), 404
+    return jsonify(resumed=job_name)
+
+
+@bp.get("/api/v1/pushes")
+def pushes():
+    """Open pushes (series/study deliveries not complete yet) and when the next one completes."""
+    return jsonify(current_app.extensions["dicomflow"].completer.status())
 
 
 @bp.post("/api/v1/services/reload")

@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from dicomflow.settings import Settings
 from scheduler.enqueue import Enqueuer, EventsBusy
+from scheduler.pushes import Completer
 from scheduler.registry import RegistryHolder
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class SchedulerState:
     connection: redis.Redis
     registry: RegistryHolder
     enqueuer: Enqueuer
+    #: Fires completed pushes; its thread is started by the serving process (`start_background`).
+    completer: Completer
 
 
 def create_app(settings: Settings, connection: redis.Redis | None = None) -> Flask:
@@ -51,7 +54,9 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
     connection = connection or redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     holder = RegistryHolder(settings.services_dir / "registry", settings.queues, settings.config,
                             poll_interval=settings.registry_poll)
-    app.extensions["dicomflow"] = SchedulerState(settings, connection, holder, Enqueuer(connection, settings))
+    enqueuer = Enqueuer(connection, settings)
+    completer = Completer(connection, enqueuer, holder, settings.push_poll)
+    app.extensions["dicomflow"] = SchedulerState(settings, connection, holder, enqueuer, completer)
 
     from scheduler import api_chris, api_events, api_status
     app.register_blueprint(api_events.bp)
@@ -111,3 +116,8 @@ def _redis_full(exc: redis.RedisError) -> bool:
     """Whether Redis refused a write for want of memory: redis-py's OutOfMemoryError (an OOM
     reply, also from a write inside a script), or the text Redis 6 wraps into a script's error."""
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in str(exc)
+
+
+def start_background(app: Flask) -> None:
+    """Start what the scheduler runs besides requests (in the process that serves them)."""
+    app.extensions["dicomflow"].completer.start()

@@ -9,7 +9,7 @@ import click
 from dicomflow.config import load_config
 from dicomflow.settings import Settings
 from dicomflow.wsgi import serve
-from scheduler.app import create_app
+from scheduler.app import create_app, start_background
 
 
 @click.command()
@@ -19,7 +19,8 @@ def main(config_path: str | None, threads: int) -> None:
     """Serve the scheduler on DICOMFLOW_SCHEDULER_HOST:DICOMFLOW_SCHEDULER_PORT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_config(load_config(config_path or None))
-    serve(create_app(settings), settings.scheduler_host, settings.scheduler_port, threads)
+    serve(create_app(settings), settings.scheduler_host, settings.scheduler_port, threads,
+          on_start=start_background)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,8 +26,10 @@ from dicomflow import keys
 from dicomflow.errors import DicomflowError
 from dicomflow.events import Event, Level
 from dicomflow.settings import Settings
+from scheduler.callbacks import CallbackRunner
 from scheduler.jobhash import JobHashes
 from scheduler.planning import Plan, plan_event
+from scheduler.pushes import PushTracker
 from scheduler.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -65,13 +68,47 @@ return reply
 #: the token in ARGV[1]). One reply for the batch, and one argument to encode instead of ~100
 #: per event (redis-py's encoding of those was a fifth of the scheduler's CPU). The batch's
 #: commands reach the append-only file; the claims' deletion does not (see _CLAIM).
+#: Nothing is written (reply -1) unless every claim is still this request's: a request whose
+#: claim expired while its callbacks ran must not enqueue next to the one that took it over.
+#: ARGV[3] (optional, MessagePack): guards {key, field, value}; reply 0, nothing written, if a
+#: hash field no longer holds the value (a push that received an instance since it was read).
+#: The pseudo-command PUSH opens or extends a push (scheduler/pushes.py): key, members key,
+#: a new push id, now, due time, the template event ('' when sent earlier in the batch), member.
 _APPLY = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) ~= ARGV[1] then return -1 end
+end
+if ARGV[3] then
+  for _, guard in ipairs(cmsgpack.unpack(ARGV[3])) do
+    if redis.call('HGET', guard[1], guard[2]) ~= guard[3] then return 0 end
+  end
+end
 for _, command in ipairs(cmsgpack.unpack(ARGV[2])) do
-  redis.call(unpack(command))
+  if command[1] == 'PUSH' then
+    local key = command[2]
+    if command[4] ~= '' then redis.call('HSETNX', key, 'id', command[4]) end
+    redis.call('HSETNX', key, 'first', command[5])
+    if command[7] ~= '' then redis.call('HSETNX', key, 'event', command[7]) end
+    redis.call('HSET', key, 'last', command[5])
+    redis.call('HINCRBY', key, 'count', 1)
+    if command[8] ~= '' then redis.call('SADD', command[3], command[8]) end
+    redis.call('ZADD', '""" + keys.PUSHES_DUE + """', command[6], key)
+  else
+    redis.call(unpack(command))
+  end
 end
 redis.set_repl(redis.REPL_NONE)
 for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+  redis.call('DEL', key)
+end
+return 1
+"""
+
+#: Extend the claims this request still holds (KEYS) by ARGV[2] ms while its callbacks run.
+_RENEW = """
+redis.set_repl(redis.REPL_NONE)
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) end
 end
 return 1
 """
@@ -88,6 +125,10 @@ return 1
 
 class EventsBusy(DicomflowError):
     """An event of the batch is being planned by another request right now: retry the batch."""
+
+
+class PushMoved(DicomflowError):
+    """A push received an instance between reading it and firing it: nothing fired, try later."""
 
 
 @dataclass
@@ -130,20 +171,30 @@ class Enqueuer:
         self._release = connection.register_script(_RELEASE)
         self._apply = connection.register_script(_APPLY)
         self._claim = connection.register_script(_CLAIM)
+        self._renew = connection.register_script(_RENEW)
+        self.pushes = PushTracker(settings.stable_age)
+        self.callbacks = CallbackRunner(connection, settings.callback_timeout, settings.callback_strikes)
 
     def submit(self, events: Sequence[Event], registry: Registry,
-               planner: Callable[..., Plan] = plan_event) -> list[EventResult]:
+               planner: Callable[..., Plan] = plan_event, guards: Sequence[tuple[str, str, str]] = (),
+               extra: Sequence[tuple] = ()) -> list[EventResult]:
         """Plan and enqueue `events` (one batch from the plugin); results in the same order.
 
+        Args:
+            guards: (hash key, field, value) that must still hold when the batch is written.
+            extra: more commands written in the same atomic step (closing a push).
+
         Raises:
-            EventsBusy: another request is planning one of these events; nothing was enqueued.
+            EventsBusy: another request is planning one of these events, or took over its claim
+                while this one planned; nothing was enqueued.
+            PushMoved: a guard no longer held; nothing was enqueued.
             redis.RedisError: Redis failed; nothing was enqueued and the claims are released.
         """
         token = uuid.uuid4().hex
         claimed_keys = sorted({keys.claim(e.key) for e in events})
         done = False
         try:
-            results = self._submit(events, registry, planner, token)
+            results = self._submit(events, registry, planner, token, guards, extra)
             done = True
             return results
         finally:
@@ -155,24 +206,24 @@ class Enqueuer:
                               CLAIM_MS // 1000)
 
     def _submit(self, events: Sequence[Event], registry: Registry, planner: Callable[..., Plan],
-                token: str) -> list[EventResult]:
+                token: str, guards: Sequence[tuple[str, str, str]], extra: Sequence[tuple]) -> list[EventResult]:
         conn = self.connection
         # Round trip 1: claim each event key (concurrent duplicates lose), read its last run.
         claim_keys, claim_args = [], [token, CLAIM_MS]
         for event in events:
             run_key = keys.event_run(event.key)
-            instance = event.level is Level.INSTANCE
-            claim_keys += (keys.claim(event.key), run_key, run_key if instance else self._state_key(event))
-            claim_args.append(0 if instance else 1)
+            stateless = event.level is Level.INSTANCE or event.push is not None
+            claim_keys += (keys.claim(event.key), run_key, run_key if stateless else self._state_key(event))
+            claim_args.append(0 if stateless else 1)
         replies = iter(self._claim(keys=claim_keys, args=claim_args))
         claimed, previous, states = [], [], []
         for _ in events:
             claimed.append(bool(next(replies)))
-            previous.append(_run_ids(next(replies)))
+            previous.append(_run_record(next(replies)))
             states.append({m.decode() for m in next(replies)})
 
         # Round trip 2: are the previous runs still going?
-        prior_ids = sorted({jid for runs in previous if runs for jid in runs.values()})
+        prior_ids = sorted({jid for run in previous if run for jid in run.jobs.values()})
         status: dict[str, str] = {}
         if prior_ids:
             pipe = conn.pipeline(transaction=False)
@@ -188,11 +239,13 @@ class Enqueuer:
                 # Claimed by another request (or one that died): answer "retry later", never
                 # "duplicate" — if that request fails, this copy must not have been dropped.
                 raise EventsBusy(f"{event.key} is being planned by another request; retry the batch")
+        renew = Renewal(self._renew, sorted(keys.claim(k) for k in mine), token)
 
         results: list[EventResult] = []
         plans: list[tuple[Plan, EventResult, set[str]]] = []
         first_seen: set[str] = set()
-        for event, runs, state in zip(events, previous, states):
+        pushing: list[Event] = []
+        for event, run, state in zip(events, previous, states):
             result = EventResult(event.key, "scheduled")
             results.append(result)
             if event.key in first_seen:
@@ -202,18 +255,23 @@ class Enqueuer:
             first_seen.add(event.key)
             new_members: set[str] = set()
             if event.level is Level.INSTANCE:
-                if event.replay and runs is not None:
-                    # Re-read by the plugin after Orthanc stopped abruptly; this copy reached us before.
+                if run is not None and (event.replay or (event.receivedAt is not None
+                                                         and run.received_at == event.receivedAt)):
+                    # The same capture delivered again (the plugin re-sent a batch whose answer it
+                    # did not get, or re-read it after Orthanc stopped abruptly): planned before.
                     result.status = "known"
-                    result.jobs = runs
-                    result.notes.append("replayed after an Orthanc restart; its jobs were planned before")
+                    result.jobs = run.jobs
+                    result.notes.append("this copy was delivered before; its jobs were planned then")
                     continue
-                active = {name: jid for name, jid in (runs or {}).items() if status.get(jid) in ACTIVE}
+                pushing.append(event)
+                active = {name: jid for name, jid in (run.jobs if run else {}).items() if status.get(jid) in ACTIVE}
                 if active:
                     result.status = "duplicate"
                     result.jobs = active
                     result.notes.append("jobs of an earlier copy of this instance are still queued or running")
                     continue
+            elif event.push is not None:
+                new_members = set(event.orthanc.get("instances") or [])
             else:
                 members = set(event.orthanc.get("instances") or [])
                 new_members = members - state
@@ -221,8 +279,9 @@ class Enqueuer:
                     result.status = "unchanged"
                     result.notes.append(f"already handed to jobs with the same {len(state)} members")
                     continue
-            plan = planner(event, registry, self.settings.config)
+            plan = planner(event, registry, self.settings.config, runner=self.callbacks)
             plans.append((plan, result, new_members))
+            renew.maybe()
 
         # Round trip 3: every job of the batch in one atomic script.
         pipe = BatchWrite()
@@ -236,13 +295,16 @@ class Enqueuer:
             elif result.status == "scheduled":
                 result.status = "nothing"
                 if plan.event.level is Level.INSTANCE and not plan.failures:
-                    # Seen, and nothing to run: a replayed copy must not be planned again.
-                    pipe.add("SET", keys.event_run(plan.event.key), "{}", "EX", self.settings.failure_ttl)
-            if plan.event.level is not Level.INSTANCE and new_members and plan.jobs and not plan.failures:
+                    # Seen, and nothing to run: a re-delivered copy must not be planned again.
+                    pipe.add("SET", keys.event_run(plan.event.key), _run_value({}, plan.event),
+                             "EX", self.settings.failure_ttl)
+            if (plan.event.level is not Level.INSTANCE and plan.event.push is None and new_members
+                    and plan.jobs and not plan.failures):
                 # Only what was really handed to jobs: a series whose callback failed, or that
                 # no active service wanted yet, runs when it is sent again.
                 pipe.add("SADD", self._state_key(plan.event), *sorted(new_members))
                 pipe.add("EXPIRE", self._state_key(plan.event), self.settings.failure_ttl)
+        self.pushes.track(pipe, pushing, registry.push_levels(), now.timestamp())
         for name in sorted(used_queues):  # what RQ's enqueue does per job, once per batch here
             pipe.add("SADD", Queue.redis_queues_keys, self.queues[name].key)
         counts = Counter(f"events:{r.status}" for r in results)
@@ -250,7 +312,17 @@ class Enqueuer:
         for name, n in counts.items():
             if n:
                 pipe.add("HINCRBY", keys.STATS, name, n)
-        self._apply(keys=sorted(keys.claim(k) for k in mine), args=[token, pipe.packed()])
+        for command in extra:
+            pipe.add(*command)
+        args = [token, pipe.packed()]
+        if guards:
+            args.append(msgpack.packb([list(g) for g in guards], use_bin_type=False))
+        written = self._apply(keys=sorted(keys.claim(k) for k in mine), args=args)
+        if written == -1:
+            raise EventsBusy("a claim of this batch expired while it was planned and another request took "
+                             "it over; nothing of this batch was enqueued")
+        if written == 0:
+            raise PushMoved("the push received an instance since it was read; nothing was enqueued")
         return results
 
     def _state_key(self, event: Event) -> str:
@@ -268,6 +340,8 @@ class Enqueuer:
         if plan.failures:
             pipe.add("LTRIM", keys.CALLBACK_ERRORS, 0, self.settings.error_log_length - 1)
         result.declined = plan.declined
+        result.notes.extend(f"{name}: switched off (its callback kept timing out); not asked"
+                            for name in plan.switched_off)
 
     def _enqueue_plan(self, plan: Plan, result: EventResult, pipe: BatchWrite, new_members: set[str],
                       used_queues: set[str], now: float, stamp: str, batch: str) -> None:
@@ -309,7 +383,7 @@ class Enqueuer:
             ids[spec.jobName] = job_id
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
         result.jobs = ids
-        pipe.add("SET", keys.event_run(event.key), json.dumps(ids), "EX", self.settings.failure_ttl)
+        pipe.add("SET", keys.event_run(event.key), _run_value(ids, event), "EX", self.settings.failure_ttl)
 
 
 class BatchWrite:
@@ -341,7 +415,38 @@ def dependencies_key(job_id: str) -> str:
     return f"{Job.redis_job_namespace_prefix}:{job_id}:dependencies"
 
 
-def _run_ids(raw: bytes | None) -> dict[str, str] | None:
-    """jobName -> job id of an event's last run as `_submit` stored it ({}: planned, nothing
-    to run), None if it was never planned (or its record expired)."""
-    return None if raw is None else json.loads(raw)
+@dataclass(frozen=True)
+class RunRecord:
+    """An event's last run: jobName -> job id ({}: planned, nothing to run), and the time
+    Orthanc received the copy that was planned (None: unknown)."""
+
+    jobs: dict[str, str]
+    received_at: float | None
+
+
+def _run_value(ids: dict[str, str], event: Event) -> str:
+    return json.dumps({"jobs": ids, "receivedAt": event.receivedAt})
+
+
+def _run_record(raw: bytes | None) -> RunRecord | None:
+    """The run `_submit` stored for an event, None if it was never planned (or expired)."""
+    if raw is None:
+        return None
+    value = json.loads(raw)
+    if "jobs" not in value:  # written before the record kept the reception time
+        return RunRecord(value, None)
+    return RunRecord(value["jobs"], value.get("receivedAt"))
+
+
+class Renewal:
+    """Keeps a batch's claims while its callbacks run (a third of the claim's life at a time)."""
+
+    def __init__(self, script: Any, claim_keys: list[str], token: str):
+        self.script, self.claim_keys, self.token = script, claim_keys, token
+        self.last = time.monotonic()
+
+    def maybe(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= CLAIM_MS / 3000:
+            self.script(keys=self.claim_keys, args=[self.token, CLAIM_MS])
+            self.last = now

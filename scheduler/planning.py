@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomflow.events import Event
 from scheduler.registry import LoadedJob, Registry
+
+if TYPE_CHECKING:
+    from scheduler.callbacks import CallbackRunner
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class Plan:
     declined: list[str] = field(default_factory=list)
     failures: list[CallbackFailure] = field(default_factory=list)
     added_params: dict[str, Any] = field(default_factory=dict)
+    #: Jobs not asked because their callback kept timing out (scheduler/callbacks.py).
+    switched_off: list[str] = field(default_factory=list)
 
 
 class CallbackResultError(TypeError):
@@ -60,12 +66,14 @@ def _interpret(result: Any) -> tuple[bool, dict[str, Any] | None]:
     return bool(result), None
 
 
-def plan_event(event: Event, registry: Registry, config: Mapping[str, str]) -> Plan:
+def plan_event(event: Event, registry: Registry, config: Mapping[str, str],
+               runner: CallbackRunner | None = None) -> Plan:
     """Run the callbacks for `event` in planning order and decide which jobs to enqueue.
 
     Every event gets a fresh `added_params`; a callback sees what earlier callbacks added.
-    A callback that raises is recorded in `Plan.failures` and its job is not scheduled
-    (the one error boundary around service code in the scheduler).
+    A callback that raises (or, with a `runner`, does not return in time) is recorded in
+    `Plan.failures` and its job is not scheduled (the one error boundary around service code
+    in the scheduler); a job the runner switched off is not asked.
     """
     plan = Plan(event=event)
     accepted: set[str] = set()
@@ -74,9 +82,13 @@ def plan_event(event: Event, registry: Registry, config: Mapping[str, str]) -> P
         spec = job.spec
         if job.callback is None:
             wanted, extra = True, None
+        elif runner is not None and runner.switched_off(job) is not None:
+            plan.switched_off.append(spec.jobName)
+            continue
         else:
+            call = job.callback if runner is None else functools.partial(runner.call, job)
             try:
-                wanted, extra = _interpret(job.callback(
+                wanted, extra = _interpret(call(
                     jobName=spec.jobName, headers=event.headers, params=spec.params,
                     added_params=plan.added_params, event=context, config=config,
                 ))

@@ -76,6 +76,10 @@ class Registry:
     def for_level(self, level: Level) -> list[LoadedJob]:
         return self.order.get(level, [])
 
+    def push_levels(self) -> tuple[Level, ...]:
+        """The levels whose pushes the scheduler must track: those some active job triggers on."""
+        return tuple(level for level in (Level.SERIES, Level.STUDY) if self.order.get(level))
+
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for the status endpoint."""
         return {

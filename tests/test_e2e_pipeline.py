@@ -36,7 +36,8 @@ def worker(jobName, headers, params, added_params, dcmpath=None, event=None, con
     sops = sorted(str(pydicom.dcmread(os.path.join(dcmpath, f), stop_before_pixels=True).SOPInstanceUID)
                   for f in files)
     connection.rpush("e2e:series", json.dumps({"series": headers["SeriesInstanceUID"], "count": len(files),
-                                               "sops": sops, "new": len(event.get("newMembers", []))}))
+                                               "sops": sops, "new": len(event.get("newMembers", [])),
+                                               "push": event.get("push"), "aet": event.get("remoteAet")}))
     return len(files)
 '''
 
@@ -75,7 +76,7 @@ def test_sag_anon_and_generated_series_run_every_job_in_order(tmp_path, redis_ur
         assert by[("secondJob", sop)]["start"] >= by[("firstJob", sop)]["end"]
 
 
-def test_series_trigger_runs_once_per_stable_series_with_all_instances(tmp_path, redis_url, connection):
+def test_series_trigger_runs_once_per_push_with_the_instances_it_delivered(tmp_path, redis_url, connection):
     services = tmp_path / "services"
     make_service(services, "whole", job("wholeSeries", "whole", triggerLevel="series"), worker_code=SERIES_WORKER)
     first = write_series(tmp_path / "s1", 12)
@@ -86,14 +87,19 @@ def test_series_trigger_runs_once_per_stable_series_with_all_instances(tmp_path,
         stack.orthanc.store(first)
         wait_for(lambda: entries(connection, "e2e:series"), timeout=60, what="the series job")
         (run,) = entries(connection, "e2e:series")
-        assert run["series"] == uid and run["count"] == 12 and run["new"] == 12
-        # Late instances make the series stable again: a second run with the new state.
+        assert run["series"] == uid and run["count"] == 12 and run["new"] == 12 and run["push"]
+        # Late instances after the push completed are a push of their own: a second run with them.
         stack.orthanc.store(late)
         wait_for(lambda: len(entries(connection, "e2e:series")) >= 2, timeout=60, what="the second series run")
         runs = entries(connection, "e2e:series")
-        assert len(runs) == 2 and runs[1]["count"] == 15 and runs[1]["new"] == 3
-        all_sops = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in first + late)
-        assert runs[1]["sops"] == all_sops
+        assert len(runs) == 2 and runs[1]["count"] == 3 and runs[1]["push"] != run["push"]
+        late_sops = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in late)
+        assert runs[1]["sops"] == late_sops
+        # The same series from another sender: its own push, even though Orthanc holds it all.
+        stack.orthanc.store(first, aet="OTHERSENDER")
+        wait_for(lambda: len(entries(connection, "e2e:series")) >= 3, timeout=60, what="the other sender's run")
+        third = entries(connection, "e2e:series")[2]
+        assert third["aet"] == "OTHERSENDER" and third["count"] == 12
 
 
 def test_scheduler_down_during_send_loses_nothing_and_runs_nothing_twice(tmp_path, redis_url, connection,

@@ -71,7 +71,7 @@ def test_dependents_start_after_all_their_dependencies(services, submit, run_wor
     run_workers(2, worker_class)
     entries = log_entries(connection)
     for res in results:
-        sop = res["key"].split(":", 1)[1]
+        sop = res["key"].rsplit(":", 1)[1]
         at = {(e["job"], e["what"]): e["at"] for e in entries if e["sop"] == sop}
         assert len(at) == 8, at
         assert at[("cJob", "start")] >= max(at[("aJob", "end")], at[("bJob", "end")])

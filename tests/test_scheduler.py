@@ -73,12 +73,12 @@ def test_job_hashes_hold_what_rq_writes_for_the_same_jobs(make_client, services,
         "aJob": Job.create("worker.runtime.run_service_job", kwargs=a.kwargs, connection=connection, id=a_id,
                            origin="default", status=JobStatus.QUEUED, description="aJob instance 1.0",
                            timeout=300, result_ttl=86400, failure_ttl=7 * 86400, retry=Retry(max=2, interval=[1, 5]),
-                           meta={"event": "instance:1.0", "service": "a", "notes": []}),
+                           meta={"event": "instance:TEST:1.0", "service": "a", "notes": []}),
         "bJob": Job.create("worker.runtime.run_service_job", kwargs=b.kwargs, connection=connection, id=b_id,
                            origin="high", status=JobStatus.DEFERRED, description="bJob instance 1.0",
                            timeout=3600, result_ttl=86400, failure_ttl=7 * 86400,
                            depends_on=Dependency(jobs=[a_id], allow_failure=True),
-                           meta={"event": "instance:1.0", "service": "b", "notes": []}),
+                           meta={"event": "instance:TEST:1.0", "service": "b", "notes": []}),
     }
     reference["aJob"].enqueued_at = reference["aJob"].created_at
     encode = connection.get_encoder().encode
@@ -124,7 +124,7 @@ def test_raising_callback_is_recorded_and_others_run(make_client, services):
     assert list(result["jobs"]) == ["fineJob"]
     assert result["errors"] == ["boomJob: ValueError: bad header"]
     errors = client.get("/api/v1/errors", headers=AUTH).get_json()["callbacks"]
-    assert errors[0]["jobName"] == "boomJob" and errors[0]["event"] == "instance:1.3"
+    assert errors[0]["jobName"] == "boomJob" and errors[0]["event"] == "instance:TEST:1.3"
     assert "ValueError: bad header" in errors[0]["traceback"]
 
 
@@ -274,14 +274,14 @@ def test_unpicklable_callback_data_fails_only_that_job(make_client, services):
 def test_an_event_claimed_elsewhere_makes_the_batch_retry_and_nothing_is_lost(make_client, services, connection):
     make_service(services, "a", job("aJob", "a"))
     client = make_client()
-    connection.set("dicomflow:claim:instance:6.2", "another-request", px=60_000)
+    connection.set("dicomflow:claim:instance:TEST:6.2", "another-request", px=60_000)
     busy = client.post("/api/v1/events", json={"events": [instance_event("6.3"), instance_event("6.2")]},
                        headers=AUTH)
     assert busy.status_code == 503 and busy.get_json()["error"] == "busy"
-    assert not connection.exists("dicomflow:claim:instance:6.3"), "our own claims are released"
-    assert connection.get("dicomflow:claim:instance:6.2") == b"another-request", "never someone else's"
+    assert not connection.exists("dicomflow:claim:instance:TEST:6.3"), "our own claims are released"
+    assert connection.get("dicomflow:claim:instance:TEST:6.2") == b"another-request", "never someone else's"
     assert Queue("default", connection=connection).count == 0
-    connection.delete("dicomflow:claim:instance:6.2")
+    connection.delete("dicomflow:claim:instance:TEST:6.2")
     assert [r["status"] for r in post(client, instance_event("6.3"), instance_event("6.2"))] == ["scheduled"] * 2
     assert connection.keys("dicomflow:claim:*") == []
 

@@ -33,6 +33,7 @@ class Pipeline:
                     "DICOMFLOW_SCHEDULER_TOKEN": TOKEN, "DICOMFLOW_SCHEDULER_PORT": str(self.port),
                     "DICOMFLOW_REGISTRY_POLL": "0.5", "ORTHANC_URL": self.orthanc.url,
                     "ORTHANC_USERNAME": self.orthanc.username, "ORTHANC_PASSWORD": self.orthanc.password,
+                    "ORTHANC_STABLE_AGE": str(stable_age), "DICOMFLOW_PUSH_POLL": "0.2",
                     "PYTHONPATH": str(REPO), "TCP_NODELAY": "1", **(extra_config or {})}
         self.worker_count = workers
         self.scheduler: subprocess.Popen | None = None
