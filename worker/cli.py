@@ -7,13 +7,13 @@ import sys
 
 import click
 import redis
-from rq import SimpleWorker, Worker
 
 from dicomflow.config import load_config
 from dicomflow.settings import Settings
+from worker.liveness import DicomflowForkWorker, DicomflowSimpleWorker
 from worker.runtime import WorkerRuntime, install
 
-CLASSES = {"simple": SimpleWorker, "fork": Worker}
+CLASSES = {"simple": DicomflowSimpleWorker, "fork": DicomflowForkWorker}
 
 
 @click.command()
@@ -33,6 +33,8 @@ def main(config_path: str | None, worker_class: str | None, burst: bool, name: s
     install(WorkerRuntime(settings))
     connection = redis.Redis.from_url(settings.redis_url)
     worker = CLASSES[worker_class or settings.worker_class](list(settings.queues), connection=connection, name=name)
+    worker.set_heartbeat_ttl(settings.job_heartbeat_ttl)
+    worker.start_reaper(settings.queues)
     ok = worker.work(burst=burst, with_scheduler=True, max_jobs=max_jobs)
     sys.exit(0 if ok or burst else 1)
 
