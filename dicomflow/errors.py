@@ -47,3 +47,7 @@ class MissingTagError(DicomflowError):
 
 class OrthancError(DicomflowError):
     """Orthanc's REST API could not be reached or refused a request."""
+
+
+class OrthancUnavailableError(OrthancError):
+    """Orthanc did not answer, or answered 5xx: likely to pass (a restart takes seconds)."""

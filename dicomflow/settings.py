@@ -38,6 +38,8 @@ class Settings(BaseModel):
     orthanc_url: str = Field(default="http://127.0.0.1:8042", alias="ORTHANC_URL")
     orthanc_username: str = Field(default="", alias="ORTHANC_USERNAME")
     orthanc_password: str = Field(default="", alias="ORTHANC_PASSWORD")
+    #: How long a worker keeps fetching a file while Orthanc is unreachable or answers 5xx (s).
+    orthanc_retry_seconds: float = Field(default=120.0, ge=0, alias="DICOMFLOW_ORTHANC_RETRY_SECONDS")
     #: Where workers keep the DICOM files they fetch from Orthanc (one copy per host).
     cache_dir: Path | None = Field(default=None, alias="DICOMFLOW_CACHE_DIR")
     #: Cached files untouched for this many seconds are removed.

@@ -179,7 +179,9 @@ def fake_orthanc():
 
 
 def cache_for(tmp_path, redis_url, services, url: str) -> DicomCache:
-    return DicomCache(settings_for(tmp_path, redis_url, services, ORTHANC_URL=url))
+    # No retries of an unavailable Orthanc here (tests/test_worker_transient.py has those).
+    return DicomCache(settings_for(tmp_path, redis_url, services, ORTHANC_URL=url,
+                                   DICOMFLOW_ORTHANC_RETRY_SECONDS="0"))
 
 
 def leftovers(cache: DicomCache) -> list[str]:

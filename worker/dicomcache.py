@@ -13,13 +13,15 @@ from pathlib import Path
 
 import requests
 
-from dicomflow.errors import OrthancError
+from dicomflow.errors import OrthancError, OrthancUnavailableError
 from dicomflow.events import ORTHANC_ID
 from dicomflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SWEEP_EVERY = 60.0
+#: Pauses between fetches while Orthanc is unavailable (s); the last one repeats.
+BACK_OFF = (0.5, 1, 2, 4, 8, 15)
 
 
 class DicomCache:
@@ -28,20 +30,24 @@ class DicomCache:
     A file is downloaded by one process while the others wait on its lock file; files not
     used for `cache_ttl` seconds are removed by a sweep that runs at most once a minute.
     Series folders are hard links into the instance cache, removed when their job ends.
+    Folders are made 0700 and files 0600 (patient data), whatever the worker's umask: the
+    workers keep a umask that lets services share their own outputs.
     """
 
     def __init__(self, settings: Settings, session: requests.Session | None = None):
         self.root = settings.effective_cache_dir
         self.instances = self.root / "instances"
         self.jobs = self.root / "jobs"
-        self.instances.mkdir(parents=True, exist_ok=True)
-        self.jobs.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.instances, self.jobs):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.base_url = settings.orthanc_url.rstrip("/")
         self.ttl = settings.cache_ttl
         self.session = session or requests.Session()
         if settings.orthanc_username:
             self.session.auth = (settings.orthanc_username, settings.orthanc_password)
         self._last_sweep = 0.0
+        #: How long a fetch keeps trying while Orthanc is unavailable (s).
+        self.unavailable_for = settings.orthanc_retry_seconds
 
     def instance(self, orthanc_id: str) -> Path:
         """The local file of an Orthanc instance, downloading it if this host has none.
@@ -58,18 +64,34 @@ class DicomCache:
         if path.exists():
             os.utime(path)
             return path
-        with open(self.instances / f"{orthanc_id}.lock", "w") as lock:
+        with os.fdopen(os.open(self.instances / f"{orthanc_id}.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
-                self._download(orthanc_id, path)
+                self._download_patiently(orthanc_id, path)
         return path
+
+    def _download_patiently(self, orthanc_id: str, path: Path) -> None:
+        """`_download`, tried again with back-off while Orthanc is unavailable (restarting,
+        overloaded) for up to DICOMFLOW_ORTHANC_RETRY_SECONDS: a blip of Orthanc must not
+        fail jobs for a person to requeue, whatever the service's own retries say."""
+        deadline = time.monotonic() + self.unavailable_for
+        for attempt in range(1, 1_000_000):
+            try:
+                self._download(orthanc_id, path)
+                return
+            except OrthancUnavailableError as exc:
+                pause = BACK_OFF[min(attempt, len(BACK_OFF)) - 1]
+                if time.monotonic() + pause > deadline:
+                    raise OrthancUnavailableError(f"{exc} (still unavailable after {attempt} attempts)") from exc
+                log.warning("Orthanc unavailable (%s); fetching %s again in %.1f s", exc, orthanc_id, pause)
+                time.sleep(pause)
 
     def folder(self, orthanc_ids: Sequence[str], job_id: str) -> Path:
         """A folder with every listed instance as `<id>.dcm` (hard links into the cache)."""
         if not isinstance(orthanc_ids, (list, tuple)):
             raise OrthancError(f"expected a list of Orthanc instance ids, not {type(orthanc_ids).__name__}")
         folder = self.jobs / f"{job_id}-{uuid.uuid4().hex[:6]}"
-        folder.mkdir(parents=True)
+        folder.mkdir(mode=0o700, parents=True)
         try:
             for orthanc_id in orthanc_ids:
                 source = self.instance(orthanc_id)
@@ -78,6 +100,7 @@ class DicomCache:
                     os.link(source, target)
                 except OSError:
                     shutil.copyfile(source, target)
+                    os.chmod(target, 0o600)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -97,12 +120,16 @@ class DicomCache:
                     raise OrthancError(f"Orthanc has no instance {orthanc_id} (GET {url} answered 404: "
                                        f"{_said(response)})")
                 if response.status_code != 200:
-                    raise OrthancError(f"Orthanc could not give instance {orthanc_id}: GET {url} answered "
-                                       f"{response.status_code}: {_said(response)}")
-                with open(tmp, "wb") as out:
+                    error = OrthancUnavailableError if response.status_code >= 500 else OrthancError
+                    raise error(f"Orthanc could not give instance {orthanc_id}: GET {url} answered "
+                                f"{response.status_code}: {_said(response)}")
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                     for chunk in response.iter_content(1 << 20):
                         out.write(chunk)
             os.replace(tmp, path)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise OrthancUnavailableError(f"cannot fetch instance {orthanc_id} from Orthanc at {self.base_url}: "
+                                          f"{exc}") from exc
         except requests.RequestException as exc:
             raise OrthancError(f"cannot fetch instance {orthanc_id} from Orthanc at {self.base_url}: {exc}") from exc
         finally:
