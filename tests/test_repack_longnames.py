@@ -21,6 +21,7 @@ from tests.support.repack_dicom import make_instance
 
 # pydicom warns when writing the over-long values these tests need.
 pytestmark = pytest.mark.filterwarnings("ignore:The value length:UserWarning",
+                                        "ignore:The PN component length:UserWarning",
                                         "ignore:Value .* is not valid:UserWarning")
 
 LONG = "A" * 300
