@@ -161,6 +161,9 @@ CASES = [
     # ... an empty value is used as the empty string ...
     Case("emptyname", {"PatientName": ""}, (("-PatientName-", "--"),), {"PatientName": ("Not defined", "")}),
     Case("emptysex", {"PatientSex": ""}, (), {"PatientSex": ("Not defined", "")}),
+    # ... an empty number as "None" (pydicom's value for it), in the path and the logs ...
+    Case("emptynumbers", {"SeriesNumber": "", "InstanceNumber": ""},
+         (("/SeriesNumber-", "/0None-"), ("/InstanceNumber-", "/None-")), meta_differs=True),
     # ... a multi-valued one as Python's list repr, and NULs are replaced rather than removed.
     Case("multivalued", {"SeriesDescription": "A\\B"}, (("-SeriesDescription", "-_A_B_"),), meta_differs=True),
     Case("nul", {"raw": {"SeriesDescription": b"T1\x00AX"}}, (("-T1AX", "-T1_AX"),), meta_differs=True),
@@ -213,6 +216,10 @@ def test_parity_on_generated_data(px_repack_script: Path, tmp_path):
                     f"seriesData/{series}-pack.json"):
             if not case.meta_differs:
                 assert load(px / "log" / rel) == load(ours / "log" / rel), (case.name, rel)
+        if case.name == "emptynumbers":
+            px_series = load(px / "log" / f"seriesData/{series}-meta.json")[series]
+            our_series = load(ours / "log" / f"seriesData/{series}-meta.json")[series]
+            assert (our_series["SeriesNumber"], px_series["SeriesNumber"]) == ("Not defined", "None")
         # The series-meta dump: equal but for the series folder it names (ours has -{hash7}).
         rel = f"studyData/{study}-series/{series}-meta.json"
         px_meta, our_meta = load(px / "log" / rel)[study], load(ours / "log" / rel)[study]
