@@ -8,6 +8,8 @@
 # Native processes under supervisord where no Docker engine runs (or DICOMFLOW_NATIVE=1);
 # docker compose where one does.
 set -euo pipefail
+# Every file run.sh creates (config, secrets, logs, pid files) is private: 0600 (folders 0700).
+umask 077
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 home=${DICOMFLOW_HOME:-$here/state}
 conf=$home/dicomflow.env
@@ -123,7 +125,7 @@ case "$cmd" in
 esac
 
 # start
-[ -x "$py" ] || bash "$here/build.sh" --native
+[ -x "$py" ] || ( umask 022; bash "$here/build.sh" --native )  # the code, not state: readable as usual
 running && { say "already running"; load_config; where; exit 0; }
 [ -f "$conf" ] || write_config
 chmod 700 "$home"  # Orthanc's storage, the spool and the cache hold patient data
@@ -181,6 +183,9 @@ file=$home/supervisor.sock
 chmod=0700
 
 [supervisord]
+; its logs, pid file and socket, and what Redis, Orthanc (storage, spool), the scheduler and the
+; dashboard write: private (supervisord's default umask is 022)
+umask=077
 logfile=$home/logs/supervisord.log
 pidfile=$home/supervisord.pid
 childlogdir=$home/logs
@@ -212,6 +217,9 @@ redirect_stderr=true
 
 [program:worker]
 command=nice -n $niceness $here/.venv/bin/dicomflow-worker
+; services write their outputs (e.g. REPACK_DATADIR) for other programs to read; the DICOM cache
+; under $home sets its own private modes
+umask=022
 process_name=%(program_name)s-%(process_num)d
 numprocs=$workers
 priority=40
