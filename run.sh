@@ -73,6 +73,10 @@ ORTHANC_URL=http://127.0.0.1:$orthanc_http
 ORTHANC_USERNAME=dicomflow
 ORTHANC_PASSWORD=$(secret)
 ORTHANC_STORAGE_DIR=$home/orthanc-storage
+# Refuse new instances when the storage's filesystem has less free space (MB); 0 = never.
+ORTHANC_MIN_FREE_SPACE_MB=${ORTHANC_MIN_FREE_SPACE_MB:-1024}
+# Delete studies from Orthanc this many days after their last update; 0 = keep everything.
+ORTHANC_RETENTION_DAYS=${ORTHANC_RETENTION_DAYS:-0}
 # Built-in services stay off until configured, e.g.:
 # REPACK_DATADIR=/data/pypx
 # CHRIS_URL=http://localhost:8000/api/v1/

@@ -53,6 +53,12 @@ class OrthancSettings(BaseModel):
     plugin_retry_max_delay: float = Field(default=30.0, gt=0, alias="ORTHANC_PLUGIN_RETRY_MAX_DELAY")
     plugin_request_timeout: float = Field(default=30.0, gt=0, alias="ORTHANC_PLUGIN_REQUEST_TIMEOUT")
     spool_path: Path | None = Field(default=None, alias="ORTHANC_PLUGIN_SPOOL")
+    #: The plugin's disk guard: new instances are refused with less free space (MB) on the
+    #: storage's filesystem (C-STORE 0xA700 Out of Resources, REST 403); 0 = no guard.
+    min_free_space_mb: float = Field(default=1024.0, ge=0, alias="ORTHANC_MIN_FREE_SPACE_MB")
+    #: Opt-in retention: studies are deleted from Orthanc this many days after their last
+    #: update (fractions allowed) once their events are delivered; 0 = keep everything.
+    retention_days: float = Field(default=0.0, ge=0, alias="ORTHANC_RETENTION_DAYS")
 
     @field_validator("plugin_tags", "modalities", mode="before")
     @classmethod
@@ -151,6 +157,8 @@ def render_orthanc_config(settings: OrthancSettings, *, scheduler_url: str, toke
         "QueueSize": settings.plugin_queue_size,
         "RetryMaxDelay": settings.plugin_retry_max_delay,
         "RequestTimeout": settings.plugin_request_timeout,
+        "MinFreeSpaceMB": settings.min_free_space_mb,
+        "RetentionDays": settings.retention_days,
     }
     if settings.plugin_tags:
         section["Tags"] = list(settings.plugin_tags)

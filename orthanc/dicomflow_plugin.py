@@ -152,6 +152,20 @@ class PluginSettings:
     builder_nice: int = 10
     builder_python: str = "python3"
     events_path: str = "/api/v1/events"
+    #: Orthanc's "StorageDirectory" and "IndexDirectory" (absolute): where the disk guard measures.
+    storage_paths: tuple[str, ...] = ()
+    #: The disk guard's watermark (MB): with less free space than this on Orthanc's storage, new
+    #: instances are refused (C-STORE: 0xA700 Out of Resources; REST uploads: 403). 0: no guard.
+    #: 1 GB: a few large studies of headroom for the index, the spool and the sampling delay.
+    min_free_space_mb: float = 1024.0
+    #: How often the disk guard measures the free space (s); between two measures it subtracts
+    #: the size of each accepted instance (no disk access per instance).
+    disk_check_interval: float = 1.0
+    #: Retention (opt-in): delete studies from Orthanc this many days (fractions allowed) after
+    #: their last update, once none of their events waits in the spool or queue. 0: keep all.
+    retention_days: float = 0.0
+    #: Seconds between two retention passes.
+    retention_interval: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -219,6 +233,25 @@ class PluginSettings:
             scripts = [scripts]
         if any(os.path.basename(str(script)) == STABLE_SCRIPT for script in scripts):
             values["stable_events"] = _LUA
+        # The disk guard and retention (dicomflow_disk.py): 0 turns MinFreeSpaceMB or RetentionDays off.
+        for key, attr, zero_is_off in (("MinFreeSpaceMB", "min_free_space_mb", True),
+                                       ("DiskCheckInterval", "disk_check_interval", False),
+                                       ("RetentionDays", "retention_days", True),
+                                       ("RetentionInterval", "retention_interval", False)):
+            if key not in section:
+                continue
+            given = section[key]
+            try:
+                if isinstance(given, bool):
+                    raise TypeError(given)
+                values[attr] = float(given)
+            except (TypeError, ValueError):
+                raise ValueError(f"Dicomflow.{key} must be a number, got {given!r}") from None
+            if not 0.0 <= values[attr] < float("inf") or (values[attr] == 0.0 and not zero_is_off):
+                raise ValueError(f"Dicomflow.{key} must be {'0 (off) or ' if zero_is_off else ''}positive, "
+                                 f"got {given!r}")
+        from dicomflow_disk import storage_paths  # beside this script
+        values["storage_paths"] = storage_paths(configuration)
         return cls(scheduler_url=url, token=token, spool_path=spool, tags=tuple(tags), **values)
 
 
@@ -1129,12 +1162,16 @@ def install() -> Relay | None:
     if settings.gil_switch_interval is not None:
         sys.setswitchinterval(settings.gil_switch_interval)
     relay = Relay(settings)
+    import dicomflow_disk  # beside this script: the disk guard and the retention policy
+
+    # The queue's items are (seq, kind, Orthanc id, ...): retention keeps what they are about.
+    guard, retention = dicomflow_disk.install(orthanc, settings, lambda: [item[2] for item in list(relay._queue)])
 
     def status_route(output: Any, uri: str, **request: Any) -> None:
         if request["method"] != "GET":
             output.SendMethodNotAllowed("GET")
         else:
-            _answer(output, relay.status())
+            _answer(output, {**relay.status(), **dicomflow_disk.status(guard, retention)})
 
     def retry_route(output: Any, uri: str, **request: Any) -> None:
         if request["method"] != "POST":
@@ -1173,6 +1210,9 @@ def install() -> Relay | None:
     relay.start()
     # Orthanc's plugin 4.0 finalises the interpreter when Orthanc stops: the queue goes to the spool then.
     atexit.register(relay.stop)
+    for part in (guard, retention):  # run before relay.stop (atexit is last in, first out)
+        if part is not None:
+            atexit.register(part.stop)
     return relay
 
 
