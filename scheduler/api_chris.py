@@ -18,11 +18,20 @@ def recent():
 
 @bp.get("/series/<series_uid>")
 def one(series_uid: str):
-    """Announced, stored and registered counts and errors of one series."""
-    found = progress.series_progress(current_app.extensions["dicomflow"].connection, series_uid)
-    if found is None:
+    """Announced, stored and registered counts and errors of one series, per PACS that sent it
+    (`{"SeriesInstanceUID": ..., "pacs": [...]}`; `?pacs_name=X`: that one's progress alone)."""
+    connection = current_app.extensions["dicomflow"].connection
+    pacs_name = request.args.get("pacs_name")
+    if pacs_name:
+        found = progress.series_progress(connection, pacs_name, series_uid)
+        if found is None:
+            return jsonify(error="not-found", message=f"no ChRIS progress for series {series_uid} "
+                                                      f"from {pacs_name}"), 404
+        return jsonify(found)
+    senders = progress.series_senders(connection, series_uid)
+    if not senders:
         return jsonify(error="not-found", message=f"no ChRIS progress for series {series_uid}"), 404
-    return jsonify(found)
+    return jsonify(SeriesInstanceUID=series_uid, pacs=senders)
 
 
 @bp.get("/rate-limit")

@@ -16,6 +16,7 @@ from rq.registry import FailedJobRegistry
 from dicomflow.chris.progress import recent_series, series_progress
 from dicomflow.errors import MissingTagError
 from tests.support.chris_env import (
+    AET,
     SAG_FOLDER,
     SAG_SERIES_UID,
     SERVICE_MODULES,
@@ -104,7 +105,7 @@ def test_pacsfiles_mode_stores_registers_and_marks_the_series(service, connectio
     assert attempt_path.startswith(f"SERVICES/PACS/org.fnndsc.oxidicom/{SAG_FOLDER}/")
     assert attempt_path.endswith("/OxidicomAttemptedPushCount=192")
     assert (files_root / attempt_path).is_file() and (files_root / attempt_path).stat().st_size == 0
-    progress = series_progress(connection, SAG_SERIES_UID)
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["stored"] == 192 and progress["registered"] == 192 and progress["errors"] == {}
     assert progress["state"] == "done" and progress["path"] == SAG_FOLDER and progress["attempted"] == 192
     assert [p["SeriesInstanceUID"] for p in recent_series(connection)] == [SAG_SERIES_UID]
@@ -128,7 +129,7 @@ def test_series_mode_body_is_cube_md_worked_example(service, connection, make_cu
         "SeriesInstanceUID": SAG_SERIES_UID, "ndicom": 192, "path": SAG_FOLDER,
     }
     assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER)]) == 192
-    progress = series_progress(connection, SAG_SERIES_UID)
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["registered"] == 192 and progress["state"] == "registered"
     # A re-sent series is idempotent: "already registered" is a success.
     assert finish(service, connection, config, incoming)["created"] is False
@@ -169,7 +170,7 @@ def test_missing_study_date_fails_that_instance_only(service, connection, make_c
     result = finish(service, connection, config, incoming)
     assert result["registered"] == 191 and result["errors"] == 1
     assert cube.registrations()[0].body["ndicom"] == 191
-    progress = series_progress(connection, SAG_SERIES_UID)
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["stored"] == 191 and list(progress["errors"]) == [broken.stem]
     assert "StudyDate" in progress["errors"][broken.stem]
 
@@ -185,7 +186,7 @@ def test_a_series_that_grows_after_registration_is_reported(service, connection,
     late = service.store(connection=connection, **job_kwargs("chrisStore", files[191],
                                                                instance_event(files[191].stem), config))
     assert late["grownAfterRegistration"] == 1
-    progress = series_progress(connection, SAG_SERIES_UID)
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["state"] == "grown" and progress["grownAfterRegistration"] == 1
     assert progress["registered"] == 191 and progress["stored"] == 192
 
@@ -211,14 +212,14 @@ def test_through_rq_pacsfiles_with_cube_down_then_rerun(service, connection, mak
     assert job.get_status() == JobStatus.FAILED
     assert "ChrisUnavailableError" in job.latest_result().exc_string
     assert "failed after 2 attempt(s)" in job.latest_result().exc_string
-    assert series_progress(connection, SAG_SERIES_UID)["errors"]  # visible to clients too
+    assert series_progress(connection, AET, SAG_SERIES_UID)["errors"]  # visible to clients too
     cube.up()
     for job_id in failed.get_job_ids():
         failed.requeue(job_id)
     SimpleWorker([high, default], connection=connection).work(burst=True)
     assert all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs)
     assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER)]) == 8
-    progress = series_progress(connection, SAG_SERIES_UID)
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["registered"] == 8 and progress["errors"] == {}
 
 

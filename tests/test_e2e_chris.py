@@ -39,7 +39,7 @@ def test_sag_anon_stored_and_registered(tmp_path, redis_url, connection, sag_ano
                      timeout=180, what="the series to be stored and registered")
         except (TimeoutError, requests.HTTPError) as exc:
             raise AssertionError(diagnostics(stack)) from exc
-        progress = stack.api(f"/api/v1/chris/series/{SERIES_UID}")
+        progress = stack.api(f"/api/v1/chris/series/{SERIES_UID}?pacs_name=OXITESTORTHANC")
     names = sorted(p.name for p in folder.glob("*.dcm"))
     assert len(names) == 192 and names[0].startswith("0001-1.3.12.2.1107.5.2.19.45152.20130308081102589")
     assert progress["stored"] == 192 and progress["registered"] == 192, progress
@@ -68,6 +68,6 @@ def test_rate_limit_can_be_changed_at_run_time(tmp_path, redis_url, connection, 
 
 
 def _finished(stack: Pipeline) -> bool:
-    response = stack.session.get(f"{stack.scheduler_url}/api/v1/chris/series/{SERIES_UID}", timeout=5)
+    response = stack.session.get(f"{stack.scheduler_url}/api/v1/chris/series/{SERIES_UID}?pacs_name=OXITESTORTHANC", timeout=5)
     return response.ok and response.json().get("state") in ("done", "registered") \
         and response.json()["registered"] == 192

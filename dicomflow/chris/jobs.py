@@ -21,7 +21,7 @@ from dicomflow.chris.markers import (
     marker_path,
 )
 from dicomflow.chris.metadata import check_pacs_name, registration_fields
-from dicomflow.chris.paths import instance_path
+from dicomflow.chris.paths import instance_path, pacs_component
 from dicomflow.chris.progress import SeriesProgress
 from dicomflow.chris.settings import ChrisSettings, Registration
 from dicomflow.chris.store import count_dicom_files, storage_target, write_empty, write_file
@@ -45,6 +45,15 @@ def pacs_name_for(settings: ChrisSettings, event: Mapping[str, Any]) -> str:
     if not name:
         raise InvalidTagError("pacs_name", "", "is unknown: set CHRIS_PACS_NAME or send with a calling AE title")
     return name
+
+
+def progress_pacs(settings: ChrisSettings, event: Mapping[str, Any]) -> str:
+    """The pacs_name a series' progress is kept under (as in its storage path); "unknown" when
+    there is none (the error is recorded there)."""
+    try:
+        return pacs_component(pacs_name_for(settings, event)) or "unknown"
+    except InvalidTagError:
+        return "unknown"
 
 
 def instance_key(event: Mapping[str, Any], sop_uid: str) -> str:
@@ -80,13 +89,13 @@ def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pa
         pacs = pacs_name_for(settings, event)
         location = instance_path(tags, pacs)
         pacs = check_pacs_name(location.pacs_name)
-        progress = SeriesProgress(connection, series_uid) if series_uid else None
+        progress = SeriesProgress(connection, pacs, series_uid) if series_uid else None
         if progress is not None:
             progress.begin(pacs, location.series_folder, _announced(tags))
         write_file(Path(dcmpath), settings.files_root, location.path)
     except (MissingTagError, ChrisError) as exc:
         if series_uid:
-            SeriesProgress(connection, series_uid).failed(key, str(exc))
+            SeriesProgress(connection, progress_pacs(settings, event), series_uid).failed(key, str(exc))
             notifier.error(pacs or "unknown", series_uid, f"{sop_uid}: {exc}")
             notifier.flush()
         raise
@@ -122,7 +131,7 @@ def register_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath:
     sop_uid = clean_value(tags.get("SOPInstanceUID")) or Path(dcmpath).stem
     location = instance_path(tags, pacs_name_for(settings, event))
     series_uid = str(clean_value(tags.get("SeriesInstanceUID")))
-    progress = SeriesProgress(connection, series_uid)
+    progress = SeriesProgress(connection, location.pacs_name, series_uid)
     key = instance_key(event, sop_uid)
     notifier = _notifier(settings, connection)
     with ChrisClient(settings, connection) as client:
@@ -195,7 +204,7 @@ def finish_series(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pat
         SeriesIncompleteError: instance jobs still running after CHRIS_SERIES_WAIT seconds.
         ChrisRequestError, ChrisUnavailableError: CUBE refused or did not answer.
     """
-    progress = SeriesProgress(connection, series_uid)
+    progress = SeriesProgress(connection, progress_pacs(settings, event), series_uid)
     keys = _expected_instances(dcmpath, event)
     notifier = _notifier(settings, connection)
     with ChrisClient(settings, connection) as client:

@@ -12,7 +12,8 @@ import redis
 from dicomflow.keys import service_key
 
 _KEYS = service_key("chris")
-#: Sorted set SeriesInstanceUID -> last update (unix time): the listing of recent series.
+#: Sorted set `<pacs_name>/<SeriesInstanceUID>` -> last update (unix time): the listing of
+#: recent series (a series sent by two PACS is two entries: each has its folder and registration).
 INDEX_KEY = _KEYS + "series-index"
 #: Progress of a series is kept this long after its last change (seconds).
 PROGRESS_TTL = 7 * 86400
@@ -39,13 +40,21 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-class SeriesProgress:
-    """The Redis record of one series: a hash of facts plus sets of instances, keyed by its UID."""
+def _senders_key(series_uid: str) -> str:
+    """Set of the pacs_names a series has progress for."""
+    return f"{_KEYS}series-pacs:{series_uid}"
 
-    def __init__(self, connection: redis.Redis, series_uid: str):
+
+class SeriesProgress:
+    """The Redis record of one series from one PACS (pacs_name, usually the sender's AE title):
+    a hash of facts plus sets of instances. The same series from another PACS is another record,
+    as it is another folder in CUBE's storage and another registration."""
+
+    def __init__(self, connection: redis.Redis, pacs_name: str, series_uid: str):
         self.connection = connection
+        self.pacs_name = pacs_name
         self.series_uid = series_uid
-        base = f"{_KEYS}series:{series_uid}"
+        base = f"{_KEYS}series:{pacs_name}:{series_uid}"
         self.info_key = base
         self.done_key = base + ":done"  # instance keys handled (stored or failed)
         self.stored_key = base + ":stored"  # SOPInstanceUIDs written to storage
@@ -59,9 +68,10 @@ class SeriesProgress:
         now = time.time()
         fields["updatedAt"] = now
         pipe.hset(self.info_key, mapping={k: str(v) for k, v in fields.items()})
-        pipe.zadd(INDEX_KEY, {self.series_uid: now})
+        pipe.zadd(INDEX_KEY, {f"{self.pacs_name}/{self.series_uid}": now})
         pipe.zremrangebyrank(INDEX_KEY, 0, -INDEX_LENGTH - 1)
-        for key in self._all:
+        pipe.sadd(_senders_key(self.series_uid), self.pacs_name)
+        for key in (*self._all, _senders_key(self.series_uid)):
             pipe.expire(key, PROGRESS_TTL)
 
     def info(self) -> dict[str, str]:
@@ -164,14 +174,14 @@ class SeriesProgress:
         return int(stored), int(registered), int(errors)
 
 
-def series_progress(connection: redis.Redis, series_uid: str) -> dict[str, Any] | None:
-    """What a client needs to know about one series; None when it is unknown (or expired).
+def series_progress(connection: redis.Redis, pacs_name: str, series_uid: str) -> dict[str, Any] | None:
+    """What a client needs to know about one series from one PACS; None when it is unknown (or expired).
 
     Keys: SeriesInstanceUID, pacs_name, path (the series folder in CUBE's storage), state,
     announced (NumberOfSeriesRelatedInstances or None), stored, registered (files CUBE has),
     errors ({instance: message}), grownAfterRegistration, updatedAt.
     """
-    series = SeriesProgress(connection, series_uid)
+    series = SeriesProgress(connection, pacs_name, series_uid)
     info = series.info()
     if not info:
         return None
@@ -180,7 +190,7 @@ def series_progress(connection: redis.Redis, series_uid: str) -> dict[str, Any] 
     registered = int(info["registeredCount"]) if "registeredCount" in info else registered_files
     return {
         "SeriesInstanceUID": series_uid,
-        "pacs_name": info.get("pacs_name"),
+        "pacs_name": pacs_name,
         "path": info.get("path"),
         "state": info.get("state", SeriesState.RECEIVING.value),
         "announced": int(info["announced"]) if "announced" in info else None,
@@ -193,8 +203,15 @@ def series_progress(connection: redis.Redis, series_uid: str) -> dict[str, Any] 
     }
 
 
+def series_senders(connection: redis.Redis, series_uid: str) -> list[dict[str, Any]]:
+    """The progress of one series from every PACS that sent it, by pacs_name."""
+    names = sorted(n.decode() for n in connection.smembers(_senders_key(series_uid)))
+    found = (series_progress(connection, name, series_uid) for name in names)
+    return [item for item in found if item is not None]
+
+
 def recent_series(connection: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
-    """The progress of the most recently updated series, newest first."""
-    uids = connection.zrevrange(INDEX_KEY, 0, max(limit, 1) - 1)
-    found = (series_progress(connection, uid.decode()) for uid in uids)
+    """The progress of the most recently updated series (per PACS), newest first."""
+    entries = connection.zrevrange(INDEX_KEY, 0, max(limit, 1) - 1)
+    found = (series_progress(connection, *entry.decode().rsplit("/", 1)) for entry in entries)
     return [item for item in found if item is not None]
