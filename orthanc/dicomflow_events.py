@@ -60,7 +60,7 @@ class EventBuilder:
     Args:
         reader: the ``dicomflow.dicomheader`` module.
         tags: DICOM keywords of the event's headers (all in ``reader.KEYWORDS``).
-        max_string_length: longer values are left out, as Orthanc's JSON leaves them out.
+        max_string_length: longer values (in UTF-8 bytes) are None, as Orthanc's JSON has them null.
     """
 
     def __init__(self, reader: Any, tags: Iterable[str], max_string_length: int):
@@ -68,7 +68,6 @@ class EventBuilder:
         self.tags = tuple(tags)
         self.max_string_length = max_string_length
         self._by_tag = {reader.KEYWORDS[t][0]: t for t in self.tags}
-        self._text = frozenset(reader.KEYWORDS[t][0] for t in self.tags if reader.KEYWORDS[t][1])
         self._last = max(self._by_tag)
 
     @staticmethod
@@ -76,9 +75,9 @@ class EventBuilder:
         """The keywords among `tags` this reader cannot read."""
         return [t for t in tags if t not in reader.KEYWORDS]
 
-    def read(self, data: bytes, complete: bool = True) -> tuple[str, dict[str, str]]:
+    def read(self, data: bytes, complete: bool = True) -> tuple[str, dict[str, str | None]]:
         """The file's transfer syntax and the configured tags from its bytes (or its start),
-        trimmed as Orthanc's JSON has them.
+        as Orthanc's simplified JSON has them (``reader.orthanc_values``; None: null).
 
         Raises:
             reader.HeaderError: a header this reader leaves to Orthanc (a transfer syntax in
@@ -86,11 +85,9 @@ class EventBuilder:
                 unusual encoding, a file it cannot parse).
             reader.Incomplete: `data` is only the start of the file and the header goes on.
         """
-        syntax, found = self.reader.read_start(data, complete, self._by_tag, self._last)
-        values = self.reader.decode(found, self._text)
-        limit = self.max_string_length
-        return syntax, {self._by_tag[tag]: value.strip("\x00 ") for tag, value in values.items()
-                        if tag in self._by_tag and len(value) <= limit}
+        vrs: dict[int, bytes] = {}
+        syntax, found = self.reader.read_start(data, complete, self._by_tag, self._last, vrs)
+        return syntax, self.reader.orthanc_values(found, vrs, self.max_string_length, self._by_tag)
 
     def build(self, instance_id: str, data: bytes, complete: bool, aet: str | None, ip: str | None,
               called: str | None, syntax: str | None, received: float) -> str | None:
