@@ -146,8 +146,9 @@ def render_orthanc_config(settings: OrthancSettings, *, scheduler_url: str, toke
     config["PythonScript"] = str(script)  # orthanc-python 4.0 reads this top-level key
     config["Python"] = {"Path": str(script)}  # 4.1+ (the Docker image); 4.0 ignores it
     config["PythonVerbose"] = False
-    if plugin is True:
-        config["LuaScripts"] = [str(STABLE_SCRIPT)]
+    # No Lua script: series/study completion is the scheduler's (scheduler/pushes.py). The
+    # plugin's "StableEvents" ("lua" with STABLE_SCRIPT in "LuaScripts", or "changes") stays
+    # for a user who wants Orthanc's own stable events as well.
     section: dict[str, Any] = {
         "SchedulerUrl": scheduler_url,
         "Token": token,

@@ -73,6 +73,12 @@ STABLE_SCRIPT = "dicomflow_stable.lua"
 #: Where stable series/studies come from: that script (`_LUA`), or the change log read every
 #: ChangePollInterval (`_CHANGES`, when Orthanc's "LuaScripts" does not list the script).
 _LUA, _CHANGES = "lua", "changes"
+#: No stable series/studies from Orthanc (the default): the scheduler completes pushes itself
+#: (scheduler/pushes.py), since Orthanc forgets unstable resources at shutdown and stays
+#: silent for instances it already holds.
+_OFF = "off"
+_STABLE_SOURCES = {_LUA: "the Lua script", _CHANGES: "the change log",
+                   _OFF: "none from Orthanc (the scheduler completes pushes)"}
 #: An Orthanc resource id (a SHA-1 in five dash-separated groups of 8 hex digits).
 _ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
@@ -132,7 +138,8 @@ class PluginSettings:
     #: queues its event through the plugin's REST route; nothing is read per instance (reading
     #: every change of the log cost ~6 µs of Orthanc's time per instance; an on-change callback
     #: in Python ~6 % of small-instance ingest, README). "changes": the change log is read.
-    stable_events: str = _CHANGES
+    #: "off" (the default, "StableEvents"): none; the scheduler owns series/study completion.
+    stable_events: str = _OFF
     #: With "lua": how long after a change its Lua callback has surely queued its event (s).
     #: The catch-up after a crash reads stable series/studies back from this far before the
     #: checkpoint (Orthanc's Lua engine runs its events in a queue of its own, after the commit).
@@ -233,6 +240,14 @@ class PluginSettings:
             scripts = [scripts]
         if any(os.path.basename(str(script)) == STABLE_SCRIPT for script in scripts):
             values["stable_events"] = _LUA
+        if "StableEvents" in section:
+            mode = str(section["StableEvents"]).lower()
+            if mode not in (_OFF, _LUA, _CHANGES):
+                raise ValueError(f'Dicomflow.StableEvents must be "off", "lua" or "changes", '
+                                 f'got {section["StableEvents"]!r}')
+            if mode == _LUA and values.get("stable_events") != _LUA:
+                raise ValueError(f'Dicomflow.StableEvents "lua" needs {STABLE_SCRIPT} in "LuaScripts"')
+            values["stable_events"] = mode
         # The disk guard and retention (dicomflow_disk.py): 0 turns MinFreeSpaceMB or RetentionDays off.
         for key, attr, zero_is_off in (("MinFreeSpaceMB", "min_free_space_mb", True),
                                        ("DiskCheckInterval", "disk_check_interval", False),
@@ -925,10 +940,14 @@ class Relay:
         """Spool events for the instances logged in (since, last] but those in `skip`, and
         for the stable series/studies logged in (since_stable, last]."""
         replayed = 0
+        replayed_changes = _REPLAYED_CHANGES
+        if self.settings.stable_events == _OFF:
+            replayed_changes = {"NewInstance": _KIND_REPLAY}
+            since_stable = since
         for changes in self._change_pages(min(since, since_stable), last):
-            items = [(self._new_seq(), _REPLAYED_CHANGES[c["ChangeType"]], c["ID"], None, None, None, None, None,
+            items = [(self._new_seq(), replayed_changes[c["ChangeType"]], c["ID"], None, None, None, None, None,
                       time.time()) for c in changes
-                     if c["ChangeType"] in _REPLAYED_CHANGES and c["ID"] not in skip
+                     if c["ChangeType"] in replayed_changes and c["ID"] not in skip
                      and c["Seq"] > (since if c["ChangeType"] == "NewInstance" else since_stable)]
             self._spool_items(items)
             replayed += sum(1 for item in items if item[1] == _KIND_REPLAY)
@@ -991,7 +1010,7 @@ class Relay:
             if now - self._last_checkpoint_at >= self.settings.checkpoint_interval:
                 # Lua: Orthanc's last change. Change log: the reader's cursor (every stable
                 # series/study up to it is queued already).
-                change = self._last_change() if lua else self._cursor
+                change = self._cursor if self.settings.stable_events == _CHANGES else self._last_change()
                 self._pending_checkpoint = (change, now, None)
                 if lua and self._pending_stable is None:
                     self._pending_stable = (change, now, None)
@@ -1204,8 +1223,8 @@ def install() -> Relay | None:
     orthanc.RegisterRestCallback("/dicomflow/spool/dead", dead_route)
     orthanc.LogWarning(
         f"dicomflow: delivering to {settings.scheduler_url}; spool {settings.spool_path} holds "
-        f"{relay.spool.length} events, {relay.spool.dead_length} dead letters; stable series/studies from "
-        f"{'the Lua script' if settings.stable_events == _LUA else 'the change log'}"
+        f"{relay.spool.length} events, {relay.spool.dead_length} dead letters; stable series/studies: "
+        f"{_STABLE_SOURCES[settings.stable_events]}"
     )
     relay.start()
     # Orthanc's plugin 4.0 finalises the interpreter when Orthanc stops: the queue goes to the spool then.

@@ -268,3 +268,21 @@ def test_settings_json_is_well_formed():
         assert callable(getattr(module, job["worker"].split(".", 1)[1]))
         assert callable(getattr(callbacks, job["callback"].split(".", 1)[1]))
         assert job["requiresConfig"] == ["CHRIS_URL", "CHRIS_FILES_ROOT"]
+
+
+def test_pacsfiles_mode_writes_both_markers_for_every_push(service, connection, make_cube, incoming):
+    """oxidicom writes NumberOfSeriesRelatedInstances and OxidicomAttemptedPushCount per push
+    (issue 16, case 4): a second push of the same series from the same PACS gets its own pair."""
+    cube = make_cube("cube5")
+    config = chris_config(cube)
+    files = instance_files(incoming)
+    for _ in range(2):  # the series pushed, completed, then pushed again
+        assert run_all(service, connection, config, files) == []
+        finish(service, connection, config, incoming)
+    markers = [r.body for r in cube.registrations() if r.status == 201 and r.body["pacs_name"] == "org.fnndsc.oxidicom"]
+    pushes: dict[str, set[str]] = {}
+    for marker in markers:
+        attempt = marker["path"].rsplit("/", 2)[-2]
+        pushes.setdefault(attempt, set()).add(marker["ProtocolName"])
+    assert len(pushes) == 2, pushes
+    assert all(kinds == {"NumberOfSeriesRelatedInstances", "OxidicomAttemptedPushCount"} for kinds in pushes.values())

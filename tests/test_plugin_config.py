@@ -23,8 +23,9 @@ def test_defaults_and_plugin_section():
     assert config["RegisteredUsers"] == {"dicomflow": "s3cret"}
     assert config["Plugins"] == ["/usr/share/orthanc/plugins/libOrthancPython.so"]
     assert config["PythonScript"] == str(PLUGIN_SCRIPT)
-    # Stable series/studies reach the plugin through its Lua script, not by reading the change log.
-    assert config["LuaScripts"] == [str(STABLE_SCRIPT)] and STABLE_SCRIPT.is_file()
+    # Series/study completion is the scheduler's: no Lua script, no stable events from Orthanc
+    # (the plugin's StableEvents defaults to "off"); the script stays beside the plugin for users.
+    assert "LuaScripts" not in config and STABLE_SCRIPT.is_file()
     assert STABLE_SCRIPT.parent == PLUGIN_SCRIPT.parent  # the docker-compose mounts that one folder
     assert config["StorageDirectory"] == "/srv/df/orthanc/storage"
     section = config["Dicomflow"]

@@ -48,9 +48,10 @@ BUILDS = {
     "raw-thread": {"HeaderReader": "raw", "BuilderProcess": False, "GilSwitchInterval": 0.001},
     "json": {"HeaderReader": "json"},
 }
-#: Where stable series/studies come from: the Lua script run.sh configures (the default), or
-#: Orthanc's change log read every second (when "LuaScripts" does not list the script).
+#: Where Orthanc's own stable series/studies come from when a user asks for them (the default
+#: is "off": the scheduler completes pushes): the Lua script, or the change log read every second.
 STABLE_FROM = {"raw": "lua", "raw-thread": "changes", "json": "lua"}
+STABLE_CONFIG = {"lua": ({}, {"LuaScripts": [str(STABLE_SCRIPT)]}), "changes": ({"StableEvents": "changes"}, {})}
 
 
 @pytest.fixture(scope="module", params=list(BUILDS))
@@ -59,8 +60,9 @@ def ingest(request, tmp_path_factory, sag_anon):
     folder = tmp_path_factory.mktemp("plugin-events")
     sink = EventSink().start()
     options = BUILDS[request.param]
-    server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2, plugin_options=options,
-                           extra={} if STABLE_FROM[request.param] == "lua" else {"LuaScripts": []}).start()
+    stable_options, extra = STABLE_CONFIG[STABLE_FROM[request.param]]
+    server = OrthancServer(folder / "orthanc", scheduler_url=sink.url, stable_age=2,
+                           plugin_options={**options, **stable_options}, extra=extra).start()
     status = server.status()
     assert status["stableEvents"] == STABLE_FROM[request.param]
     assert status["headerReader"] == options["HeaderReader"]
@@ -257,6 +259,28 @@ def test_a_users_own_stable_series_callback_loaded_before_the_plugins_still_runs
         wait_for(lambda: f"own OnStableSeries {series_id} {uid}" in server.log_tail(200), timeout=10,
                  what="the user's own OnStableSeries in Orthanc's log")
         assert server.status()["stableFromLua"] == 2  # the series and its study, through dicomflow's script
+    finally:
+        server.stop()
+        sink.stop()
+
+
+def test_by_default_orthanc_hands_over_no_stable_series_or_study(tmp_path):
+    """Series/study completion is the scheduler's (scheduler/pushes.py): with run.sh's
+    configuration the plugin sends instance events only, and reads no change log for them."""
+    sink = EventSink().start()
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, stable_age=1).start()
+    try:
+        assert "LuaScripts" not in server.config and server.status()["stableEvents"] == "off"
+        server.store(write_series(tmp_path / "dcm", 3, patient_id="NOSTABLE1"))
+        sink.wait_for_events(3, level="instance")
+        # Orthanc itself logs the series and the study stable ...
+        wait_for(lambda: {"StableSeries", "StableStudy"} <= {c["ChangeType"] for c in
+                                                            server.get("/changes?limit=100")["Changes"]},
+                 timeout=30, what="Orthanc's StableSeries and StableStudy changes")
+        # ... and the plugin, with nothing more to deliver, has sent none of them.
+        wait_for(lambda: server.status()["queueLength"] == 0, timeout=10, what="the plugin's queue to drain")
+        assert [e["level"] for e in sink.delivered()] == ["instance"] * 3
+        assert server.status()["changesRead"] == 0
     finally:
         server.stop()
         sink.stop()
