@@ -47,3 +47,14 @@ def push_members(push_key: str) -> str:
 PUSHES_DUE = f"{PREFIX}pushes:due"
 #: Hash jobName -> JSON reason: services whose callback kept timing out, switched off.
 SUSPENDED = f"{PREFIX}callbacks:suspended"
+
+#: List of the latest events' outcomes (JSON, newest first, capped): the status page's "what
+#: happened to this study?" (scheduler/enqueue.py writes it, scheduler/ui.py reads it).
+RECENT_EVENTS = f"{PREFIX}events:recent"
+#: Hash "<service>/<jobName>" -> jobs enqueued since Redis started (the metrics' per-service count).
+JOBS_ENQUEUED = f"{PREFIX}stats:jobs"
+
+
+def rate_bucket(bucket: int) -> str:
+    """Hash of the events and jobs counted in one 10-second bucket (`int(time) // 10`), kept an hour."""
+    return f"{PREFIX}rate:{bucket}"

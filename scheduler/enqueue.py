@@ -23,7 +23,7 @@ from rq.utils import now as rq_now
 from rq.utils import utcformat
 
 from dicomflow import keys
-from dicomflow.errors import DicomflowError
+from dicomflow.errors import ConfigError, DicomflowError
 from dicomflow.events import Event, Level
 from dicomflow.settings import Settings
 from scheduler.callbacks import CallbackRunner
@@ -41,6 +41,15 @@ ACTIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.SCHEDULED.v
 
 #: How long an event stays claimed if the process planning it dies (released at once otherwise).
 CLAIM_MS = 60_000
+
+#: How many event outcomes `keys.RECENT_EVENTS` keeps (DICOMFLOW_RECENT_EVENTS; 0: none).
+RECENT_EVENTS = 10_000
+#: The headers kept with an event's outcome: what an operator searches by and recognises it by.
+RECENT_HEADERS = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+#: Seconds per bucket of `keys.rate_bucket`, and how long a bucket is kept.
+RATE_BUCKET, RATE_KEEP = 10, 3600
+#: The longest callback traceback kept with an event's outcome (characters, its end).
+RECENT_TRACEBACK = 4000
 
 #: Claim each event of a batch (concurrent duplicates lose) and read its last run and, for a
 #: series or study, the instances already handed to jobs. KEYS: per event its claim, run and
@@ -174,6 +183,7 @@ class Enqueuer:
         self._renew = connection.register_script(_RENEW)
         self.pushes = PushTracker(settings.stable_age)
         self.callbacks = CallbackRunner(connection, settings.callback_timeout, settings.callback_strikes)
+        self.recent_length = _recent_length(settings)
 
     def submit(self, events: Sequence[Event], registry: Registry,
                planner: Callable[..., Plan] = plan_event, guards: Sequence[tuple[str, str, str]] = (),
@@ -312,6 +322,7 @@ class Enqueuer:
         for name, n in counts.items():
             if n:
                 pipe.add("HINCRBY", keys.STATS, name, n)
+        self._observe(events, results, plans, pipe, now.timestamp(), counts["jobs"])
         for command in extra:
             pipe.add(*command)
         args = [token, pipe.packed()]
@@ -324,6 +335,45 @@ class Enqueuer:
         if written == 0:
             raise PushMoved("the push received an instance since it was read; nothing was enqueued")
         return results
+
+    def _observe(self, events: Sequence[Event], results: list[EventResult],
+                 plans: list[tuple[Plan, EventResult, set[str]]], pipe: BatchWrite, now: float, jobs: int) -> None:
+        """Add what the status page and the metrics read to the batch's write: each event's
+        outcome (one LPUSH and one LTRIM per batch), the 10-second rate bucket, jobs per service."""
+        bucket = keys.rate_bucket(int(now) // RATE_BUCKET)
+        pipe.add("HINCRBY", bucket, "events", len(events))
+        if jobs:
+            pipe.add("HINCRBY", bucket, "jobs", jobs)
+        pipe.add("EXPIRE", bucket, RATE_KEEP)
+        per_job = Counter(f"{planned.job.service}/{planned.name}" for plan, result, _ in plans
+                          if result.status == "scheduled" for planned in plan.jobs)
+        for name, n in per_job.items():
+            pipe.add("HINCRBY", keys.JOBS_ENQUEUED, name, n)
+        if not self.recent_length or not events:
+            return
+        failures = {id(result): plan.failures for plan, result, _ in plans if plan.failures}
+        records = []
+        for event, result in zip(events, results):
+            headers = event.headers
+            record: dict[str, Any] = {"t": now, "key": result.key, "level": event.level.value,
+                                      "status": result.status, "remoteAet": event.remoteAet}
+            for keyword in RECENT_HEADERS:
+                if keyword in headers:
+                    record[keyword] = headers[keyword]
+            if study := event.orthanc.get("study"):
+                record["orthancStudy"] = study
+            if result.jobs:
+                record["jobs"] = result.jobs
+            if result.declined:
+                record["declined"] = result.declined
+            if result.notes:
+                record["notes"] = result.notes
+            if id(result) in failures:
+                record["errors"] = [{"jobName": f.jobName, "error": f.error,
+                                     "traceback": f.traceback[-RECENT_TRACEBACK:]} for f in failures[id(result)]]
+            records.append(json.dumps(record, separators=(",", ":"), default=str))
+        pipe.add("LPUSH", keys.RECENT_EVENTS, *records)  # the batch's last event ends up first
+        pipe.add("LTRIM", keys.RECENT_EVENTS, 0, self.recent_length - 1)
 
     def _state_key(self, event: Event) -> str:
         """Where the instance ids already handed to this series'/study's jobs are kept."""
@@ -408,6 +458,14 @@ class BatchWrite:
         """The commands as `_APPLY` takes them (bytes as MessagePack's raw strings: Redis's
         cmsgpack predates the bin types)."""
         return msgpack.packb(self.commands, use_bin_type=False)
+
+
+def _recent_length(settings: Settings) -> int:
+    """How many event outcomes to keep, from DICOMFLOW_RECENT_EVENTS (a whole number >= 0)."""
+    raw = str(settings.config.get("DICOMFLOW_RECENT_EVENTS", "") or RECENT_EVENTS).strip()
+    if not raw.isdigit():
+        raise ConfigError(f"DICOMFLOW_RECENT_EVENTS must be a whole number >= 0, not {raw!r}")
+    return int(raw)
 
 
 def dependencies_key(job_id: str) -> str:
