@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import redis
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from dicomflow.settings import Settings
@@ -48,7 +48,7 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
     if not settings.scheduler_token:
         from dicomflow.errors import ConfigError
         raise ConfigError("DICOMFLOW_SCHEDULER_TOKEN is empty: the scheduler refuses to run without a token")
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # scheduler/static is the status page's (ui.bp), behind its login
     app.json.sort_keys = False
     app.config["MAX_CONTENT_LENGTH"] = _max_body(settings.config)
     connection = connection or redis.Redis.from_url(settings.redis_url, health_check_interval=30)
@@ -58,15 +58,20 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
     completer = Completer(connection, enqueuer, holder, settings.push_poll)
     app.extensions["dicomflow"] = SchedulerState(settings, connection, holder, enqueuer, completer)
 
-    from scheduler import api_chris, api_events, api_status
+    from scheduler import api_chris, api_events, api_status, metrics, ui
     app.register_blueprint(api_events.bp)
     app.register_blueprint(api_status.bp)
     app.register_blueprint(api_chris.bp)
+    # For people and Prometheus: the dashboard's login (HTTP Basic), not the plugin's token.
+    app.register_blueprint(ui.bp)
+    app.register_blueprint(metrics.bp)
 
     @app.before_request
     def _authenticate():
         if request.endpoint in ("status.health", "status.openapi") or request.endpoint is None:
             return None
+        if request.blueprint in LOGIN_BLUEPRINTS:
+            return _login(settings)
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {settings.scheduler_token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -101,6 +106,26 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
         return jsonify(error=exc.name.lower().replace(" ", "-"), message=exc.description), exc.code
 
     return app
+
+
+#: The blueprints behind the dashboard's login (the status page, /metrics) instead of the token.
+LOGIN_BLUEPRINTS = ("ui", "metrics")
+
+
+def _login(settings: Settings) -> Response | None:
+    """None if the request carries the dashboard's credentials (HTTP Basic), else a 401 that
+    asks the browser for them. Without a dashboard password nobody gets in."""
+    auth = request.authorization
+    if settings.dashboard_password and auth is not None and auth.type == "basic":
+        user_ok = hmac.compare_digest((auth.username or "").encode(), settings.dashboard_username.encode())
+        password_ok = hmac.compare_digest((auth.password or "").encode(), settings.dashboard_password.encode())
+        if user_ok and password_ok:
+            return None
+    message = "log in with the dashboard's user and password (DICOMFLOW_DASHBOARD_USERNAME/PASSWORD)\n"
+    if not settings.dashboard_password:
+        message = "the status page and /metrics need DICOMFLOW_DASHBOARD_PASSWORD set\n"
+    return Response(message, 401, {"WWW-Authenticate": 'Basic realm="dicomflow", charset="UTF-8"'},
+                    mimetype="text/plain")
 
 
 def _max_body(config) -> int:
