@@ -1221,6 +1221,38 @@ def install() -> Relay | None:
     orthanc.RegisterRestCallback("/dicomflow/status", status_route)
     orthanc.RegisterRestCallback("/dicomflow/spool/retry", retry_route)
     orthanc.RegisterRestCallback("/dicomflow/spool/dead", dead_route)
+    # Orthanc Explorer: a button on each study and series page that opens that study on the
+    # scheduler's status page (Dicomflow.StatusPageUrl; default: the scheduler's address).
+    import urllib.parse
+
+    status_page = str(json.loads(orthanc.GetConfiguration())["Dicomflow"].get("StatusPageUrl") or "")
+    if not status_page:
+        parts = urllib.parse.urlsplit(settings.scheduler_url)
+        status_page = f"{parts.scheme}://{parts.netloc}/"
+    orthanc.ExtendOrthancExplorer("""
+(function () {
+  var statusPage = %s;
+  function addLink(page, before, studyOf) {
+    $(page).live('pagebeforecreate', function () {
+      var link = $('<a>').attr('id', 'dicomflow-status-' + page.substring(1)).attr('data-role', 'button')
+        .attr('href', '#').attr('data-icon', 'info').attr('data-theme', 'e')
+        .text('dicomflow: what happened to this study');
+      link.insertBefore($(before).parent().parent());
+      link.click(function () {
+        var uuid = $.mobile.pageData && $.mobile.pageData.uuid;
+        if (uuid) {
+          $.ajax({url: studyOf(uuid), dataType: 'json', cache: false, success: function (study) {
+            window.location.href = statusPage + '?q=' + encodeURIComponent(study.MainDicomTags.StudyInstanceUID);
+          }});
+        }
+        return false;
+      });
+    });
+  }
+  addLink('#study', '#study-delete', function (id) { return '../studies/' + id; });
+  addLink('#series', '#series-delete', function (id) { return '../series/' + id + '/study'; });
+})();
+""" % json.dumps(status_page))
     orthanc.LogWarning(
         f"dicomflow: delivering to {settings.scheduler_url}; spool {settings.spool_path} holds "
         f"{relay.spool.length} events, {relay.spool.dead_length} dead letters; stable series/studies: "
