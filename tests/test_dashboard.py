@@ -79,7 +79,8 @@ def test_requeue_as_the_first_request_runs_the_job_again(dashboard, failed_depen
 
 
 def test_login_is_per_dashboard_and_required(tmp_path, redis_url, services, connection):
-    one = create_dashboard(settings_for(tmp_path, redis_url, services, DICOMFLOW_DASHBOARD_PASSWORD="one")).test_client()
+    one = create_dashboard(settings_for(tmp_path, redis_url, services,
+                                        DICOMFLOW_DASHBOARD_PASSWORD="one")).test_client()
     two = create_dashboard(settings_for(tmp_path, redis_url, services, DICOMFLOW_DASHBOARD_PASSWORD="two",
                                         DICOMFLOW_DASHBOARD_USERNAME="ops")).test_client()
     assert one.get("/0/data/queues.json").status_code == 401
