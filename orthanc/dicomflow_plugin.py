@@ -1231,7 +1231,7 @@ def install() -> Relay | None:
         status_page = f"{parts.scheme}://{parts.netloc}/"
     orthanc.ExtendOrthancExplorer("""
 (function () {
-  var statusPage = %s;
+  var statusPage = STATUS_PAGE;
   function addLink(page, before, studyOf) {
     $(page).live('pagebeforecreate', function () {
       var link = $('<a>').attr('id', 'dicomflow-status-' + page.substring(1)).attr('data-role', 'button')
@@ -1252,7 +1252,7 @@ def install() -> Relay | None:
   addLink('#study', '#study-delete', function (id) { return '../studies/' + id; });
   addLink('#series', '#series-delete', function (id) { return '../series/' + id + '/study'; });
 })();
-""" % json.dumps(status_page))
+""".replace("STATUS_PAGE", json.dumps(status_page)))
     orthanc.LogWarning(
         f"dicomflow: delivering to {settings.scheduler_url}; spool {settings.spool_path} holds "
         f"{relay.spool.length} events, {relay.spool.dead_length} dead letters; stable series/studies: "
