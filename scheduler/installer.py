@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -151,36 +152,133 @@ def install(name: str, source: Path, settings: Settings) -> list[Problem]:
     return [p for p in problems if p.severity != "error"]
 
 
+#: The file `backup` writes into a backup folder, naming the service it holds.
+BACKUP_MARKER = ".dicomflow-backup"
+#: What a backup folder holds (and nothing else).
+_BACKUP_ENTRIES = {"registry", "module", BACKUP_MARKER}
+
+
+def _backup_of(folder: Path) -> str | None:
+    """The service a backup folder holds: its marker's, or (backups made before the marker)
+    the package of its settings.json's `worker`; None when it tells neither."""
+    try:
+        return str(json.loads((folder / BACKUP_MARKER).read_text())["service"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        entries = _job_entries(folder / "registry")
+    except (OSError, ValueError):
+        return None
+    packages = {e["worker"].split(".", 1)[0] for e in entries if isinstance(e.get("worker"), str)}
+    return packages.pop() if len(packages) == 1 else None
+
+
 def backup(name: str, target: Path, settings: Settings) -> Path:
-    """Copy an installed service to `target` as registry/ + module/ (installable again)."""
+    """Copy an installed service to `target` as registry/ + module/ (installable again).
+
+    A `target` that already holds a backup of the same service is replaced (the new copy is
+    written beside it and renamed into place, so a failure leaves the old one whole); a
+    `target` holding anything else is refused.
+    """
     check_service_name(name)
     registry = settings.services_dir / "registry" / name
     module = settings.services_dir / "modules" / name
     if not registry.is_dir() and not module.is_dir():
         raise InstallError(f"service {name!r} is not installed")
-    if target.exists() and any(target.iterdir()):
-        raise InstallError(f"backup folder {target} exists and is not empty")
-    target.mkdir(parents=True, exist_ok=True)
-    ignore = shutil.ignore_patterns("__pycache__")
-    if registry.is_dir():
-        shutil.copytree(registry, target / "registry", ignore=ignore)
-    if module.is_dir():
-        shutil.copytree(module, target / "module", ignore=ignore)
+    target = Path(os.path.abspath(target))
+    replace = target.is_dir() and any(target.iterdir())
+    if target.exists() and not target.is_dir():
+        raise InstallError(f"backup folder {target} is a file")
+    if replace:
+        held = {entry.name for entry in target.iterdir()}
+        if not held <= _BACKUP_ENTRIES:
+            others = ", ".join(sorted(held - _BACKUP_ENTRIES))
+            raise InstallError(f"backup folder {target} holds other files ({others}): choose an empty or new folder")
+        owner = _backup_of(target)
+        if owner != name:
+            raise InstallError(f"backup folder {target} holds a backup of "
+                               f"{'service ' + repr(owner) if owner else 'an unknown service'}, not of {name!r}: "
+                               "choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.new-{uuid.uuid4().hex[:6]}"
+    try:
+        staging.mkdir()
+        ignore = shutil.ignore_patterns("__pycache__")
+        if registry.is_dir():
+            shutil.copytree(registry, staging / "registry", ignore=ignore)
+        if module.is_dir():
+            shutil.copytree(module, staging / "module", ignore=ignore)
+        (staging / BACKUP_MARKER).write_text(json.dumps({
+            "service": name, "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "from": str(settings.services_dir)}) + "\n")
+        if replace:
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:6]}"
+            os.rename(target, old)
+            os.rename(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if target.is_dir():
+                target.rmdir()  # empty
+            os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def remove(name: str, settings: Settings, backup_to: Path | None = None) -> None:
-    """Remove an installed service, after backing it up when asked."""
+def _job_entries(registry_dir: Path) -> list[dict]:
+    """The job objects of a service's settings.json, as JSON (no validation)."""
+    data = json.loads((registry_dir / "settings.json").read_text())
+    entries = data if isinstance(data, list) else [data]
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def dependents(name: str, settings: Settings) -> list[str]:
+    """Installed services with jobs that `dependsOn` a job of service `name`, as
+    `"service (job depends on job)"`; read from the settings.json files as they are."""
+    installed = settings.services_dir / "registry"
+    try:
+        mine = {e["jobName"] for e in _job_entries(installed / name) if isinstance(e.get("jobName"), str)}
+    except (OSError, ValueError):
+        return []
+    found = []
+    for other in sorted(installed.iterdir()) if installed.is_dir() else []:
+        if other.name == name or other.name.startswith(".") or not other.is_dir():
+            continue
+        try:
+            entries = _job_entries(other)
+        except (OSError, ValueError):
+            continue
+        for entry in entries:
+            needs = entry.get("dependsOn") or []
+            needs = [needs] if isinstance(needs, str) else needs if isinstance(needs, list) else []
+            hit = sorted(mine.intersection(n for n in needs if isinstance(n, str)))
+            if hit:
+                found.append(f"{other.name} ({entry.get('jobName')} depends on {', '.join(hit)})")
+    return found
+
+
+def remove(name: str, settings: Settings, backup_to: Path | None = None, force: bool = False) -> list[str]:
+    """Remove an installed service, after backing it up when asked.
+
+    Refused while other installed services depend on its jobs, unless `force`; returns those
+    dependents (what a forced removal leaves with an unknown dependency).
+    """
     check_service_name(name)
     registry = settings.services_dir / "registry" / name
     module = settings.services_dir / "modules" / name
     if not registry.is_dir() and not module.is_dir():
         raise InstallError(f"service {name!r} is not installed")
+    needed_by = dependents(name, settings)
+    if needed_by and not force:
+        raise InstallError(f"service {name!r} not removed: other services depend on it: "
+                           f"{'; '.join(needed_by)}. Remove them first, or pass --force "
+                           "(they are then excluded as load problems until it is back)")
     if backup_to is not None:
         backup(name, backup_to, settings)
     for folder in (registry, module):
         if folder.is_dir():
             shutil.rmtree(folder)
+    return needed_by
 
 
 def notify_scheduler(settings: Settings) -> str:
@@ -198,11 +296,15 @@ def _settings(config_path: str | None) -> Settings:
     return Settings.from_config(config)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES = ("Exit status: 0 done; 1 refused or failed (the message says why; nothing was changed); "
+              "2 a usage error.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.option("--config", "config_path", envvar="DICOMFLOW_CONFIG", help="the .env-style configuration file")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
-    """Install, remove and back up dicomflow services."""
+    """Install, remove and back up dicomflow services (bash service.sh COMMAND --help)."""
     ctx.obj = config_path
 
 
@@ -211,13 +313,19 @@ def _fail(exc: Exception) -> None:
     sys.exit(1)
 
 
-@main.command("install")
+@main.command("install", epilog="Exit status: 0 installed; 1 refused, with every problem listed "
+              "(nothing was changed); 2 a usage error.")
 @click.argument("name")
 @click.option("-p", "--path", "path", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="folder with registry/ and module/")
 @click.pass_obj
 def install_cmd(config_path: str | None, name: str, path: Path) -> None:
-    """Validate and install service NAME from PATH."""
+    """Validate and install service NAME from PATH (which holds registry/ and module/).
+
+    The service is checked together with the installed ones (callbacks and worker functions
+    imported, requirements installed into a scratch folder for the check) before anything is
+    touched; the running scheduler picks it up without a restart.
+    """
     try:
         settings = _settings(config_path)
         warnings = install(name, path, settings)
@@ -227,10 +335,11 @@ def install_cmd(config_path: str | None, name: str, path: Path) -> None:
         click.echo(str(w), err=True)
     click.echo(f"installed {name}: {notify_scheduler(settings)}")
     click.echo("workers load a new or changed worker package when they start: restart them "
-               "(bash run.sh stop && bash run.sh) if this service was installed before")
+               "(bash run.sh restart workers) if this service was installed before")
 
 
-@main.command("check")
+@main.command("check", epilog="Exit status: 0 valid; 1 not valid (every problem listed) or PATH unusable; "
+              "2 a usage error.")
 @click.argument("name")
 @click.option("-p", "--path", "path", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.pass_obj
@@ -247,27 +356,42 @@ def check_cmd(config_path: str | None, name: str, path: Path) -> None:
     click.echo(f"{name}: ok")
 
 
-@main.command("remove")
+@main.command("remove", epilog="Exit status: 0 removed; 1 refused (not installed, other services depend on "
+              "it, or the backup failed: nothing was removed); 2 a usage error.")
 @click.argument("name")
-@click.option("-b", "--backup", "backup_to", type=click.Path(path_type=Path), help="back it up here first")
+@click.option("-b", "--backup", "backup_to", type=click.Path(path_type=Path),
+              help="back it up here first (as the backup command does)")
+@click.option("--force", is_flag=True, help="remove it even though other services depend on it")
 @click.pass_obj
-def remove_cmd(config_path: str | None, name: str, backup_to: Path | None) -> None:
-    """Remove service NAME (after a backup with -b)."""
+def remove_cmd(config_path: str | None, name: str, backup_to: Path | None, force: bool) -> None:
+    """Remove service NAME (after a backup with -b).
+
+    Refused while jobs of other installed services depend on its jobs (dependsOn; they are
+    named), unless --force: they are then excluded as load problems until NAME is back.
+    """
     try:
         settings = _settings(config_path)
-        remove(name, settings, backup_to)
+        left = remove(name, settings, backup_to, force=force)
     except DicomflowError as exc:
         _fail(exc)
+    for dependent in left:
+        click.echo(f"warning: removed although {dependent}: it is excluded until {name} is back", err=True)
     click.echo(f"removed {name}" + (f" (backup in {backup_to})" if backup_to else "")
                + f": {notify_scheduler(settings)}")
 
 
-@main.command("backup")
+@main.command("backup", epilog="Exit status: 0 backed up; 1 refused (not installed, or BACKUP holds something "
+              "else than a backup of NAME) or failed; 2 a usage error.")
 @click.argument("name")
-@click.option("-b", "--backup", "backup_to", required=True, type=click.Path(path_type=Path))
+@click.option("-b", "--backup", "backup_to", required=True, type=click.Path(path_type=Path),
+              help="the backup folder")
 @click.pass_obj
 def backup_cmd(config_path: str | None, name: str, backup_to: Path) -> None:
-    """Copy service NAME to BACKUP (registry/ + module/)."""
+    """Copy service NAME to BACKUP (registry/ + module/, installable again with install -p).
+
+    A BACKUP that already holds a backup of NAME is replaced (the new copy is swapped in with
+    a rename); one that holds anything else is refused.
+    """
     try:
         backup(name, backup_to, _settings(config_path))
     except DicomflowError as exc:
@@ -276,4 +400,4 @@ def backup_cmd(config_path: str | None, name: str, backup_to: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="bash service.sh")

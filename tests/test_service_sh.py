@@ -152,3 +152,60 @@ def test_requirements_are_installed_at_install_time(sh, services, tmp_path):
     finally:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "dicomflow-reqdemo"],
                        capture_output=True)
+
+
+def test_backup_then_remove_into_the_same_folder(sh, services, tmp_path):
+    """The README's sequence: a backup, then remove -b into the same folder (issue 21, item 1)."""
+    assert sh("install", "temp", "-p", str(EXAMPLES / "temp")).returncode == 0
+    backup = tmp_path / "backups" / "temp"
+    assert sh("backup", "temp", "-b", str(backup)).returncode == 0
+    first = json.loads((backup / ".dicomflow-backup").read_text())
+    assert first["service"] == "temp"
+    (services / "registry/temp/settings.json").write_text(
+        (services / "registry/temp/settings.json").read_text().replace("Template service", "Changed service"))
+    removed = sh("remove", "temp", "-b", str(backup))
+    assert removed.returncode == 0, removed.stderr
+    assert not (services / "registry/temp").exists()
+    # The backup holds the copy made at the removal, and nothing was left beside it.
+    assert "Changed service" in (backup / "registry/settings.json").read_text()
+    assert sorted(p.name for p in backup.parent.iterdir()) == ["temp"]
+    assert sh("install", "temp", "-p", str(backup)).returncode == 0
+    # A backup made before the marker existed is recognised by its worker's package.
+    (backup / ".dicomflow-backup").unlink()
+    assert sh("backup", "temp", "-b", str(backup)).returncode == 0
+
+
+def test_a_backup_folder_of_something_else_is_refused(sh, services, tmp_path):
+    assert sh("install", "temp", "-p", str(EXAMPLES / "temp")).returncode == 0
+    assert sh("install", "tempfollow", "-p", str(EXAMPLES / "tempfollow")).returncode == 0
+    backup = tmp_path / "bk"
+    assert sh("backup", "temp", "-b", str(backup)).returncode == 0
+    before = (backup / ".dicomflow-backup").read_text()
+    refused = sh("backup", "tempfollow", "-b", str(backup))
+    assert refused.returncode == 1 and "holds a backup of service 'temp'" in refused.stderr, refused.stderr
+    assert (backup / ".dicomflow-backup").read_text() == before
+    refused = sh("remove", "tempfollow", "-b", str(backup))
+    assert refused.returncode == 1 and (services / "registry/tempfollow").is_dir(), "nothing removed"
+    other = tmp_path / "papers"
+    other.mkdir()
+    (other / "thesis.pdf").write_text("x")
+    refused = sh("backup", "temp", "-b", str(other))
+    assert refused.returncode == 1 and "holds other files (thesis.pdf)" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["thesis.pdf"]
+
+
+def test_removing_a_service_others_depend_on_is_refused_unless_forced(sh, services, tmp_path):
+    """(issue 21, item 2) tempfollow dependsOn tempJob: removing temp would break it silently."""
+    assert sh("install", "temp", "-p", str(EXAMPLES / "temp")).returncode == 0
+    assert sh("install", "tempfollow", "-p", str(EXAMPLES / "tempfollow")).returncode == 0
+    refused = sh("remove", "temp", "-b", str(tmp_path / "bk"))
+    assert refused.returncode == 1
+    assert "tempfollow (tempFollowJob depends on tempJob)" in refused.stderr and "--force" in refused.stderr
+    assert (services / "registry/temp").is_dir() and (services / "modules/temp").is_dir()
+    assert not (tmp_path / "bk").exists(), "a refused removal makes no backup either"
+    forced = sh("remove", "temp", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: removed although tempfollow" in forced.stderr
+    assert not (services / "registry/temp").exists()
+    # With its dependency gone tempfollow is a load problem; removing it needs no force.
+    assert sh("remove", "tempfollow").returncode == 0
