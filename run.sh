@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# Start, inspect and stop the dicomflow stack.
-#   bash run.sh [start] [--workers N]   start everything (first start writes the config + secrets)
-#   bash run.sh status                  what runs, and where
-#   bash run.sh stop                    stop exactly what run.sh started
+# Start, inspect, scale, restart and stop the dicomflow stack. `bash run.sh --help` for the
+# commands and their exit codes (the help texts are below, in help_text).
 # Runtime state (config, secrets, Orthanc storage, spool, logs) lives in $DICOMFLOW_HOME
 # (default: ./state). Settings: $DICOMFLOW_HOME/dicomflow.env; environment variables override it.
 # Native processes under supervisord where no Docker engine runs (or DICOMFLOW_NATIVE=1);
@@ -15,21 +13,113 @@ home=${DICOMFLOW_HOME:-$here/state}
 conf=$home/dicomflow.env
 say() { printf 'run.sh: %s\n' "$*"; }
 die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-cmd=start; workers=""
+help_text() {
+  case "${1:-}" in
+    start) cat <<'TXT'
+bash run.sh [start] [--workers N]
+
+Start everything run.sh runs: Redis (unless DICOMFLOW_START_REDIS=0), Orthanc with the
+plugin, the scheduler, N workers (--workers N, else DICOMFLOW_WORKERS, else 2) and the RQ
+dashboard. The first start writes $DICOMFLOW_HOME/dicomflow.env with generated secrets.
+On a running stack, --workers N scales it: it starts only the new workers, or stops the
+highest-numbered ones, each after its current job (up to 60 s); without --workers it says
+that the stack is already running.
+
+Exit status: 0 the stack is up (started, scaled, or already running); 1 it could not start
+or scale (the message and $DICOMFLOW_HOME/logs/ say why); 2 a usage error.
+TXT
+      ;;
+    status) cat <<'TXT'
+bash run.sh status
+
+Every program run.sh started, its state and pid, where each service is, and whether the
+configuration file changed since the stack started (then: bash run.sh restart).
+
+Exit status: 0 running; 3 not running; 2 a usage error.
+TXT
+      ;;
+    stop) cat <<'TXT'
+bash run.sh stop
+
+Stop exactly what run.sh started (workers finish their current job, up to 60 s).
+
+Exit status: 0 stopped, or was not running; 1 supervisord did not stop within 90 s; 2 a usage error.
+TXT
+      ;;
+    restart) cat <<'TXT'
+bash run.sh restart [--workers N]
+bash run.sh restart workers
+
+restart: stop everything and start it again, with the same number of workers unless
+--workers N says otherwise. Every process reads the configuration file when it starts,
+so this applies any change to $DICOMFLOW_HOME/dicomflow.env (ports, ORTHANC_*, DICOMFLOW_*,
+and the built-in services' REPACK_*, CHRIS_*, NATS_URL). Orthanc refuses associations for
+the seconds it is down; what the plugin received is in its spool.
+restart workers: restart the workers only (each after its current job), e.g. after
+installing a new version of a service's worker package.
+
+Exit status: 0 the stack is up again; 1 it could not stop or start; 2 a usage error;
+3 (restart workers) the stack is not running.
+TXT
+      ;;
+    env) cat <<'TXT'
+bash run.sh env
+
+Print the configuration (the file, with environment variables on top) as shell
+assignments, for:  eval "$(bash run.sh env)"
+
+Exit status: 0 printed; 1 no configuration yet (start the stack once) or it cannot be read;
+2 a usage error.
+TXT
+      ;;
+    *) cat <<'TXT'
+Start, inspect, scale, restart and stop the dicomflow stack.
+
+  bash run.sh [start] [--workers N]   start everything; on a running stack, scale to N workers
+  bash run.sh status                  what runs, and where
+  bash run.sh stop                    stop exactly what run.sh started
+  bash run.sh restart [--workers N]   stop and start everything: applies configuration changes
+  bash run.sh restart workers         restart the workers only (a new worker package version)
+  bash run.sh env                     the configuration as shell assignments: eval "$(bash run.sh env)"
+  bash run.sh COMMAND --help          a command's help and exit codes
+
+State and configuration: $DICOMFLOW_HOME (default ./state), $DICOMFLOW_HOME/dicomflow.env.
+Exit status: 0 done; 1 failed (the message says why); 2 a usage error; status: 3 not running.
+TXT
+      ;;
+  esac
+}
+usage_error() {
+  printf 'run.sh: %s\n' "$*" >&2
+  printf 'usage: bash run.sh [start [--workers N] | status | stop | restart [workers] [--workers N] | env | --help]\n' >&2
+  exit 2
+}
+
+cmd=""; workers=""; target=""; want_help=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    start|status|stop) cmd=$1 ;;
-    --workers) [ $# -ge 2 ] || usage; workers=$2; shift ;;
+    -h|--help) want_help=1 ;;
+    help) if [ -z "$cmd" ]; then want_help=1; cmd=${2:-}; [ $# -ge 2 ] && shift; else usage_error "unexpected 'help'"; fi ;;
+    start|status|stop|restart|env)
+      [ -z "$cmd" ] || usage_error "one command at a time ('$cmd', then '$1')"; cmd=$1 ;;
+    workers)
+      [ "$cmd" = restart ] && [ -z "$target" ] || usage_error "'workers' only follows 'restart'"; target=workers ;;
+    --workers) [ $# -ge 2 ] || usage_error "--workers needs a number"; workers=$2; shift ;;
     --workers=*) workers=${1#--workers=} ;;
-    -h|--help) usage ;;
-    *) usage ;;
+    *) usage_error "unknown argument '$1'" ;;
   esac
   shift
 done
-if [ -n "$workers" ] && ! [[ "$workers" =~ ^[0-9]+$ && "$workers" -ge 1 ]]; then
-  die "--workers takes a whole number >= 1"
+if [ "$want_help" = 1 ]; then
+  case "$cmd" in ""|start|status|stop|restart|env) help_text "$cmd"; exit 0 ;;
+    *) usage_error "no such command '$cmd'" ;; esac
+fi
+cmd=${cmd:-start}
+if [ -n "$workers" ]; then
+  [[ "$workers" =~ ^[0-9]+$ && "$workers" -ge 1 ]] || usage_error "--workers takes a whole number >= 1"
+  case "$cmd" in start|restart) ;; *) usage_error "--workers goes with start or restart" ;; esac
+  [ "$target" != workers ] || usage_error "restart workers keeps their number; scale with: bash run.sh --workers N"
 fi
 
 docker_mode=0
@@ -95,6 +185,7 @@ where() {
   Orthanc Explorer   http://127.0.0.1:${ORTHANC_HTTP_PORT}/app/explorer.html  (user ${ORTHANC_USERNAME})
   DICOM (C-STORE)    ${ORTHANC_AET}@127.0.0.1:${ORTHANC_DICOM_PORT}
   RQ dashboard       http://${DICOMFLOW_DASHBOARD_HOST}:${DICOMFLOW_DASHBOARD_PORT}/  (user ${DICOMFLOW_DASHBOARD_USERNAME})
+  status page        http://${DICOMFLOW_SCHEDULER_HOST}:${DICOMFLOW_SCHEDULER_PORT}/  (the dashboard's user)
   scheduler API      http://${DICOMFLOW_SCHEDULER_HOST}:${DICOMFLOW_SCHEDULER_PORT}/api/v1/services  (bearer token)
   credentials        $conf
   logs               $home/logs/
@@ -104,13 +195,95 @@ TXT
 supervisord_pid() { cat "$home/supervisord.pid" 2>/dev/null || true; }
 running() { local pid; pid=$(supervisord_pid); [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 
+# The configuration file's checksum when the stack started: status says when it changed since.
+started_stamp=$home/dicomflow.env.started
+config_stamp() { sha256sum "$conf" 2>/dev/null | cut -d' ' -f1; }
+note_config_change() {
+  if [ -f "$started_stamp" ] && [ "$(cat "$started_stamp")" != "$(config_stamp)" ]; then
+    say "$conf changed since the stack started: 'bash run.sh restart' applies it"
+  fi
+}
+
+# The workers are programs worker-0 ... worker-(N-1) of their own (not one group with
+# numprocs), in a file supervisord includes: changing their number adds or removes programs
+# and leaves the running ones alone.
+workers_conf=$home/supervisord.workers.conf
+worker_count() { grep -c '^\[program:worker-' "$workers_conf" 2>/dev/null || true; }
+write_workers() {  # N COMMAND
+  local i
+  { echo "; written by run.sh: one program per worker (run.sh --workers N changes their number)"
+    for ((i = 0; i < $1; i++)); do cat <<WCONF
+[program:worker-$i]
+command=$2
+; services write their outputs (e.g. REPACK_DATADIR) for other programs to read; the DICOM cache
+; under $home sets its own private modes
+umask=022
+priority=40
+autorestart=true
+stopasgroup=true
+killasgroup=true
+stopwaitsecs=60
+stdout_logfile=$home/logs/worker-$i.log
+redirect_stderr=true
+
+WCONF
+    done; } > "$workers_conf.new"
+  mv "$workers_conf.new" "$workers_conf"
+}
+workers_running() { ctl status 2>/dev/null | grep -cE '^worker-[0-9]+ +RUNNING' || true; }
+wait_for_workers() {  # N: until exactly N workers run (stopping ones may take stopwaitsecs)
+  local _
+  for _ in $(seq 1 900); do
+    [ "$(workers_running)" = "$1" ] && [ "$(ctl status 2>/dev/null | grep -c '^worker-')" = "$1" ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+scale() {  # a running native stack to $workers workers
+  local current cmdline
+  current=$(worker_count)
+  if [ "$current" = "$workers" ]; then say "already running with $workers worker(s)"; return 0; fi
+  cmdline=$(grep -m1 '^command=' "$workers_conf" | cut -d= -f2-)
+  [ -n "$cmdline" ] || die "no worker program in $workers_conf: restart the stack (bash run.sh restart --workers $workers)"
+  write_workers "$workers" "$cmdline"
+  ctl reread >/dev/null
+  ctl update >/dev/null || die "supervisord did not take the new worker count; see $home/logs/supervisord.log"
+  wait_for_workers "$workers" || { ctl status || true; die "$workers worker(s) did not come up; see $home/logs/"; }
+  say "scaled from $current to $workers worker(s) (until 'run.sh stop'; DICOMFLOW_WORKERS sets the number at start)"
+}
+
+stop_stack() {
+  local pid
+  if ! running; then say "not running"; return 0; fi
+  pid=$(supervisord_pid)
+  ctl shutdown >/dev/null || kill "$pid"
+  for _ in $(seq 1 900); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && die "supervisord ($pid) did not stop within 90 s"
+  rm -f "$started_stamp"
+  say "stopped"
+}
+
+if [ "$cmd" = env ]; then
+  [ -f "$conf" ] || die "no configuration yet at $conf: start the stack once (bash run.sh)"
+  [ -x "$py" ] || die "$py not found: run build.sh first"
+  DICOMFLOW_CONFIG=$conf exec "$py" -m dicomflow.config --shell
+fi
+
 if [ "$docker_mode" = 1 ]; then
   cd "$here"
   [ -f "$conf" ] || write_config
-  case "$cmd" in
-    start) DICOMFLOW_CONFIG=$conf docker compose --env-file "$conf" up -d --scale "worker=${workers:-${DICOMFLOW_WORKERS:-2}}" ;;
-    status) docker compose --env-file "$conf" ps ;;
-    stop) docker compose --env-file "$conf" down ;;
+  compose() { DICOMFLOW_CONFIG=$conf docker compose --env-file "$conf" "$@"; }
+  n=${workers:-${DICOMFLOW_WORKERS:-2}}
+  case "$cmd/$target" in
+    start/) compose up -d --scale "worker=$n" ;;  # also scales a running stack
+    status/) compose ps ;;
+    stop/) compose down ;;
+    restart/)  # the running number of workers, unless --workers says otherwise
+      running_workers=$(compose ps -q worker 2>/dev/null | wc -l)
+      [ -n "$workers" ] || [ "$running_workers" -eq 0 ] || n=$running_workers
+      compose up -d --force-recreate --scale "worker=$n" ;;
+    restart/workers) compose restart worker ;;
   esac
   exit 0
 fi
@@ -118,24 +291,36 @@ fi
 case "$cmd" in
   status)
     running || { say "not running (state in $home)"; exit 3; }
-    load_config; ctl status || true; where; exit 0 ;;
+    load_config; ctl status || true; where; note_config_change; exit 0 ;;
   stop)
-    if ! running; then say "not running"; exit 0; fi
-    pid=$(supervisord_pid)
-    ctl shutdown >/dev/null || kill "$pid"
-    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && die "supervisord ($pid) did not stop"
-    say "stopped"; exit 0 ;;
+    stop_stack; exit 0 ;;
+  restart)
+    if [ "$target" = workers ]; then
+      running || { say "not running (state in $home)"; exit 3; }
+      mapfile -t names < <(grep -o '^\[program:worker-[0-9]*' "$workers_conf" | cut -c10-)
+      ctl restart "${names[@]}" >/dev/null || die "the workers did not restart; see $home/logs/"
+      say "restarted ${#names[@]} worker(s)"; exit 0
+    fi
+    if running; then
+      workers=${workers:-$(worker_count)}
+      stop_stack
+    else
+      say "was not running; starting"
+    fi ;;
 esac
 
 # start
 [ -x "$py" ] || ( umask 022; bash "$here/build.sh" --native )  # the code, not state: readable as usual
-running && { say "already running"; load_config; where; exit 0; }
+if running; then
+  load_config
+  if [ -n "$workers" ]; then scale; else say "already running (bash run.sh --workers N scales it)"; fi
+  where; note_config_change; exit 0
+fi
 [ -f "$conf" ] || write_config
 chmod 700 "$home"  # Orthanc's storage, the spool and the cache hold patient data
 load_config
 workers=${workers:-${DICOMFLOW_WORKERS:-2}}
-# Redis, the scheduler, the workers and the dashboard yield the CPU to Orthanc's ingest (README: benchmark).
+# Redis, the scheduler, the workers and the dashboard yield the CPU to Orthanc's ingest (docs/benchmarks.md).
 niceness=${DICOMFLOW_NICE:-10}
 [[ "$niceness" =~ ^[0-9]+$ && "$niceness" -le 19 ]] || die "DICOMFLOW_NICE takes a whole number 0-19"
 mkdir -p "$home/logs" "$home/spool"
@@ -202,6 +387,9 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://$home/supervisor.sock
 
+[include]
+files = $workers_conf
+
 $redis_program
 [program:orthanc]
 command=$(command -v Orthanc || echo /usr/sbin/Orthanc) $home/orthanc.json
@@ -219,21 +407,6 @@ stopasgroup=true
 stdout_logfile=$home/logs/scheduler.log
 redirect_stderr=true
 
-[program:worker]
-command=nice -n $niceness $here/.venv/bin/dicomflow-worker
-; services write their outputs (e.g. REPACK_DATADIR) for other programs to read; the DICOM cache
-; under $home sets its own private modes
-umask=022
-process_name=%(program_name)s-%(process_num)d
-numprocs=$workers
-priority=40
-autorestart=true
-stopasgroup=true
-killasgroup=true
-stopwaitsecs=60
-stdout_logfile=$home/logs/%(program_name)s-%(process_num)d.log
-redirect_stderr=true
-
 [program:dashboard]
 command=nice -n $niceness $here/.venv/bin/python -m dicomflow.dashboard
 priority=50
@@ -243,6 +416,8 @@ stdout_logfile=$home/logs/dashboard.log
 redirect_stderr=true
 SCONF
 
+write_workers "$workers" "nice -n $niceness $here/.venv/bin/dicomflow-worker"
+config_stamp > "$started_stamp"
 "$here/.venv/bin/supervisord" -c "$supervisor_conf"
 say "starting (supervisord pid $(supervisord_pid)); waiting for the services to answer"
 "$py" - <<'PY' || { ctl status || true; die "the stack did not come up; see $home/logs/"; }
@@ -272,8 +447,9 @@ PY
 say "dicomflow is up with $workers worker(s):"
 where
 cat <<TXT
-Send a first DICOM file:
-  TCP_NODELAY=1 storescu -aec ${ORTHANC_AET} 127.0.0.1 ${ORTHANC_DICOM_PORT} FILE.dcm
+Send a first DICOM file (DCMTK's storescu):
+  TCP_NODELAY=1 /usr/bin/storescu -aec ${ORTHANC_AET} 127.0.0.1 ${ORTHANC_DICOM_PORT} FILE.dcm
 Install a service:   bash service.sh install NAME -p PATH
+After changing $conf:   bash run.sh restart
 Stop:                bash run.sh stop
 TXT

@@ -31,6 +31,15 @@ def _niceness(pid: int) -> int:
         return int(stat.read().rsplit(")", 1)[1].split()[16])
 
 
+def _workers(status: str) -> list[int]:
+    """The numbers of the RUNNING worker programs in `run.sh status`."""
+    return sorted(int(n) for n in re.findall(r"^worker-(\d+)\s+RUNNING", status, re.M))
+
+
+def _running_pids(status: str) -> dict[str, int]:
+    return {name: int(pid) for name, pid in re.findall(r"^(\S+)\s+RUNNING\s+pid (\d+)", status, re.M)}
+
+
 def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
     home = tmp_path / "state"
     env = {**os.environ, "DICOMFLOW_HOME": str(home), "DICOMFLOW_NATIVE": "1",
@@ -52,13 +61,13 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
             assert len(values[secret]) >= 24, secret
         status = run("status")
         assert status.returncode == 0
-        assert len(re.findall(r"worker:worker-\d+\s+RUNNING", status.stdout)) == 3, status.stdout
+        assert _workers(status.stdout) == [0, 1, 2], status.stdout
         for program in ("redis", "orthanc", "scheduler", "dashboard"):
             assert re.search(rf"^{program}\s+RUNNING", status.stdout, re.M), status.stdout
         pids = {name: int(pid) for name, pid in re.findall(r"^(\S+)\s+RUNNING\s+pid (\d+)", status.stdout, re.M)}
         # What processes yields the CPU to Orthanc's ingest (DICOMFLOW_NICE, 10 by default).
         assert _niceness(pids["orthanc"]) == 0
-        for program in ("redis", "scheduler", "dashboard", "worker:worker-0"):
+        for program in ("redis", "scheduler", "dashboard", "worker-0"):
             assert _niceness(pids[program]) == 10, program
         sched = f"http://127.0.0.1:{values['DICOMFLOW_SCHEDULER_PORT']}"
         assert requests.get(sched + "/api/v1/services", timeout=5).status_code == 401
@@ -82,9 +91,46 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
         # The plugin's BuilderNice (10): the child yields the CPU to Orthanc, once it has read its configuration.
         wait_for(lambda: _niceness(builder) == 10, timeout=10, what="the builder process at nice 10")
         assert _pids_under(home), "run.sh should have started processes"
-        assert run().stdout.strip().endswith("already running") or "already running" in run().stdout
+        assert "already running" in run().stdout
         # A second start keeps the same secrets.
         assert parse_env_file(conf.read_text()) == values
+
+        # Scaling the running stack: only the new workers start, only the highest-numbered stop.
+        scaled = run("--workers", "4")
+        assert scaled.returncode == 0 and "scaled from 3 to 4" in scaled.stdout, scaled.stdout + scaled.stderr
+        after = _running_pids(run("status").stdout)
+        assert _workers(run("status").stdout) == [0, 1, 2, 3]
+        assert all(after[f"worker-{i}"] == pids[f"worker-{i}"] for i in range(3)), (pids, after)
+        scaled = run("--workers", "2")
+        assert scaled.returncode == 0 and "scaled from 4 to 2" in scaled.stdout, scaled.stdout + scaled.stderr
+        status = run("status").stdout
+        assert _workers(status) == [0, 1]
+        assert _running_pids(status)["worker-0"] == pids["worker-0"]
+        assert _running_pids(status)["orthanc"] == pids["orthanc"], "scaling must not touch Orthanc"
+
+        # A configuration change is reported, and applied by restart (which keeps the worker count).
+        token = {"Authorization": f"Bearer {values['DICOMFLOW_SCHEDULER_TOKEN']}"}
+        inactive = requests.get(sched + "/api/v1/services", timeout=5, headers=token).json()["inactive"]
+        assert "repack" in inactive
+        with conf.open("a") as file:
+            file.write(f"REPACK_DATADIR={tmp_path / 'pypx'}\n")
+        assert "changed since the stack started" in run("status").stdout
+        restarted = run("restart")
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        status = run("status").stdout
+        assert _workers(status) == [0, 1] and "changed since" not in status
+        assert _running_pids(status)["orthanc"] != pids["orthanc"]
+        jobs = requests.get(sched + "/api/v1/services", timeout=5, headers=token).json()["jobs"]
+        assert "repack" in {job["jobName"] for job in jobs}
+        before = _running_pids(status)
+        again = run("restart", "workers")
+        assert again.returncode == 0 and "restarted 2 worker(s)" in again.stdout, again.stdout + again.stderr
+        status = run("status").stdout
+        assert _running_pids(status)["scheduler"] == before["scheduler"]
+        assert _running_pids(status)["worker-0"] != before["worker-0"]
+        shell = run("env")
+        assert shell.returncode == 0
+        assert f"ORTHANC_DICOM_PORT={values['ORTHANC_DICOM_PORT']}" in shell.stdout.splitlines()
     finally:
         stopped = run("stop")
     assert stopped.returncode == 0, stopped.stderr
@@ -95,10 +141,25 @@ def test_run_sh_starts_everything_and_stop_leaves_nothing(tmp_path):
 
 def test_run_sh_usage_errors(tmp_path):
     env = {**os.environ, "DICOMFLOW_HOME": str(tmp_path), "DICOMFLOW_NATIVE": "1"}
-    for args in (["--workers", "zero"], ["--workers"], ["bogus"]):
+    for args in (["--workers", "zero"], ["--workers"], ["bogus"], ["status", "--workers", "2"],
+                 ["restart", "workers", "--workers", "2"], ["stop", "status"], ["workers"]):
         done = subprocess.run(["bash", str(REPO / "run.sh"), *args], env=env, capture_output=True, text=True)
-        assert done.returncode != 0, args
+        assert done.returncode == 2, (args, done.stderr)
+        assert "usage: bash run.sh" in done.stderr
     assert not (tmp_path / "dicomflow.env").exists()
+
+
+def test_run_sh_without_a_stack(tmp_path):
+    """restart workers and status answer 3 when nothing runs; env needs a configuration."""
+    env = {**os.environ, "DICOMFLOW_HOME": str(tmp_path), "DICOMFLOW_NATIVE": "1"}
+    env.pop("DICOMFLOW_CONFIG", None)
+    run = lambda *a: subprocess.run(["bash", str(REPO / "run.sh"), *a], env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=60)
+    assert run("status").returncode == 3
+    assert run("restart", "workers").returncode == 3
+    done = run("env")
+    assert done.returncode == 1 and "no configuration yet" in done.stderr
+    assert run("stop").returncode == 0
 
 
 def test_compose_file_parses_and_uses_the_native_names():
