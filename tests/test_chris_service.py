@@ -191,32 +191,30 @@ def test_a_series_that_grows_after_registration_is_reported(service, connection,
     assert progress["registered"] == 191 and progress["stored"] == 192
 
 
-def test_through_rq_pacsfiles_with_cube_down_then_rerun(service, connection, make_cube, incoming):
+def test_through_rq_pacsfiles_with_cube_down_then_rerun(service, connection, make_cube, incoming, files_root):
+    """One job stores, then registers (CUBE 5): with CUBE down the job fails after the file is
+    in storage (a file CUBE refuses stays there); requeued, it registers it."""
     cube = make_cube("cube5")
     config = chris_config(cube, CHRIS_HTTP_RETRIES="2")
     files = instance_files(incoming)[:8]
-    high, default = Queue("high", connection=connection), Queue("default", connection=connection)
+    high = Queue("high", connection=connection)
     cube.down()
-    jobs = []
-    for path in files:
-        event = instance_event(path.stem)
-        store = high.enqueue("tests.support.chris_env.run_service", "chris.store",
-                             **job_kwargs("chrisStore", path, event, config))
-        jobs.append(default.enqueue("tests.support.chris_env.run_service", "chris.register",
-                                    depends_on=store, **job_kwargs("chrisRegister", path, event, config)))
-    SimpleWorker([high, default], connection=connection).work(burst=True)
-    failed = FailedJobRegistry(queue=default)
+    jobs = [high.enqueue("tests.support.chris_env.run_service", "chris.store",
+                         **job_kwargs("chrisStore", path, instance_event(path.stem), config)) for path in files]
+    SimpleWorker([high], connection=connection).work(burst=True)
+    failed = FailedJobRegistry(queue=high)
     assert sorted(failed.get_job_ids()) == sorted(j.id for j in jobs)
     job = jobs[0]
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
     assert "ChrisUnavailableError" in job.latest_result().exc_string
     assert "failed after 2 attempt(s)" in job.latest_result().exc_string
+    assert len(list((files_root / SAG_FOLDER).glob("*.dcm"))) == 8, "stored before CUBE was asked"
     assert series_progress(connection, AET, SAG_SERIES_UID)["errors"]  # visible to clients too
     cube.up()
     for job_id in failed.get_job_ids():
         failed.requeue(job_id)
-    SimpleWorker([high, default], connection=connection).work(burst=True)
+    SimpleWorker([high], connection=connection).work(burst=True)
     assert all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs)
     assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER)]) == 8
     progress = series_progress(connection, AET, SAG_SERIES_UID)
@@ -250,15 +248,12 @@ def test_callbacks_follow_the_configuration():
     assert not callbacks.want_store(config={}, **args)
     assert not callbacks.want_store(config={**on, "CHRIS_URL": ""}, **args)
     assert callbacks.want_store(config=on, **args) and callbacks.want_series(config=on, **args)
-    assert callbacks.want_register(config=on, **args)  # auto: the worker decides
-    assert callbacks.want_register(config={**on, "CHRIS_REGISTRATION": "pacsfiles"}, **args)
-    assert not callbacks.want_register(config={**on, "CHRIS_REGISTRATION": "series"}, **args)
 
 
 def test_settings_json_is_well_formed():
     import json
     jobs = json.loads((SERVICE_MODULES.parent / "registry" / "chris" / "settings.json").read_text())
-    assert [j["jobName"] for j in jobs] == ["chrisStore", "chrisRegister", "chrisRegisterSeries"]
+    assert [j["jobName"] for j in jobs] == ["chrisStore", "chrisRegisterSeries"]
     service_functions = importlib.util.spec_from_file_location("m", SERVICE_MODULES / "chris" / "__init__.py")
     module = importlib.util.module_from_spec(service_functions)
     service_functions.loader.exec_module(module)

@@ -71,13 +71,20 @@ def _notifier(settings: ChrisSettings, connection: redis.Redis) -> LonkNotifier:
 
 
 def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
-                   event: Mapping[str, Any]) -> dict[str, Any]:
-    """Write one instance under CHRIS_FILES_ROOT at its cube.md path and count it.
+                   event: Mapping[str, Any], register: bool = False) -> dict[str, Any]:
+    """Write one instance under CHRIS_FILES_ROOT at its cube.md path and count it; with
+    `register`, then register it (CUBE 5's pacsfiles API; nothing more in series mode).
+
+    One job for both steps, storage first: a file CUBE refuses stays in storage, and a retry
+    writes it again (atomically, the same bytes) before registering. As two jobs, every
+    registration waited behind the store jobs queued before it and paid a second job's
+    overhead and tag reading (issue 23; `bench/chris_rate.py`).
 
     Raises:
         MissingTagError: a required tag is missing (recorded for the series when it is known).
         InvalidTagError: the PACS name is unusable.
         StorageWriteError: the file cannot be read or written.
+        ChrisRequestError, ChrisUnavailableError: with `register`, CUBE refused or did not answer.
     """
     tags = read_instance_tags(dcmpath)
     series_uid = clean_value(tags.get("SeriesInstanceUID"))
@@ -115,11 +122,13 @@ def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pa
         notifier.error(pacs, series_uid, message)
         result["grownAfterRegistration"] = extra
     notifier.flush()
+    if register:
+        result.update(register_instance(settings, connection, dcmpath, event, tags=tags))
     return result
 
 
 def register_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
-                      event: Mapping[str, Any]) -> dict[str, Any]:
+                      event: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Register one stored instance with CUBE 5's pacsfiles API (nothing to do in series mode).
 
     Raises:
@@ -127,7 +136,7 @@ def register_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath:
         ChrisRequestError: CUBE refused it.
         ChrisUnavailableError: CUBE did not answer within CHRIS_HTTP_RETRIES attempts.
     """
-    tags = read_instance_tags(dcmpath)
+    tags = read_instance_tags(dcmpath) if tags is None else tags
     sop_uid = clean_value(tags.get("SOPInstanceUID")) or Path(dcmpath).stem
     location = instance_path(tags, pacs_name_for(settings, event))
     series_uid = str(clean_value(tags.get("SeriesInstanceUID")))

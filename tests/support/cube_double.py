@@ -86,16 +86,27 @@ def _valid_date(value: Any) -> bool:
     return False
 
 
+def _burn(seconds: float) -> None:
+    """Use `seconds` of this thread's CPU."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 class CubeDouble:
     """The double. `mode`: "cube5" (pacsfiles/ only), "cube7" (pacs/series/ only) or "cube6" (both)."""
 
     def __init__(self, files_root: Path, mode: str = "cube5", basic_cost: float = 0.11,
                  write_cost: float = 0.005, ndicom_timeout: float = 2.0, ndicom_poll: float = 0.2,
-                 users: dict[str, str] | None = None):
+                 users: dict[str, str] | None = None, cpu_cost: float = 0.0):
         self.files_root = Path(files_root)
         self.mode = mode
         self.basic_cost = basic_cost
         self.write_cost = write_cost
+        #: CPU seconds burnt per registration under one lock, as CUBE 5's single Django process
+        #: spends ~16 ms of CPU per registration (issue 23; for benchmarks, 0 in tests).
+        self.cpu_cost = cpu_cost
+        self._process = threading.Lock()
         self.ndicom_timeout = ndicom_timeout
         self.ndicom_poll = ndicom_poll
         self.users = users or {"chris": "chris1234", "alice": "alice1234"}
@@ -302,6 +313,9 @@ class CubeDouble:
             self.state.in_flight.add(key)
         try:
             time.sleep(self.write_cost)
+            if self.cpu_cost:
+                with self._process:
+                    _burn(self.cpu_cost)
             with self._lock:
                 write()
                 self.state.inserted.add(key)

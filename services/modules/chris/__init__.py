@@ -16,14 +16,16 @@ from dicomflow.errors import EventError
 def store(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
           added_params: Mapping[str, Any], dcmpath: str, event: Mapping[str, Any],
           config: Mapping[str, str], connection: redis.Redis, **kwargs: Any) -> dict[str, Any]:
-    """Write the instance into CUBE's storage at its cube.md path."""
-    return store_instance(ChrisSettings.from_config(config), connection, Path(dcmpath), event)
+    """Write the instance into CUBE's storage at its cube.md path, then register it (CUBE 5)."""
+    return store_instance(ChrisSettings.from_config(config), connection, Path(dcmpath), event, register=True)
 
 
 def register(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
              added_params: Mapping[str, Any], dcmpath: str, event: Mapping[str, Any],
              config: Mapping[str, str], connection: redis.Redis, **kwargs: Any) -> dict[str, Any]:
-    """Register the stored instance (pacsfiles mode; a no-op in series mode)."""
+    """Register the stored instance (pacsfiles mode; a no-op in series mode).
+
+    No built-in job runs it any more (`store` registers); kept for settings that still name it."""
     return register_instance(ChrisSettings.from_config(config), connection, Path(dcmpath), event)
 
 

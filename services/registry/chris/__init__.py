@@ -5,26 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dicomflow.chris.settings import Registration, chris_enabled
-
-
-def _mode(config: Mapping[str, str]) -> str:
-    return str(config.get("CHRIS_REGISTRATION") or Registration.AUTO.value).strip().lower()
+from dicomflow.chris.settings import chris_enabled
 
 
 def want_store(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
                added_params: Mapping[str, Any], event: Mapping[str, Any] | None = None,
                config: Mapping[str, str] | None = None, **kwargs: Any) -> bool:
-    """Every instance is stored once ChRIS is configured."""
+    """Every instance is stored (and, with CUBE 5, registered) once ChRIS is configured."""
     return chris_enabled(config or {})
-
-
-def want_register(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
-                  added_params: Mapping[str, Any], event: Mapping[str, Any] | None = None,
-                  config: Mapping[str, str] | None = None, **kwargs: Any) -> bool:
-    """Per-instance registration unless configured for the series API (auto: the worker decides)."""
-    config = config or {}
-    return chris_enabled(config) and _mode(config) != Registration.SERIES.value
 
 
 def want_series(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],

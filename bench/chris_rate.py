@@ -1,0 +1,261 @@
+"""Benchmark: does the pipeline register into CUBE at the rate CUBE accepts? (issue 23)
+
+Side by side in one run, for N = 1, 2, 4:
+  direct    N client threads POST the 192 sag-anon files to CUBE's pacsfiles/ API themselves
+            (token auth, a keep-alive session each, files already in storage): CUBE's own rate.
+  pipeline  the whole stack with N workers (real Orthanc + plugin, scheduler, worker processes,
+            the built-in ChRIS service in pacsfiles mode): storescu sends the series, and the
+            rate is 192 / (first instance sent -> last registration seen by CUBE).
+The ratio pipeline / direct is the figure (target >= 0.8).
+
+CUBE is the test double (tests/support/cube_double.py) in a process of its own, with CUBE 5's
+cost: every registration burns `--cpu-ms` (16) of CPU under one lock, as CUBE 5's single
+Django process does, so CUBE competes with the pipeline for this machine's cores as real CUBE
+did when the issue was measured.
+Usage: .venv/bin/python -m bench.chris_rate [--rounds 3] [--workers 1,2,4] [--cpu-ms 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import requests
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.chris import start_redis  # noqa: E402
+from dicomflow.chris.instance import read_instance_tags  # noqa: E402
+from dicomflow.chris.metadata import registration_fields  # noqa: E402
+from dicomflow.chris.paths import instance_path  # noqa: E402
+from dicomflow.chris.store import write_file  # noqa: E402
+from tests.support.cube_double import CubeDouble  # noqa: E402
+from tests.support.procs import wait_for  # noqa: E402
+from tests.support.stack import Pipeline  # noqa: E402
+
+SAG = REPO.parent / "shared" / "data" / "sag-anon"
+VERBOSE = False
+#: CPU ms per instance of each part of the stack, per pipeline run.
+CPU: dict[str, list[float]] = {}
+
+
+def _serve_cube(conn, files_root: str, cpu_cost: float) -> None:
+    """The double in this child process; answers (count, first, last) of a pacs' registrations."""
+    # cube6 offers both APIs: the stacks choose with CHRIS_REGISTRATION.
+    double = CubeDouble(Path(files_root), mode="cube6", basic_cost=0.0, write_cost=0.0, cpu_cost=cpu_cost).start()
+    conn.send(double.url)
+    while True:
+        message = conn.recv()
+        if message == "stop":
+            double.stop()
+            return
+        times = [r.at for r in double.registrations() if r.status == 201 and isinstance(r.body, dict)
+                 and r.body.get("pacs_name") == message]
+        conn.send((len(times), min(times, default=None), max(times, default=None)))
+
+
+class Cube:
+    """The double in a child process."""
+
+    def __init__(self, files_root: Path, cpu_cost: float):
+        self._conn, child = multiprocessing.Pipe()
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=_serve_cube, args=(child, str(files_root), cpu_cost), daemon=True)
+        self._proc.start()
+        self.pid = self._proc.pid
+        self.url = self._conn.recv()
+
+    def registered(self, pacs: str) -> tuple[int, float | None, float | None]:
+        self._conn.send(pacs)
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        self._conn.send("stop")
+        self._proc.join(10)
+
+
+def token(url: str) -> str:
+    return requests.post(url + "auth-token/", json={"username": "chris", "password": "chris1234"},
+                         timeout=30).json()["token"]
+
+
+def direct(cube: Cube, files: list[Path], root: Path, pacs: str, clients: int) -> float:
+    """CUBE's own rate: `clients` threads POST every file's registration; files/s."""
+    bodies = []
+    for path in files:
+        tags = read_instance_tags(path)
+        location = instance_path(tags, pacs)
+        write_file(path, root, location.path)
+        bodies.append({**registration_fields(tags, location.pacs_name), "path": location.path})
+    headers = {"Authorization": f"Token {token(cube.url)}", "Accept": "application/json"}
+    chunks = [bodies[i::clients] for i in range(clients)]
+    failures: list[int] = []
+
+    def post(chunk: list[dict]) -> None:
+        with requests.Session() as session:
+            for body in chunk:
+                status = session.post(cube.url + "pacsfiles/", json=body, headers=headers, timeout=60).status_code
+                if status != 201:
+                    failures.append(status)
+    threads = [threading.Thread(target=post, args=(chunk,)) for chunk in chunks]
+    start = time.time()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    count, _, last = cube.registered(pacs)
+    assert count == len(files) and not failures, (count, failures[:5])
+    return len(files) / (last - start)
+
+
+def fresh_series(files: list[Path], folder: Path) -> Path:
+    """A copy of the series with new Study/Series/SOP Instance UIDs: Orthanc stores it anew,
+    as it would a series fresh from a modality (a re-sent one it already holds costs less)."""
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / path.name)
+    return folder
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its reaped children so far."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def with_children(pid: int) -> list[int]:
+    """`pid` and its descendants (gunicorn serves from a child of its master)."""
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            for child in handle.read().split():
+                pids += with_children(int(child))
+    return pids
+
+
+def components(stack: Pipeline, cube: Cube) -> dict[str, list[int]]:
+    """The processes of each part of the stack (and CUBE)."""
+    return {"orthanc": with_children(stack.orthanc.proc.pid), "scheduler": with_children(stack.scheduler.pid),
+            "workers": [w.pid for w in stack.workers], "cube": [cube.pid]}
+
+
+def cpu_by_component(parts: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in parts.items()}
+
+
+def pipeline(stack: Pipeline, cube: Cube, pacs: str, series: Path, count: int) -> float:
+    """The stack's rate: storescu sends the series as AE `pacs`; files/s to the last registration."""
+    parts = components(stack, cube)
+    cpu_before = cpu_by_component(parts)
+    start = time.time()
+    stack.orthanc.store([series], aet=pacs, pattern="*.dcm")
+    sent = time.time() - start
+    wait_for(lambda: cube.registered(pacs)[0] >= count, timeout=600, interval=0.1,
+             what=f"{count} registrations from {pacs}")
+    _, first, last = cube.registered(pacs)
+    cpu_after = cpu_by_component(parts)
+    for name in parts:
+        CPU.setdefault(name, []).append((cpu_after[name] - cpu_before[name]) / count * 1000)
+    if VERBOSE:
+        print(f"  {pacs}: sent in {sent:.1f} s, first registration after {first - start:.1f} s, "
+              f"last after {last - start:.1f} s; CPU ms/instance: "
+              + ", ".join(f"{name} {CPU[name][-1]:.1f}" for name in parts), flush=True)
+    return count / (last - start)
+
+
+def series_latency(stack: Pipeline, cube: Cube, pacs: str, series: Path, stable_age: float) -> float:
+    """Series mode: seconds from the series becoming complete (its last instance stored +
+    the stable age) to CUBE's registration of it."""
+    stack.orthanc.store([series], aet=pacs, pattern="*.dcm")
+    complete = time.time() + stable_age
+    wait_for(lambda: cube.registered(pacs)[0] >= 1, timeout=600, interval=0.05, what=f"the series from {pacs}")
+    _, _, registered = cube.registered(pacs)
+    return registered - complete
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--cpu-ms", type=float, default=16.0)
+    parser.add_argument("--verbose", action="store_true", help="print each pipeline run's timeline")
+    parser.add_argument("--series-workers", type=int, default=2,
+                        help="workers of the series-mode stack (0: no series-mode runs)")
+    args = parser.parse_args(argv)
+    global VERBOSE
+    VERBOSE = args.verbose
+    files = sorted(SAG.glob("*.dcm"))
+    counts = [int(n) for n in args.workers.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        files_root = tmp_path / "cube-data"
+        files_root.mkdir()
+        redis_proc, connection = start_redis(tmp_path)
+        cube = Cube(files_root, args.cpu_ms / 1000)
+        try:
+            for n in counts:
+                connection.flushall()
+                url = f"redis://127.0.0.1:{connection.connection_pool.connection_kwargs['port']}/0"
+                config = {"CHRIS_URL": cube.url, "CHRIS_FILES_ROOT": str(files_root), "CHRIS_USERNAME": "chris",
+                          "CHRIS_PASSWORD": "chris1234", "CHRIS_REGISTRATION": "pacsfiles"}
+                with Pipeline(tmp_path / f"stack{n}", url, REPO / "services", workers=n, stable_age=5,
+                              extra_config=config) as stack:
+                    direct_rates, pipeline_rates = [], []
+                    for round_ in range(args.rounds):
+                        direct_rates.append(direct(cube, files, files_root, f"D{n}R{round_}", n))
+                        series = fresh_series(files, tmp_path / f"series-{n}-{round_}")
+                        pipeline_rates.append(pipeline(stack, cube, f"P{n}R{round_}", series, len(files)))
+                        shutil.rmtree(series)
+                        print(f"N={n} round {round_ + 1}: direct {direct_rates[-1]:.1f}/s, "
+                              f"pipeline {pipeline_rates[-1]:.1f}/s", flush=True)
+                rows.append((n, statistics.median(direct_rates), statistics.median(pipeline_rates),
+                             statistics.median(p / d for p, d in zip(pipeline_rates, direct_rates))))
+            latencies = []
+            if args.series_workers:
+                connection.flushall()
+                config = {**config, "CHRIS_REGISTRATION": "series"}
+                with Pipeline(tmp_path / "stack-series", url, REPO / "services", workers=args.series_workers,
+                              stable_age=2, extra_config=config) as stack:
+                    for round_ in range(args.rounds):
+                        series = fresh_series(files, tmp_path / f"series-s-{round_}")
+                        latencies.append(series_latency(stack, cube, f"S{round_}", series, 2))
+                        shutil.rmtree(series)
+                        print(f"series mode round {round_ + 1}: registered {latencies[-1]:.2f} s after the "
+                              "series was complete", flush=True)
+        finally:
+            cube.stop()
+            redis_proc.terminate()
+            redis_proc.wait(10)
+            shutil.rmtree(files_root, ignore_errors=True)
+    print(f"\nsag-anon, {len(files)} files; CUBE double in pacsfiles mode burning {args.cpu_ms:g} ms CPU per "
+          f"registration under one lock; medians of {args.rounds} rounds, side by side")
+    print(f"{'N':>3} {'CUBE direct /s':>15} {'pipeline /s':>12} {'pipeline/direct':>16}")
+    for n, d, p, ratio in rows:
+        print(f"{n:>3} {d:15.1f} {p:12.1f} {ratio:16.2f}")
+    print("CPU ms per instance in the pipeline runs (median over runs): "
+          + ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in CPU.items()))
+    if latencies:
+        print(f"series mode ({args.series_workers} workers, StableAge 2 s): registered "
+              f"{statistics.median(latencies):.2f} s (median; max {max(latencies):.2f} s) after the series "
+              "was complete (target <= 2 s)")
+
+
+if __name__ == "__main__":
+    main()
