@@ -1,0 +1,356 @@
+"""Store, read, search and delete DICOM instances in Redis (the synchronous client)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import msgpack
+import redis
+
+from dicomflow.redisstore import model, scripts
+from dicomflow.redisstore.errors import (AmbiguousError, IntegrityError, NotFoundError, QueueDatabaseError,
+                                         RedisStoreError, StoreFullError)
+from dicomflow.redisstore.keys import StoreKeys
+from dicomflow.redisstore.settings import DEFAULT_CHUNK_KB, StoreSettings
+
+#: Seconds new chunks live before their document is switched in (a writer that dies leaves
+#: nothing for longer), and old chunks after a replacement (readers of the old version finish).
+PENDING_TTL = 3600
+REPLACED_GRACE = 60
+#: Instances of at most this many chunks are read in the same round trip as their document.
+INLINE_CHUNKS = 64
+#: Chunks written per round trip.
+WRITE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What `store` did: ``stored`` (new), ``replaced``, ``unchanged`` (identical, skipped)."""
+
+    sop: str
+    status: str
+    size: int
+    chunks: int
+    version: str
+
+
+@dataclass
+class StoredInstance:
+    """One instance read back: its document and, when asked for, its bytes."""
+
+    sop: str
+    doc: dict[str, str]
+    data: bytes | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def file_name(self) -> str:
+        return self.doc.get("file_name", "")
+
+
+def parse_date_range(text: str) -> tuple[int, int]:
+    """``2013``, ``201303``, ``20130308``, or ``FROM-TO`` of those (either side may be empty) -> YYYYMMDD bounds.
+
+    Raises:
+        ValueError: the text is none of these.
+    """
+    def bound(part: str, upper: bool) -> int:
+        part = part.strip()
+        if not part:
+            return 99991231 if upper else 0
+        if not part.isdigit() or len(part) not in (4, 6, 8):
+            raise ValueError(f"expected YYYY, YYYYMM or YYYYMMDD, not {part!r}")
+        pad = {4: ("0000", "1231"), 6: ("00", "31"), 8: ("", "")}[len(part)]
+        return int(part + (pad[1] if upper else pad[0]))
+    lo, sep, hi = text.partition("-")
+    if not sep:
+        return bound(lo, False), bound(lo, True)
+    return bound(lo, False), bound(hi, True)
+
+
+class RedisStore:
+    """The store over one Redis client (its own database: see `check_not_queue`)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "dicom:", chunk_size: int = DEFAULT_CHUNK_KB * 1024):
+        self.client = client
+        self.keys = StoreKeys(prefix)
+        self.chunk_size = chunk_size
+        self._store = client.register_script(scripts.STORE)
+        self._delete = client.register_script(scripts.DELETE)
+        self._get = client.register_script(scripts.GET)
+        self._search = client.register_script(scripts.SEARCH)
+        self._eq = msgpack.packb(list(model.INDEXED))
+        self._ranges = msgpack.packb(list(model.RANGED))
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings, **client_options) -> RedisStore:
+        """A store over a new client of `settings.url`."""
+        return cls(redis.Redis.from_url(settings.url, **client_options), settings.prefix, settings.chunk_size)
+
+    # ---- safety ------------------------------------------------------------------------------
+
+    def check_not_queue(self, queue: redis.Redis) -> None:
+        """Refuse a store that is the job queue's own Redis database.
+
+        Compared by the server's run id (not the URL: ``localhost`` and ``127.0.0.1`` are one
+        server) and the database number.
+
+        Raises:
+            QueueDatabaseError: it is (set REDIS_STORE_ALLOW_QUEUE_DB=1 to allow it anyway).
+        """
+        def identity(client: redis.Redis) -> tuple[str, int]:
+            return client.info("server")["run_id"], int(client.connection_pool.connection_kwargs.get("db") or 0)
+        if identity(self.client) == identity(queue):
+            raise QueueDatabaseError(
+                "REDIS_STORE_URL is the job queue's own Redis database (DICOMFLOW_REDIS_URL): DICOM files would "
+                "share its memory limit, and a full store would stop the pipeline. Point REDIS_STORE_URL at another "
+                "Redis server (recommended) or database, or set REDIS_STORE_ALLOW_QUEUE_DB=1 to allow it anyway.")
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def store_file(self, path: str, tags: Mapping[str, object] | None = None, *, file_name: str | None = None,
+                   transfer_syntax: str | None = None, orthanc: Mapping[str, str] | None = None,
+                   sha256: str | None = None) -> StoreResult:
+        """Store the DICOM file at `path`; `tags` default to the file's own header.
+
+        A stored instance with the same SOPInstanceUID is replaced (or left alone when identical).
+
+        Raises:
+            InvalidInputError: not DICOM, or no SOPInstanceUID.
+            StoreFullError: the store's Redis is out of memory; nothing was switched in.
+        """
+        if tags is None or transfer_syntax is None:
+            header = model.read_header(path)
+            tags = header.tags if tags is None else tags
+            transfer_syntax = header.transfer_syntax if transfer_syntax is None else transfer_syntax
+        if sha256 is None:
+            sha256, size = model.sha256_file(path)
+        else:
+            size = os.path.getsize(path)
+        name = file_name or os.path.basename(path)
+        version = secrets.token_hex(6)
+        doc = model.build_document(tags, file_name=name, size=size, sha256=sha256, transfer_syntax=transfer_syntax,
+                                   chunk_size=self.chunk_size, version=version, stored_at=time.time(),
+                                   orthanc=orthanc)
+        sop = doc["SOPInstanceUID"]
+        old = self._doc(sop)
+        if model.same_content(old, doc):
+            return StoreResult(sop, "unchanged", size, int(old["chunks"]), old["version"])
+        with open(path, "rb") as file:
+            self._write_chunks(sop, version, iter(lambda: file.read(self.chunk_size), b""))
+        return self._switch(sop, doc, bool(old))
+
+    def store_bytes(self, data: bytes, tags: Mapping[str, object], *, file_name: str, transfer_syntax: str = "",
+                    orthanc: Mapping[str, str] | None = None) -> StoreResult:
+        """Store `data` (a whole DICOM file) with the given tags (see `store_file`)."""
+        version = secrets.token_hex(6)
+        doc = model.build_document(tags, file_name=file_name, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                                   transfer_syntax=transfer_syntax, chunk_size=self.chunk_size, version=version,
+                                   stored_at=time.time(), orthanc=orthanc)
+        sop = doc["SOPInstanceUID"]
+        old = self._doc(sop)
+        if model.same_content(old, doc):
+            return StoreResult(sop, "unchanged", len(data), int(old["chunks"]), old["version"])
+        cs = self.chunk_size
+        self._write_chunks(sop, version, (data[i:i + cs] for i in range(0, len(data), cs)))
+        return self._switch(sop, doc, bool(old))
+
+    def _write_chunks(self, sop: str, version: str, chunks: Iterable[bytes]) -> None:
+        """Write the chunks of a new version with a TTL (made persistent by the switch)."""
+        written = 0
+        pipe = self.client.pipeline(transaction=False)
+        try:
+            for index, chunk in enumerate(chunks):
+                pipe.set(self.keys.chunk(sop, version, index), chunk, ex=PENDING_TTL)
+                if len(pipe) >= WRITE_BATCH:
+                    pipe.execute()
+                written = index + 1
+            if len(pipe):
+                pipe.execute()
+        except redis.OutOfMemoryError as exc:
+            self._discard(sop, version, written)
+            raise StoreFullError(f"{sop}: the store's Redis is out of memory (maxmemory); nothing was stored: "
+                                 f"{exc}") from exc
+        except redis.RedisError:
+            self._discard(sop, version, written)
+            raise
+
+    def _discard(self, sop: str, version: str, count: int) -> None:
+        """Remove the chunks of a version that will not be switched in (they would expire anyway)."""
+        keys = [self.keys.chunk(sop, version, i) for i in range(count + WRITE_BATCH)]
+        try:
+            for start in range(0, len(keys), 512):
+                self.client.unlink(*keys[start:start + 512])
+        except redis.RedisError:
+            pass  # best effort: they carry PENDING_TTL
+
+    def _switch(self, sop: str, doc: dict[str, str], had_old: bool) -> StoreResult:
+        flat = [x for pair in doc.items() for x in pair]
+        try:
+            self._store(args=[self.keys.prefix, sop, msgpack.packb(flat), self._eq, self._ranges, REPLACED_GRACE])
+        except redis.OutOfMemoryError as exc:
+            self._discard(sop, doc["version"], int(doc["chunks"]))
+            raise StoreFullError(f"{sop}: the store's Redis is out of memory (maxmemory); the chunks were written "
+                                 f"but the instance was not switched in and they were removed: {exc}") from exc
+        return StoreResult(sop, "replaced" if had_old else "stored", int(doc["size"]), int(doc["chunks"]),
+                           doc["version"])
+
+    def delete(self, sop: str) -> bool:
+        """Remove an instance, its chunks and its index entries; False if it was not stored."""
+        return bool(self._delete(args=[self.keys.prefix, sop, self._eq, self._ranges]))
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _doc(self, sop: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.doc(sop)).items()}
+
+    def document(self, sop: str) -> dict[str, str]:
+        """The metadata document of one instance.
+
+        Raises:
+            NotFoundError: not stored.
+        """
+        doc = self._doc(sop)
+        if not doc:
+            raise NotFoundError(f"no stored instance with SOPInstanceUID {sop}")
+        return doc
+
+    def get(self, sop: str | None = None, *, file_name: str | None = None, verify: bool = True) -> StoredInstance:
+        """One instance with its bytes, by SOPInstanceUID or by file name (one round trip for most files).
+
+        Raises:
+            NotFoundError, AmbiguousError (a file name several instances share), IntegrityError.
+        """
+        mode, key = ("sop", sop) if sop is not None else ("file", file_name)
+        if key is None:
+            raise ValueError("give a SOPInstanceUID or a file name")
+        for _ in range(5):
+            try:
+                reply = self._get(args=[self.keys.prefix, mode, key, INLINE_CHUNKS])
+            except redis.ResponseError as exc:
+                raise _lookup_error(exc, mode, key) from exc
+            found = _decode_doc(reply[0], reply[1])
+            data = b"".join(reply[2:]) if len(reply) > 2 or found.doc["chunks"] == "0" else self._read_chunks(found)
+            if data is None:  # replaced while read: read again
+                continue
+            found.data = data
+            if verify:
+                _verify(found)
+            return found
+        raise RedisStoreError(f"{key}: replaced faster than it could be read (5 attempts)")
+
+    def _read_chunks(self, found: StoredInstance) -> bytes | None:
+        sop, version, count = found.sop, found.doc["version"], int(found.doc["chunks"])
+        parts: list[bytes] = []
+        for start in range(0, count, 64):
+            values = self.client.mget([self.keys.chunk(sop, version, i) for i in range(start, min(count, start + 64))])
+            if any(v is None for v in values):
+                return None
+            parts.extend(values)
+        return b"".join(parts)
+
+    def iter_chunks(self, sop: str) -> Iterator[bytes]:
+        """The bytes of an instance chunk by chunk (bounded memory; for the parallel reader see `fetch`)."""
+        doc = self.document(sop)
+        for index in range(int(doc["chunks"])):
+            value = self.client.get(self.keys.chunk(sop, doc["version"], index))
+            if value is None:
+                raise RedisStoreError(f"{sop}: replaced or deleted while read")
+            yield value
+
+    def find(self, eq: Mapping[str, str] | None = None, ranges: Mapping[str, tuple[int, int]] | None = None, *,
+             limit: int = 0, documents: bool = True, with_bytes: bool = False,
+             verify: bool = True) -> tuple[int, list[StoredInstance]]:
+        """The instances whose indexed fields equal `eq` AND whose dates fall in `ranges` (inclusive YYYYMMDD).
+
+        Returns:
+            ``(total matches, instances)``: at most `limit` of them (0: all), by SOPInstanceUID.
+
+        Raises:
+            ValueError: a field that is not indexed.
+        """
+        query = _query(eq, ranges)
+        inline = (INLINE_CHUNKS if with_bytes else 0) if documents or with_bytes else -1
+        reply = self._search(args=[self.keys.prefix, query, "find", limit, inline])
+        found = []
+        for item in reply[1:]:
+            inst = _decode_doc(item[0], item[1] if len(item) > 1 else [])
+            if with_bytes:
+                if len(item) > 2 or inst.doc.get("chunks") == "0":
+                    inst.data = b"".join(item[2:])
+                else:
+                    inst = self.get(inst.sop, verify=False)
+                if verify:
+                    _verify(inst)
+            found.append(inst)
+        return int(reply[0]), found
+
+    def count(self, by: str, eq: Mapping[str, str] | None = None,
+              ranges: Mapping[str, tuple[int, int]] | None = None) -> dict[str, int]:
+        """How many instances have each value of `by`, among those matching the filters (largest first)."""
+        if not eq and not ranges:
+            if by not in model.INDEXED:
+                raise ValueError(f"{by!r} is not indexed; count by one of {', '.join(model.INDEXED)} "
+                                 "(or give a filter)")
+            pairs = self.client.zrange(self.keys.values(by), 0, -1, desc=True, withscores=True)
+            return {v.decode(): int(s) for v, s in pairs}
+        reply = self._search(args=[self.keys.prefix, _query(eq, ranges), "count", by])
+        counts = {reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def stats(self) -> dict[str, int | float | str]:
+        """Instances, bytes stored, and the store Redis's memory (used, peak, limit, per instance)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.scard(self.keys.all)
+        pipe.hget(self.keys.stats, "bytes")
+        pipe.info("memory")
+        count, size, memory = pipe.execute()
+        used = int(memory["used_memory"])
+        return {"instances": int(count), "bytes": int(size or 0), "used_memory": used,
+                "used_memory_human": memory.get("used_memory_human", ""),
+                "maxmemory": int(memory.get("maxmemory", 0)),
+                "memory_per_instance": round(used / count) if count else 0,
+                "overhead_ratio": round(used / int(size), 3) if size and int(size) else 0.0}
+
+    def exists_identical(self, sop: str, sha256: str, size: int) -> bool:
+        """Whether `sop` is stored with these bytes (resumable loads skip it)."""
+        old_sha, old_size = self.client.hmget(self.keys.doc(sop), ["sha256", "size"])
+        return old_sha is not None and old_sha.decode() == sha256 and int(old_size) == size
+
+
+def _query(eq: Mapping[str, str] | None, ranges: Mapping[str, tuple[int, int]] | None) -> bytes:
+    for name in (eq or {}):
+        if name not in model.INDEXED:
+            raise ValueError(f"{name!r} is not indexed; search by one of {', '.join(model.INDEXED)}")
+    for name in (ranges or {}):
+        if name not in model.RANGED:
+            raise ValueError(f"{name!r} has no range index; ranges on {', '.join(model.RANGED)}")
+    return msgpack.packb({"eq": [[k, str(v)] for k, v in (eq or {}).items()],
+                          "ranges": [[k, int(lo), int(hi)] for k, (lo, hi) in (ranges or {}).items()]})
+
+
+def _decode_doc(sop: bytes, flat: list[bytes]) -> StoredInstance:
+    doc = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    return StoredInstance(sop.decode(), doc)
+
+
+def _verify(found: StoredInstance) -> None:
+    data = found.data or b""
+    if len(data) != int(found.doc["size"]) or hashlib.sha256(data).hexdigest() != found.doc["sha256"]:
+        raise IntegrityError(f"{found.sop}: the bytes read back ({len(data)}) do not match the stored size "
+                             f"({found.doc['size']}) and SHA-256")
+
+
+def _lookup_error(exc: redis.ResponseError, mode: str, key: str) -> RedisStoreError:
+    text = str(exc)
+    what = f"file name {key!r}" if mode == "file" else f"SOPInstanceUID {key}"
+    if text.startswith("NOTFOUND"):
+        return NotFoundError(f"no stored instance with {what}")
+    if text.startswith("AMBIGUOUS"):
+        return AmbiguousError(f"{text.split()[1]} stored instances have the {what}: give the SOPInstanceUID")
+    return RedisStoreError(f"{what}: {text}")
