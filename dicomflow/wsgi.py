@@ -6,6 +6,16 @@ from collections.abc import Callable
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+
+from dicomflow.logformat import LOG_FORMAT
+
+
+class _Logger(Logger):
+    """gunicorn's own messages (start, workers, errors) in the format of the app's, in the same file."""
+
+    error_fmt = LOG_FORMAT
+    datefmt = None  # logging's default, as logging.basicConfig uses
 
 
 class _Server(BaseApplication):
@@ -35,6 +45,7 @@ def serve(app: Flask, host: str, port: int, threads: int = 8,
         "threads": threads,
         "accesslog": None,
         "errorlog": "-",
+        "logger_class": _Logger,
         "timeout": 120,
         "keepalive": 75,
         "control_socket_disable": True,  # one default path for every gunicorn of the host would clash

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 
+from dicomflow import logformat
 from dicomflow.config import load_config
 from dicomflow.settings import Settings
 from dicomflow.wsgi import serve
@@ -17,7 +16,7 @@ from scheduler.app import create_app, start_background
 @click.option("--threads", type=int, default=8, show_default=True, envvar="DICOMFLOW_SCHEDULER_THREADS")
 def main(config_path: str | None, threads: int) -> None:
     """Serve the scheduler on DICOMFLOW_SCHEDULER_HOST:DICOMFLOW_SCHEDULER_PORT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logformat.configure()
     settings = Settings.from_config(load_config(config_path or None))
     serve(create_app(settings), settings.scheduler_host, settings.scheduler_port, threads,
           on_start=start_background)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 import redis
 
+from dicomflow import logformat
 from dicomflow.config import load_config
 from dicomflow.settings import Settings
 from worker.liveness import DicomflowForkWorker, DicomflowSimpleWorker
@@ -28,7 +28,7 @@ CLASSES = {"simple": DicomflowSimpleWorker, "fork": DicomflowForkWorker}
 def main(config_path: str | None, worker_class: str | None, burst: bool, name: str | None,
          max_jobs: int | None) -> None:
     """Run one worker process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logformat.configure()
     settings = Settings.from_config(load_config(config_path or None))
     install(WorkerRuntime(settings))
     connection = redis.Redis.from_url(settings.redis_url)
