@@ -103,11 +103,13 @@ def test_a_load_killed_halfway_shows_no_partial_instance_and_the_next_completes_
         (folder / source.name).write_bytes(source.read_bytes() + os.urandom(2 << 20))
     env = {**os.environ, "DICOMFLOW_CONFIG": "", "REDIS_STORE_URL": store_url, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "dicomflow.redisstore", "load", str(folder), "-j", "4"]
-    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     store = RedisStore(client)
     wait_for(lambda: store.stats()["instances"] >= 10, timeout=60, what="10 instances loaded")
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the command and its worker processes, as a killed terminal would
     proc.wait(10)
+    wait_for(lambda: not _group_alive(proc.pid), timeout=10, what="the load's processes to die")
     total, found = store.find(with_bytes=True)  # verifies size and SHA-256 of everything visible
     assert 10 <= total < 40 and len(found) == total
     finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -116,6 +118,14 @@ def test_a_load_killed_halfway_shows_no_partial_instance_and_the_next_completes_
     total, found = store.find(with_bytes=True)
     assert total == 40
     assert all(f.data == (folder / f.file_name).read_bytes() for f in found)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_the_installed_command_answers_help():

@@ -157,8 +157,36 @@ class RedisStore:
         if model.same_content(old, doc):
             return StoreResult(sop, "unchanged", len(data), int(old["chunks"]), old["version"])
         cs = self.chunk_size
+        chunks = [data[i:i + cs] for i in range(0, len(data), cs)] if len(data) <= cs * WRITE_BATCH else None
+        if chunks is not None:
+            return self._write_and_switch(sop, doc, chunks, bool(old))
         self._write_chunks(sop, version, (data[i:i + cs] for i in range(0, len(data), cs)))
         return self._switch(sop, doc, bool(old))
+
+    def _write_and_switch(self, sop: str, doc: dict[str, str], chunks: list[bytes], had_old: bool) -> StoreResult:
+        """A small file in one round trip: its chunks, then the switch (which refuses if a chunk is missing)."""
+        version = doc["version"]
+        flat = [x for pair in doc.items() for x in pair]
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for index, chunk in enumerate(chunks):
+                pipe.set(self.keys.chunk(sop, version, index), chunk, ex=PENDING_TTL)
+            # EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip per execute
+            pipe.evalsha(self._store.sha, 0, self.keys.prefix, sop, msgpack.packb(flat), self._eq, self._ranges,
+                         REPLACED_GRACE)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt == 0 and isinstance(replies[-1], redis.exceptions.NoScriptError):
+                self.client.script_load(scripts.STORE)  # Redis restarted (or flushed its script cache)
+                continue
+            break
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            self._discard(sop, version, len(chunks))
+            if any(isinstance(e, redis.OutOfMemoryError) for e in errors):
+                raise StoreFullError(f"{sop}: the store's Redis is out of memory (maxmemory); nothing was stored: "
+                                     f"{errors[0]}")
+            raise errors[0]
+        return StoreResult(sop, "replaced" if had_old else "stored", int(doc["size"]), len(chunks), version)
 
     def _write_chunks(self, sop: str, version: str, chunks: Iterable[bytes]) -> None:
         """Write the chunks of a new version with a TTL (made persistent by the switch)."""

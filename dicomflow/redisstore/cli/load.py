@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import click
@@ -14,7 +14,10 @@ import redis
 from dicomflow.redisstore import RedisStore
 from dicomflow.redisstore.cli.options import Failure, cli
 from dicomflow.redisstore.errors import InvalidInputError, RedisStoreError, StoreFullError
-from dicomflow.redisstore.model import read_header, sha256_file
+from dicomflow.redisstore.model import read_header
+
+#: Files up to this size are read once into memory; larger ones are streamed.
+IN_MEMORY_MAX = 64 << 20
 
 
 def _files(folder: Path) -> list[Path]:
@@ -22,19 +25,41 @@ def _files(folder: Path) -> list[Path]:
 
 
 def load_one(store: RedisStore, path: Path) -> str:
-    """Store one file unless it is stored with the same bytes; returns the status."""
+    """Store one file; ``skipped`` when it is stored with the same bytes (and so the same tags)."""
     header = read_header(str(path))
-    digest, size = sha256_file(str(path))
-    sop = header.tags.get("SOPInstanceUID")
-    if isinstance(sop, str) and store.exists_identical(sop.strip(), digest, size):
-        return "skipped"
-    return store.store_file(str(path), header.tags, transfer_syntax=header.transfer_syntax, sha256=digest).status
+    if path.stat().st_size > IN_MEMORY_MAX:
+        status = store.store_file(str(path), header.tags, transfer_syntax=header.transfer_syntax).status
+    else:
+        status = store.store_bytes(path.read_bytes(), header.tags, file_name=path.name,
+                                   transfer_syntax=header.transfer_syntax).status
+    return "skipped" if status == "unchanged" else status
+
+
+#: The store of a load's worker process (one connection per process).
+_process_store: RedisStore | None = None
+
+
+def _start_process(url: str, prefix: str, chunk_size: int) -> None:
+    global _process_store
+    _process_store = RedisStore(redis.Redis.from_url(url), prefix, chunk_size)
+
+
+def _work(path: Path) -> tuple[Path, str, str | None]:
+    """One file in a worker process: (path, status, error message)."""
+    try:
+        return path, load_one(_process_store, path), None
+    except StoreFullError as exc:
+        return path, "full", str(exc)
+    except InvalidInputError as exc:
+        return path, "not DICOM", str(exc)
+    except (RedisStoreError, OSError, redis.RedisError) as exc:
+        return path, "failed", str(exc)
 
 
 @cli.command("load")
 @click.argument("folder", type=click.Path(exists=True, file_okay=True, dir_okay=True, path_type=Path))
-@click.option("-j", "--jobs", default=min(8, (os.cpu_count() or 2) * 2), show_default=True,
-              help="files stored at once (threads, one connection each)")
+@click.option("-j", "--jobs", default=os.cpu_count() or 2, show_default=True,
+              help="processes storing files at once (reading and hashing are CPU work)")
 @click.option("--progress/--no-progress", default=None, help="a progress bar on stderr [when it is a terminal]")
 @click.pass_obj
 def load(ctx, folder: Path, jobs: int, progress: bool | None) -> None:
@@ -44,40 +69,28 @@ def load(ctx, folder: Path, jobs: int, progress: bool | None) -> None:
     partial instance, and the next run completes it. Files that are not DICOM (or have no
     SOPInstanceUID) are listed and left out. Exit status 1 if a DICOM file could not be stored.
     """
-    store = ctx.store()
+    ctx.store()  # reachable, and not the queue's database
     files = [folder] if folder.is_file() else _files(folder)
     counts = {"stored": 0, "replaced": 0, "unchanged": 0, "skipped": 0, "not DICOM": 0, "failed": 0}
     failures: list[str] = []
     start = time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
 
-    def work(path: Path) -> tuple[Path, str, str | None]:
-        try:
-            return path, load_one(store, path), None
-        except StoreFullError as exc:
-            return path, "full", str(exc)
-        except InvalidInputError as exc:
-            return path, "not DICOM", str(exc)
-        except (RedisStoreError, OSError) as exc:
-            return path, "failed", str(exc)
-
-    total_bytes = 0
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
+    settings = ctx.settings
+    with ProcessPoolExecutor(max_workers=max(1, jobs), initializer=_start_process,
+                             initargs=(settings.url, settings.prefix, settings.chunk_size)) as pool, \
             click.progressbar(length=len(files), label="loading", file=sys.stderr if show else open(os.devnull, "w"),
                               show_pos=True) as bar:
         try:
-            for path, status, error in pool.map(work, files):
+            for _path, status, error in pool.map(_work, files, chunksize=4):
                 bar.update(1)
                 if status == "full":
                     pool.shutdown(cancel_futures=True)
                     raise Failure(f"{error}\nstopped: the store is full; files stored so far stay, a later run "
                                   "resumes")
+                counts[status] += 1
                 if error:
                     failures.append(error)
-                    counts[status] += 1
-                else:
-                    counts[status] += 1
-                    total_bytes += path.stat().st_size
         except redis.RedisError as exc:
             raise Failure(f"the store's Redis failed: {exc}") from exc
     seconds = time.perf_counter() - start

@@ -1,0 +1,247 @@
+"""Benchmark: the Redis DICOM store (issue 18), each part against its physical limit, in one run.
+
+  retrieval  one large generated file (--size-mb, 512) read back with the parallel reader, by
+             chunk size x connections, next to `redis-benchmark` GET of the same value size and
+             connections in the same run (the limit here); the ratio is the goal (>= 0.8).
+  queries    the demo's three scenarios with --instances (10,000) indexed: p50/p99 latency.
+  load       bulk load of a folder (sag-anon) in files/s, next to one SET per file (the limit).
+  pipeline   the service's jobs/s against Orthanc's receive rate, one storescu of the folder.
+
+Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,pipeline] [--size-mb 512]
+       [--instances 10000] [--data ../shared/data/sag-anon] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis
+
+from bench.support import private_redis
+from dicomflow.redisstore import RedisStore
+from dicomflow.redisstore.cli.load import _start_process, _work
+from dicomflow.redisstore.fetch import fetch
+from dicomflow.redisstore.model import read_header
+from dicomflow.redisstore.store import parse_date_range
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK_KB = (64, 256, 1024)
+CONNECTIONS = (1, 4, 8, 16)
+
+
+def redis_benchmark_mb_s(url: str, size: int, connections: int, total_bytes: int) -> float:
+    """MB/s of `redis-benchmark` GETs of one `size`-byte value with `connections` clients."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    requests = max(connections * 20, total_bytes // size)
+    out = subprocess.run(["redis-benchmark", "-p", port, "-t", "set,get", "-d", str(size), "-c", str(connections),
+                          "-n", str(requests), "--csv"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells[0] == "GET":
+            return float(cells[1]) * size / 1e6
+    raise RuntimeError(f"no GET line in redis-benchmark's output: {out}")
+
+
+def part_retrieval(size_mb: int, sample: Path, results: dict) -> None:
+    print(f"\n== retrieval: one {size_mb} MB file, MB/s (reader / redis-benchmark GET, same run) ==")
+    scratch = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    work = Path(tempfile.mkdtemp(prefix="redisstore-bench-", dir=scratch))
+    big = work / "big.dcm"
+    with open(big, "wb") as out:
+        out.write(sample.read_bytes())
+        block = os.urandom(1 << 20)
+        for _ in range(size_mb):
+            out.write(block)
+    rows = []
+    try:
+        with private_redis() as url:
+            for chunk_kb in CHUNK_KB:
+                client = redis.Redis.from_url(url)
+                client.flushall()
+                store = RedisStore(client, "dicom:", chunk_kb * 1024)
+                sop = store.store_file(str(big)).sop
+                line = [f"chunk {chunk_kb:>5} KiB:"]
+                for conns in CONNECTIONS:
+                    times = []
+                    for _ in range(3):
+                        got = fetch(url, sop, str(work / "back.dcm"), connections=conns, verify=False)
+                        times.append(got.mb_per_s)
+                        os.unlink(work / "back.dcm")
+                    reader = statistics.median(times)
+                    limit = redis_benchmark_mb_s(url, chunk_kb * 1024, conns, min(big.stat().st_size, 256 << 20))
+                    rows.append({"chunk_kb": chunk_kb, "connections": conns, "reader_mb_s": round(reader),
+                                 "redis_benchmark_mb_s": round(limit), "ratio": round(reader / limit, 2)})
+                    line.append(f"{conns:>2} conn {reader:6.0f} / {limit:6.0f} ({reader / limit:.2f})")
+                print("  ".join(line), flush=True)
+            got = fetch(url, sop, str(work / "back.dcm"), connections=8, verify=True)
+            print(f"with SHA-256 verification (1 MiB chunks, 8 connections): {got.size / 1e6 / got.seconds:.0f} MB/s "
+                  "transfer, then the hash pass", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["retrieval"] = rows
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
+    return samples[len(samples) // 2] * 1e3, samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e3
+
+
+def part_queries(instances: int, files: list[Path], results: dict) -> None:
+    print(f"\n== queries: the demo's three scenarios over {instances} instances (ms; demo: 1.36 / 7.64 / 1.77) ==")
+    rng = random.Random(18)
+    protocols = [f"PROTO_{n:02d}" for n in range(40)]
+    with private_redis() as url:
+        client = redis.Redis.from_url(url)
+        store = RedisStore(client)
+        bodies = [(p.read_bytes(), read_header(str(p))) for p in files[:50]]
+        start = time.perf_counter()
+        names = []
+        for n in range(instances):
+            data, header = bodies[n % len(bodies)]
+            tags = dict(header.tags, SOPInstanceUID=f"1.2.826.0.1.3680043.18.{n}",
+                        ProtocolName=rng.choice(protocols), StudyDate=f"{rng.randint(2010, 2024)}0{rng.randint(1, 9)}15",
+                        PatientID=f"P{n % 500:04d}")
+            names.append(f"file-{n:05d}.dcm")
+            store.store_bytes(data, tags, file_name=names[-1], transfer_syntax=header.transfer_syntax)
+        took = time.perf_counter() - start
+        stats = store.stats()
+        print(f"stored {instances} in {took:.1f} s ({instances / took:.0f}/s); used memory {stats['used_memory_human']}, "
+              f"{stats['memory_per_instance']} B per instance for {stats['bytes'] // instances} B files "
+              f"(overhead x{stats['overhead_ratio']})", flush=True)
+        hits = store.find({"ProtocolName": "PROTO_07"}, {"StudyDate": parse_date_range("2019")}, documents=False)[0]
+        scenarios = {
+            "1 file by name": lambda: store.get(file_name=rng.choice(names)),
+            f"2 protocol+year, with bytes ({hits} hits avg)": lambda: store.find(
+                {"ProtocolName": rng.choice(protocols)}, {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))},
+                with_bytes=True),
+            "2 protocol+year, documents only": lambda: store.find(
+                {"ProtocolName": rng.choice(protocols)}, {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))}),
+            "3 counts per protocol": lambda: store.count("ProtocolName"),
+        }
+        rows = []
+        for name, call in scenarios.items():
+            for _ in range(50):
+                call()
+            samples = []
+            for _ in range(1000):
+                t = time.perf_counter()
+                call()
+                samples.append(time.perf_counter() - t)
+            p50, p99 = _percentiles(samples)
+            rows.append({"scenario": name, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)})
+            print(f"{name:<45} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms", flush=True)
+    results["queries"] = {"instances": instances, "file_bytes": stats["bytes"] // instances,
+                          "memory_per_instance": stats["memory_per_instance"], "rows": rows}
+
+
+def _load(url: str, files: list[Path], jobs: int) -> float:
+    """Seconds `dicomflow-redis load -j JOBS` takes for `files` (its worker processes, started beforehand)."""
+    with ProcessPoolExecutor(jobs, initializer=_start_process, initargs=(url, "dicom:", 256 * 1024)) as pool:
+        list(pool.map(abs, range(jobs * 4)))  # the processes are up
+        t = time.perf_counter()
+        statuses = [status for _, status, _ in pool.map(_work, files, chunksize=4)]
+        seconds = time.perf_counter() - t
+    assert "failed" not in statuses, statuses
+    return seconds
+
+
+def part_load(files: list[Path], results: dict) -> None:
+    print(f"\n== load: {len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB ==")
+    with private_redis() as url:
+        client = redis.Redis.from_url(url)
+        datas = [p.read_bytes() for p in files]
+        rows = {}
+        for jobs in (1, 2):
+            def set_each() -> float:
+                client.flushall()
+                t = time.perf_counter()
+                with ThreadPoolExecutor(jobs) as pool:
+                    list(pool.map(lambda kv: client.set(f"f:{kv[0]}", kv[1]), enumerate(datas)))
+                return time.perf_counter() - t
+
+            def load() -> float:
+                client.flushall()
+                return _load(url, files, jobs)
+            limit = min(set_each() for _ in range(3))
+            ours = min(load() for _ in range(3))
+            resumed = _load(url, files, jobs)
+            rows[jobs] = {"load_files_s": round(len(files) / ours), "set_each_files_s": round(len(files) / limit),
+                          "ratio": round(limit / ours, 2), "second_run_files_s": round(len(files) / resumed)}
+            print(f"-j {jobs}: dicomflow-redis load {len(files) / ours:6.0f} files/s   one SET per file {len(files) / limit:6.0f} "
+                  f"files/s   ({limit / ours:.2f})   second run (all skipped) {len(files) / resumed:6.0f} files/s",
+                  flush=True)
+    results["load"] = rows
+
+
+def part_pipeline(data: Path, files: list[Path], results: dict) -> None:
+    from tests.support.stack import Pipeline
+
+    print(f"\n== pipeline: the redisstore service's jobs vs Orthanc's receive rate ({len(files)} files) ==")
+    with private_redis(aof=True) as queue_url, private_redis() as store_url:
+        store = RedisStore(redis.Redis.from_url(store_url))
+        work = Path(tempfile.mkdtemp(prefix="redisstore-bench-stack-"))
+        config = work / "dicomflow.env"
+        config.write_text(f"REDIS_STORE_URL={store_url}\n")
+        try:
+            with Pipeline(work / "stack", queue_url, REPO / "services", workers=2,
+                          extra_config={"DICOMFLOW_CONFIG": str(config)}) as stack:
+                t0 = time.perf_counter()
+                stack.orthanc.store([data], pattern="*.dcm")
+                t1 = time.perf_counter()
+                while store.stats()["instances"] < len(files):
+                    if time.perf_counter() - t0 > 300:
+                        raise RuntimeError(f"only {store.stats()['instances']} stored after 300 s")
+                    time.sleep(0.02)
+                t2 = time.perf_counter()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    received, drained = len(files) / (t1 - t0), len(files) / (t2 - t0)
+    print(f"Orthanc received {received:.0f} files/s; all stored {t2 - t1:.2f} s after the last was received: "
+          f"{drained:.0f} jobs/s end to end ({drained / received:.2f} of the receive rate)", flush=True)
+    results["pipeline"] = {"files": len(files), "orthanc_files_s": round(received, 1),
+                           "stored_files_s": round(drained, 1), "lag_s": round(t2 - t1, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="retrieval,queries,load,pipeline")
+    parser.add_argument("--size-mb", type=int, default=512)
+    parser.add_argument("--instances", type=int, default=10000)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sag-anon")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TCP_NODELAY", "1")
+    files = sorted(args.data.glob("*.dcm"))
+    if not files:
+        print(f"no *.dcm under {args.data}", file=sys.stderr)
+        return 1
+    results: dict = {"cpus": os.cpu_count()}
+    parts = args.parts.split(",")
+    if "retrieval" in parts:
+        part_retrieval(args.size_mb, files[0], results)
+    if "queries" in parts:
+        part_queries(args.instances, files, results)
+    if "load" in parts:
+        part_load(files, results)
+    if "pipeline" in parts:
+        part_pipeline(args.data, files, results)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
