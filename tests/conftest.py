@@ -13,7 +13,14 @@ import redis
 from tests.support.procs import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-SAG_ANON = REPO.parent / "shared" / "data" / "sag-anon"
+#: The full sag-anon series (192 files), which CI places beside the repository.
+SAG_ANON_FULL = REPO.parent / "shared" / "data" / "sag-anon"
+#: Its first 16 files, shipped in the repository for a clone without ../shared (MIT, tests/data/sag-anon-16/LICENSE).
+SAG_ANON_16 = REPO / "tests" / "data" / "sag-anon-16"
+#: The series the tests use: $SAG_ANON_DIR, else the full series when present, else the 16 shipped files.
+SAG_ANON = Path(os.environ.get("SAG_ANON_DIR") or (SAG_ANON_FULL if SAG_ANON_FULL.is_dir() else SAG_ANON_16))
+#: How many instances it holds: 192, or 16 in a fresh clone (tests compare with this, not with 192).
+SAG_ANON_COUNT = len(list(SAG_ANON.glob("*.dcm")))
 
 pytest_plugins = ["tests.support.chris_fixtures"]
 
@@ -58,9 +65,16 @@ def connection(redis_url) -> redis.Redis:
 
 @pytest.fixture(scope="session")
 def sag_anon() -> Path:
-    if not SAG_ANON.is_dir():
-        pytest.skip(f"the sag-anon test series is not at {SAG_ANON} (it ships beside the repo in CI)")
+    """The sag-anon MR series folder (192 files in CI, 16 in a fresh clone: see `SAG_ANON`)."""
+    if not any(SAG_ANON.glob("*.dcm")):
+        pytest.fail(f"no sag-anon DICOM files in {SAG_ANON}")
     return SAG_ANON
+
+
+@pytest.fixture(scope="session")
+def sag_anon_count(sag_anon) -> int:
+    """How many instances of the series `sag_anon` holds (192, or 16 in a fresh clone)."""
+    return len(list(sag_anon.glob("*.dcm")))
 
 
 @pytest.fixture()

@@ -111,7 +111,8 @@ def test_lonk_messages_from_a_series_in_byte_format(nats_url, connection, make_c
     assert subjects == {SUBJECT}
     progress = [struct.unpack("<I", p[1:])[0] for p in payloads if p[0] == 0x01]
     assert all(len(p) == 5 for p in payloads if p[0] == 0x01)
-    assert progress == list(range(1, 20)) + [19]  # each stored instance, then the final count
+    stored = len(files) - 1  # 19 (16 files in a fresh clone: 15)
+    assert progress == list(range(1, stored + 1)) + [stored]  # each stored instance, then the final count
     errors = [p[1:].decode() for p in payloads if p[0] == 0x02]
     assert any("StudyDate" in e for e in errors)
     assert payloads[-1] == b"\x00"

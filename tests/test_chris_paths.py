@@ -25,14 +25,14 @@ def path_of(**changes: object) -> str:
     return instance_path({k: v for k, v in tags.items() if v is not None}, AET).path
 
 
-def test_all_192_sag_anon_files_land_at_cube_md_paths(sag_anon):
+def test_every_sag_anon_file_lands_at_its_cube_md_path(sag_anon, sag_anon_count):
     files = sorted(sag_anon.glob("*.dcm"))
-    assert len(files) == 192
+    assert len(files) == sag_anon_count in (16, 192)  # the shipped first 16, or the whole series in CI
     paths = [instance_path(read_instance_tags(f), AET).path for f in files]
     # The files of sag-anon are named as cube.md says they are stored: NNNN-<SOPInstanceUID>.dcm.
     assert paths == [f"{SAG_FOLDER}/{f.name}" for f in files]
     assert paths[0] == (f"{SAG_FOLDER}/0001-1.3.12.2.1107.5.2.19.45152.2013030808110258929186035.dcm")
-    assert {p.rsplit("/", 1)[1][:4] for p in paths} == {f"{n:04d}" for n in range(1, 193)}
+    assert {p.rsplit("/", 1)[1][:4] for p in paths} == {f"{n:04d}" for n in range(1, sag_anon_count + 1)}
 
 
 def test_worked_example_of_a_single_file():

@@ -81,14 +81,15 @@ def finish(service, connection, config, folder: Path) -> dict:
 
 
 def test_pacsfiles_mode_stores_registers_and_marks_the_series(service, connection, make_cube, incoming,
-                                                             files_root):
+                                                             files_root, sag_anon_count):
+    n = sag_anon_count
     cube = make_cube("cube5")
     config = chris_config(cube)
     assert run_all(service, connection, config, instance_files(incoming)) == []
     result = finish(service, connection, config, incoming)
-    assert result["mode"] == "pacsfiles" and result["registered"] == 192
+    assert result["mode"] == "pacsfiles" and result["registered"] == n
     stored = sorted(p.relative_to(files_root).as_posix() for p in (files_root / SAG_FOLDER).glob("*.dcm"))
-    assert len(stored) == 192 and stored[0].startswith(f"{SAG_FOLDER}/0001-")
+    assert len(stored) == n and stored[0].startswith(f"{SAG_FOLDER}/0001-")
     dicom = [p for p in cube.state.files if p.startswith(SAG_FOLDER + "/")]
     assert sorted(dicom) == stored
     # oxidicom's marker files, found the way its clients search for them.
@@ -100,24 +101,25 @@ def test_pacsfiles_mode_stores_registers_and_marks_the_series(service, connectio
         "pacs_identifier": "org.fnndsc.oxidicom", "SeriesInstanceUID": SAG_SERIES_UID}).json()["results"]
     markers = {r["ProtocolName"]: r for r in found}
     assert markers["NumberOfSeriesRelatedInstances"]["SeriesDescription"] == "unknown"
-    assert markers["OxidicomAttemptedPushCount"]["SeriesDescription"] == "192"
+    assert markers["OxidicomAttemptedPushCount"]["SeriesDescription"] == str(n)
     attempt_path = markers["OxidicomAttemptedPushCount"]["fname"]
     assert attempt_path.startswith(f"SERVICES/PACS/org.fnndsc.oxidicom/{SAG_FOLDER}/")
-    assert attempt_path.endswith("/OxidicomAttemptedPushCount=192")
+    assert attempt_path.endswith(f"/OxidicomAttemptedPushCount={n}")
     assert (files_root / attempt_path).is_file() and (files_root / attempt_path).stat().st_size == 0
     progress = series_progress(connection, AET, SAG_SERIES_UID)
-    assert progress["stored"] == 192 and progress["registered"] == 192 and progress["errors"] == {}
-    assert progress["state"] == "done" and progress["path"] == SAG_FOLDER and progress["attempted"] == 192
+    assert progress["stored"] == n and progress["registered"] == n and progress["errors"] == {}
+    assert progress["state"] == "done" and progress["path"] == SAG_FOLDER and progress["attempted"] == n
     assert [p["SeriesInstanceUID"] for p in recent_series(connection)] == [SAG_SERIES_UID]
 
 
-def test_series_mode_body_is_cube_md_worked_example(service, connection, make_cube, incoming):
+def test_series_mode_body_is_cube_md_worked_example(service, connection, make_cube, incoming, sag_anon_count):
+    n = sag_anon_count
     cube = make_cube("cube7")
     config = chris_config(cube)  # auto: detected from the double
     assert run_all(service, connection, config, instance_files(incoming)) == []
     assert not cube.registrations()  # the instance register jobs were no-ops
     result = finish(service, connection, config, incoming)
-    assert result["mode"] == "series" and result["registered"] == 192
+    assert result["mode"] == "series" and result["registered"] == n
     (request,) = cube.registrations()
     assert request.status == 201 and request.path == "/api/v1/pacs/series/"
     assert request.body == {
@@ -126,69 +128,75 @@ def test_series_mode_body_is_cube_md_worked_example(service, connection, make_cu
         "AccessionNumber": "98edede8b2", "Modality": "MR", "ProtocolName": "SAG MPRAGE 220 FOV",
         "StudyDescription": "MR-Brain w/o Contrast", "SeriesDescription": "SAG MPRAGE 220 FOV",
         "StudyInstanceUID": "1.2.840.113845.11.1000000001785349915.20130308061609.6346698",
-        "SeriesInstanceUID": SAG_SERIES_UID, "ndicom": 192, "path": SAG_FOLDER,
+        "SeriesInstanceUID": SAG_SERIES_UID, "ndicom": n, "path": SAG_FOLDER,
     }
-    assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER)]) == 192
+    assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER)]) == n
     progress = series_progress(connection, AET, SAG_SERIES_UID)
-    assert progress["registered"] == 192 and progress["state"] == "registered"
+    assert progress["registered"] == n and progress["state"] == "registered"
     # A re-sent series is idempotent: "already registered" is a success.
     assert finish(service, connection, config, incoming)["created"] is False
 
 
-def test_series_job_waits_for_store_jobs_still_running(service, connection, make_cube, incoming):
+def test_series_job_waits_for_store_jobs_still_running(service, connection, make_cube, incoming, sag_anon_count):
+    n = sag_anon_count
     cube = make_cube("cube7")
     config = chris_config(cube, CHRIS_REGISTRATION="series")
     files = instance_files(incoming)
-    run_all(service, connection, config, files[:100], register=False)
+    run_all(service, connection, config, files[:n // 2], register=False)
     outcome: dict = {}
     waiter = threading.Thread(target=lambda: outcome.update(finish(service, connection, config, incoming)))
     waiter.start()
-    run_all(service, connection, config, files[100:], register=False)
+    run_all(service, connection, config, files[n // 2:], register=False)
     waiter.join(30)
-    assert outcome["registered"] == 192
+    assert outcome["registered"] == n
     (request,) = cube.registrations()
-    assert request.body["ndicom"] == 192 and request.status == 201
+    assert request.body["ndicom"] == n and request.status == 201
 
 
-def test_series_job_gives_up_waiting_with_a_clear_error(service, connection, make_cube, incoming):
+def test_series_job_gives_up_waiting_with_a_clear_error(service, connection, make_cube, incoming, sag_anon_count):
+    n = sag_anon_count
     from dicomflow.chris.errors import SeriesIncompleteError
     cube = make_cube("cube7")
     config = chris_config(cube, CHRIS_SERIES_WAIT="0.3")
     run_all(service, connection, config, instance_files(incoming)[:10], register=False)
-    with pytest.raises(SeriesIncompleteError, match="182 of 192"):
+    with pytest.raises(SeriesIncompleteError, match=f"{n - 10} of {n}"):
         finish(service, connection, config, incoming)
     assert not cube.registrations()
 
 
-def test_missing_study_date_fails_that_instance_only(service, connection, make_cube, incoming, files_root):
+def test_missing_study_date_fails_that_instance_only(service, connection, make_cube, incoming, files_root,
+                                                    sag_anon_count):
+    n = sag_anon_count
     cube = make_cube("cube7")
     config = chris_config(cube)
-    broken = instance_files(incoming)[41]
+    broken = instance_files(incoming)[n // 3]
     without_study_date(broken)
     errors = run_all(service, connection, config, instance_files(incoming))
     assert len(errors) == 1 and errors[0].keyword == "StudyDate" and "StudyDate" in str(errors[0])
     result = finish(service, connection, config, incoming)
-    assert result["registered"] == 191 and result["errors"] == 1
-    assert cube.registrations()[0].body["ndicom"] == 191
+    assert result["registered"] == n - 1 and result["errors"] == 1
+    assert cube.registrations()[0].body["ndicom"] == n - 1
     progress = series_progress(connection, AET, SAG_SERIES_UID)
-    assert progress["stored"] == 191 and list(progress["errors"]) == [broken.stem]
+    assert progress["stored"] == n - 1 and list(progress["errors"]) == [broken.stem]
     assert "StudyDate" in progress["errors"][broken.stem]
 
 
-def test_a_series_that_grows_after_registration_is_reported(service, connection, make_cube, incoming):
+def test_a_series_that_grows_after_registration_is_reported(service, connection, make_cube, incoming,
+                                                            sag_anon_count):
+    n = sag_anon_count
     cube = make_cube("cube7")
     config = chris_config(cube)
     files = instance_files(incoming)
-    run_all(service, connection, config, files[:191])
-    event = series_event([p.stem for p in files[:191]])
+    run_all(service, connection, config, files[:n - 1])
+    event = series_event([p.stem for p in files[:n - 1]])
     service.register_series(connection=connection, **job_kwargs("s", incoming, event, config,
                                                                 headers=SAG_HEADERS))
-    late = service.store(connection=connection, **job_kwargs("chrisStore", files[191],
-                                                               instance_event(files[191].stem), config))
+    late = service.store(connection=connection, **job_kwargs("chrisStore", files[n - 1],
+                                                               instance_event(files[n - 1].stem), config))
     assert late["grownAfterRegistration"] == 1
     progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["state"] == "grown" and progress["grownAfterRegistration"] == 1
-    assert progress["registered"] == 191 and progress["stored"] == 192
+    assert progress["registered"] == n - 1 and progress["stored"] == n
 
 
 def test_through_rq_pacsfiles_with_cube_down_then_rerun(service, connection, make_cube, incoming, files_root):
@@ -221,7 +229,7 @@ def test_through_rq_pacsfiles_with_cube_down_then_rerun(service, connection, mak
     assert progress["registered"] == 8 and progress["errors"] == {}
 
 
-def test_through_rq_series_mode_with_a_503(service, connection, make_cube, incoming):
+def test_through_rq_series_mode_with_a_503(service, connection, make_cube, incoming, sag_anon_count):
     cube = make_cube("cube7")
     config = chris_config(cube)
     high, low = Queue("high", connection=connection), Queue("low", connection=connection)
@@ -236,7 +244,7 @@ def test_through_rq_series_mode_with_a_503(service, connection, make_cube, incom
     cube.fail_next(1, 503)
     SimpleWorker([high, low], connection=connection).work(burst=True)
     assert series_job.get_status(refresh=True) == JobStatus.FINISHED
-    assert series_job.return_value()["registered"] == 192
+    assert series_job.return_value()["registered"] == sag_anon_count
     statuses = [r.status for r in cube.registrations()]
     assert statuses.count(201) == 1 and len(cube.state.series) == 1
 

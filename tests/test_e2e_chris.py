@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SAG_ANON_COUNT
 from tests.support.procs import wait_for
 from tests.support.stack import Pipeline, diagnostics
 
@@ -41,17 +41,18 @@ def test_sag_anon_stored_and_registered(tmp_path, redis_url, connection, sag_ano
             raise AssertionError(diagnostics(stack)) from exc
         progress = stack.api(f"/api/v1/chris/series/{SERIES_UID}?pacs_name=OXITESTORTHANC")
     names = sorted(p.name for p in folder.glob("*.dcm"))
-    assert len(names) == 192 and names[0].startswith("0001-1.3.12.2.1107.5.2.19.45152.20130308081102589")
-    assert progress["stored"] == 192 and progress["registered"] == 192, progress
+    assert len(names) == SAG_ANON_COUNT
+    assert names[0].startswith("0001-1.3.12.2.1107.5.2.19.45152.20130308081102589")
+    assert progress["stored"] == SAG_ANON_COUNT and progress["registered"] == SAG_ANON_COUNT, progress
     assert not progress["errors"]
     posts = cube.registrations()
     if api == "pacsfiles":
         files = [r.body for r in posts if r.path.endswith("pacsfiles/") and r.body["pacs_name"] == "OXITESTORTHANC"]
-        assert len(files) == 192 and len({f["path"] for f in files}) == 192
+        assert len(files) == SAG_ANON_COUNT and len({f["path"] for f in files}) == SAG_ANON_COUNT
         assert all(f["path"].startswith(SERIES_PATH + "/") for f in files)
     else:
         (series,) = [r.body for r in posts if r.path.endswith("pacs/series/")]
-        assert series["path"] == SERIES_PATH and series["ndicom"] == 192
+        assert series["path"] == SERIES_PATH and series["ndicom"] == SAG_ANON_COUNT
 
 
 def test_rate_limit_can_be_changed_at_run_time(tmp_path, redis_url, connection, make_cube, files_root):
@@ -70,4 +71,4 @@ def test_rate_limit_can_be_changed_at_run_time(tmp_path, redis_url, connection, 
 def _finished(stack: Pipeline) -> bool:
     response = stack.session.get(f"{stack.scheduler_url}/api/v1/chris/series/{SERIES_UID}?pacs_name=OXITESTORTHANC", timeout=5)
     return response.ok and response.json().get("state") in ("done", "registered") \
-        and response.json()["registered"] == 192
+        and response.json()["registered"] == SAG_ANON_COUNT

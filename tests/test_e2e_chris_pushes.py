@@ -12,7 +12,7 @@ import threading
 import requests
 
 from dicomflow import keys
-from tests.conftest import REPO
+from tests.conftest import REPO, SAG_ANON_COUNT
 from tests.support.procs import wait_for
 from tests.support.stack import Pipeline, diagnostics
 from tests.test_e2e_chris import SERIES_PATH, SERIES_UID, _config
@@ -27,7 +27,8 @@ def _folder(pacs: str) -> str:
 def _registered(stack: Pipeline, pacs: str) -> bool:
     response = stack.session.get(f"{stack.scheduler_url}/api/v1/chris/series/{SERIES_UID}",
                                  params={"pacs_name": pacs}, timeout=5)
-    return response.ok and response.json()["state"] in ("registered", "done") and response.json()["registered"] == 192
+    return response.ok and response.json()["state"] in ("registered", "done") \
+        and response.json()["registered"] == SAG_ANON_COUNT
 
 
 def _series_registrations(cube) -> list[dict]:
@@ -41,8 +42,8 @@ def test_a_series_not_yet_complete_when_the_stack_stops_is_registered_after_the_
                      extra_config=_config(cube, files_root)).start()
     try:
         stack.orthanc.store([sag_anon], aet="OXITESTORTHANC", pattern="*.dcm")
-        wait_for(lambda: int(connection.hget(keys.STATS, "events:scheduled") or 0) >= 192, timeout=60,
-                 what="192 instance events at the scheduler")
+        wait_for(lambda: int(connection.hget(keys.STATS, "events:scheduled") or 0) >= SAG_ANON_COUNT, timeout=60,
+                 what=f"{SAG_ANON_COUNT} instance events at the scheduler")
         # Stopped within the stable age: the push is open, nothing has fired. (The scheduler is
         # killed first: a graceful stop may wait out the plugin's keep-alive connection, and its
         # completer would fire the push meanwhile, which is right, but not this case.)
@@ -59,7 +60,7 @@ def test_a_series_not_yet_complete_when_the_stack_stops_is_registered_after_the_
     finally:
         stack.stop()
     (series,) = _series_registrations(cube)
-    assert series["path"] == SERIES_PATH and series["ndicom"] == 192
+    assert series["path"] == SERIES_PATH and series["ndicom"] == SAG_ANON_COUNT
 
 
 def test_the_same_series_from_two_senders_at_once_and_again_from_a_third_is_registered_per_sender(
@@ -84,9 +85,9 @@ def test_the_same_series_from_two_senders_at_once_and_again_from_a_third_is_regi
             raise AssertionError(diagnostics(stack)) from exc
         listing = stack.api(f"/api/v1/chris/series/{SERIES_UID}")
     for pacs in (*SENDERS, "AE_THREE"):
-        assert len(list((files_root / _folder(pacs)).glob("*.dcm"))) == 192, pacs
+        assert len(list((files_root / _folder(pacs)).glob("*.dcm"))) == SAG_ANON_COUNT, pacs
     registered = {s["pacs_name"]: s for s in _series_registrations(cube)}
     assert sorted(registered) == ["AE_ONE", "AE_THREE", "AE_TWO"]
-    assert all(s["ndicom"] == 192 and s["path"] == _folder(p) for p, s in registered.items())
+    assert all(s["ndicom"] == SAG_ANON_COUNT and s["path"] == _folder(p) for p, s in registered.items())
     assert sorted(p["pacs_name"] for p in listing["pacs"]) == ["AE_ONE", "AE_THREE", "AE_TWO"]
-    assert all(p["stored"] == 192 and not p["errors"] for p in listing["pacs"])
+    assert all(p["stored"] == SAG_ANON_COUNT and not p["errors"] for p in listing["pacs"])

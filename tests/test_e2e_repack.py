@@ -7,7 +7,7 @@ import json
 import pydicom
 
 from scheduler.registry import load_registry
-from tests.conftest import REPO
+from tests.conftest import REPO, SAG_ANON_COUNT
 from tests.support.procs import wait_for
 from tests.support.stack import Pipeline, diagnostics
 
@@ -33,8 +33,8 @@ def test_sag_anon_is_repacked_through_the_pipeline(tmp_path, redis_url, connecti
         stack.orthanc.store([sag_anon], aet="OXITESTORTHANC", pattern="*.dcm")
         series = data / SERIES_DIR
         try:
-            wait_for(lambda: series.is_dir() and len(list(series.glob("*.dcm"))) == 192, timeout=120,
-                     what="192 repacked files")
+            wait_for(lambda: series.is_dir() and len(list(series.glob("*.dcm"))) == SAG_ANON_COUNT, timeout=120,
+                     what=f"{SAG_ANON_COUNT} repacked files")
         except TimeoutError as exc:
             raise AssertionError(diagnostics(stack)) from exc
     for source in sag_anon.glob("*.dcm"):

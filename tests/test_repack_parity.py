@@ -29,6 +29,7 @@ from dicomflow.repack.seriesmeta import dicom_dump
 from dicomflow.repack.tree import repack_tree
 from tests.support.pypx_env import PypxUnavailable, px_repack
 from tests.support.repack_dicom import make_instance
+from tests.conftest import SAG_ANON_COUNT
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +87,7 @@ def test_parity_on_sag_anon(sag_anon: Path, px_repack_script: Path, tmp_path):
     run_ours(inbox, ours)
 
     px_files, our_files = dicom_files(px / "data"), dicom_files(ours / "data")
-    assert len(px_files) == 192
+    assert len(px_files) == SAG_ANON_COUNT
     px_series = {str(Path(rel).parent) for rel in px_files}
     our_series = {str(Path(rel).parent) for rel in our_files}
     assert px_series == {("1449c1d-anonymized-20090701/MR-Brain_w_o_Contrast-98edede8b2-20130308/"
