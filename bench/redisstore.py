@@ -5,9 +5,10 @@
              connections in the same run (the limit here); the ratio is the goal (>= 0.8).
   queries    the demo's three scenarios with --instances (10,000) indexed: p50/p99 latency.
   load       bulk load of a folder (sag-anon) in files/s, next to one SET per file (the limit).
+  worker     the service's job function alone (jobs/s in one process).
   pipeline   the service's jobs/s against Orthanc's receive rate, one storescu of the folder.
 
-Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,pipeline] [--size-mb 512]
+Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,worker,pipeline] [--size-mb 512]
        [--instances 10000] [--data ../shared/data/sag-anon] [--out FILE.json]
 """
 
@@ -124,9 +125,13 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
         hits = store.find({"ProtocolName": "PROTO_07"}, {"StudyDate": parse_date_range("2019")}, documents=False)[0]
         scenarios = {
             "1 file by name": lambda: store.get(file_name=rng.choice(names)),
+            "1 file by name, not verified": lambda: store.get(file_name=rng.choice(names), verify=False),
             f"2 protocol+year, with bytes ({hits} hits avg)": lambda: store.find(
                 {"ProtocolName": rng.choice(protocols)}, {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))},
                 with_bytes=True),
+            "2 protocol+year, with bytes, not verified": lambda: store.find(
+                {"ProtocolName": rng.choice(protocols)}, {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))},
+                with_bytes=True, verify=False),
             "2 protocol+year, documents only": lambda: store.find(
                 {"ProtocolName": rng.choice(protocols)}, {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))}),
             "3 counts per protocol": lambda: store.count("ProtocolName"),
@@ -186,6 +191,31 @@ def part_load(files: list[Path], results: dict) -> None:
     results["load"] = rows
 
 
+def part_worker(files: list[Path], results: dict) -> None:
+    """The service's worker function alone, called as an RQ worker calls it (headers from the plugin)."""
+    import importlib
+
+    print(f"\n== worker: the redisstore job function alone, {len(files)} files ==")
+    sys.path.insert(0, str(REPO / "services" / "modules"))
+    worker = importlib.import_module("redisstore").worker
+    jobs = [(str(p), read_header(str(p))) for p in files]
+    with private_redis() as url, private_redis() as queue_url:
+        config = {"REDIS_STORE_URL": url}
+        queue = redis.Redis.from_url(queue_url)
+        rates = []
+        for _ in range(3):
+            redis.Redis.from_url(url).flushall()
+            t = time.perf_counter()
+            for path, header in jobs:
+                worker(jobName="redisstore", headers=header.tags, params={}, added_params={}, dcmpath=path,
+                       event={"orthanc": {"instance": "x"}, "transferSyntax": header.transfer_syntax},
+                       config=config, connection=queue)
+            rates.append(len(jobs) / (time.perf_counter() - t))
+    rate = statistics.median(rates)
+    print(f"{rate:.0f} jobs/s in one worker process ({1e3 / rate:.2f} ms per job)", flush=True)
+    results["worker"] = {"jobs_s": round(rate)}
+
+
 def part_pipeline(data: Path, files: list[Path], results: dict) -> None:
     from tests.support.stack import Pipeline
 
@@ -217,7 +247,7 @@ def part_pipeline(data: Path, files: list[Path], results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="retrieval,queries,load,pipeline")
+    parser.add_argument("--parts", default="retrieval,queries,load,worker,pipeline")
     parser.add_argument("--size-mb", type=int, default=512)
     parser.add_argument("--instances", type=int, default=10000)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sag-anon")
@@ -236,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         part_queries(args.instances, files, results)
     if "load" in parts:
         part_load(files, results)
+    if "worker" in parts:
+        part_worker(files, results)
     if "pipeline" in parts:
         part_pipeline(args.data, files, results)
     if args.out:

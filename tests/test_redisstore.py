@@ -252,8 +252,10 @@ def test_a_large_file_comes_back_in_parallel_byte_identical(store, store_url, tm
         out.write(_sample(sag_anon).read_bytes())
         out.write(os.urandom(20 << 20) + b"tail")
     sop = store.store_file(str(big)).sop
-    result = fetch(store_url, sop, str(tmp_path / "back.dcm"), connections=8)
-    assert result.verified and (tmp_path / "back.dcm").read_bytes() == big.read_bytes()
+    for raw in (True, False):  # our RESP sockets, and redis-py's asyncio client (TLS, unix sockets)
+        result = fetch(store_url, sop, str(tmp_path / "back.dcm"), connections=8, raw=raw)
+        assert result.verified and (tmp_path / "back.dcm").read_bytes() == big.read_bytes()
+        os.unlink(tmp_path / "back.dcm")
     with pytest.raises(NotFoundError):
         fetch(store_url, "1.2.3.nothing", str(tmp_path / "none.dcm"))
     assert not (tmp_path / "none.dcm").exists()
@@ -265,3 +267,19 @@ def test_date_ranges():
     assert parse_date_range("-2000") == (0, 20001231)
     with pytest.raises(ValueError):
         parse_date_range("13")
+
+
+def test_the_parallel_reader_logs_in_and_selects_the_database(tmp_path, sag_anon):
+    proc, url = start_redis(tmp_path / "auth")
+    try:
+        redis.Redis.from_url(url).config_set("requirepass", "s3cret:/@x")
+        url = url.replace("redis://", "redis://:s3cret%3A%2F%40x@")[:-1] + "3"
+        store = RedisStore(redis.Redis.from_url(url), "dicom:", 64 * 1024)
+        big = tmp_path / "big.dcm"
+        big.write_bytes(_sample(sag_anon).read_bytes() + os.urandom(1 << 20))
+        sop = store.store_file(str(big)).sop
+        assert fetch(url, sop, str(tmp_path / "back.dcm")).verified
+        assert (tmp_path / "back.dcm").read_bytes() == big.read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(10)

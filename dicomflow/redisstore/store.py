@@ -13,8 +13,8 @@ import msgpack
 import redis
 
 from dicomflow.redisstore import model, scripts
-from dicomflow.redisstore.errors import (AmbiguousError, IntegrityError, NotFoundError, QueueDatabaseError,
-                                         RedisStoreError, StoreFullError)
+from dicomflow.redisstore.errors import (AmbiguousError, IntegrityError, InvalidInputError, NotFoundError,
+                                         QueueDatabaseError, RedisStoreError, StoreFullError)
 from dicomflow.redisstore.keys import StoreKeys
 from dicomflow.redisstore.settings import DEFAULT_CHUNK_KB, StoreSettings
 
@@ -26,6 +26,8 @@ REPLACED_GRACE = 60
 INLINE_CHUNKS = 64
 #: Chunks written per round trip.
 WRITE_BATCH = 16
+#: Files up to this size are read into memory once; larger ones are streamed (hashed, then written).
+IN_MEMORY_MAX = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,14 @@ class RedisStore:
             header = model.read_header(path)
             tags = header.tags if tags is None else tags
             transfer_syntax = header.transfer_syntax if transfer_syntax is None else transfer_syntax
+        try:
+            if os.path.getsize(path) <= IN_MEMORY_MAX:  # read once: hashed and written from memory
+                with open(path, "rb") as file:
+                    data = file.read()
+                return self.store_bytes(data, tags, file_name=file_name or os.path.basename(path),
+                                        transfer_syntax=transfer_syntax, orthanc=orthanc)
+        except OSError as exc:
+            raise InvalidInputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         if sha256 is None:
             sha256, size = model.sha256_file(path)
         else:
@@ -303,19 +313,24 @@ class RedisStore:
             ValueError: a field that is not indexed.
         """
         query = _query(eq, ranges)
-        inline = (INLINE_CHUNKS if with_bytes else 0) if documents or with_bytes else -1
-        reply = self._search(args=[self.keys.prefix, query, "find", limit, inline])
-        found = []
-        for item in reply[1:]:
-            inst = _decode_doc(item[0], item[1] if len(item) > 1 else [])
-            if with_bytes:
-                if len(item) > 2 or inst.doc.get("chunks") == "0":
-                    inst.data = b"".join(item[2:])
+        reply = self._search(args=[self.keys.prefix, query, "find", limit, 0 if documents or with_bytes else -1])
+        found = [_decode_doc(item[0], item[1] if len(item) > 1 else []) for item in reply[1:]]
+        if with_bytes:
+            # The chunks with one MGET, not through the script: a Lua GET copies each value
+            # twice (into Lua, then into the reply); measured 2x slower for 20 files of 230 KB.
+            keys = [self.keys.chunk(i.sop, i.doc["version"], n) for i in found for n in range(int(i.doc["chunks"]))]
+            values = self.client.mget(keys) if keys else []
+            start = 0
+            for n, inst in enumerate(found):
+                count = int(inst.doc["chunks"])
+                parts = values[start:start + count]
+                start += count
+                if any(v is None for v in parts):  # replaced while read: read it alone
+                    found[n] = inst = self.get(inst.sop, verify=False)
                 else:
-                    inst = self.get(inst.sop, verify=False)
+                    inst.data = b"".join(parts)
                 if verify:
                     _verify(inst)
-            found.append(inst)
         return int(reply[0]), found
 
     def count(self, by: str, eq: Mapping[str, str] | None = None,

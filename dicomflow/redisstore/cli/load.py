@@ -14,10 +14,6 @@ import redis
 from dicomflow.redisstore import RedisStore
 from dicomflow.redisstore.cli.options import Failure, cli
 from dicomflow.redisstore.errors import InvalidInputError, RedisStoreError, StoreFullError
-from dicomflow.redisstore.model import read_header
-
-#: Files up to this size are read once into memory; larger ones are streamed.
-IN_MEMORY_MAX = 64 << 20
 
 
 def _files(folder: Path) -> list[Path]:
@@ -26,12 +22,7 @@ def _files(folder: Path) -> list[Path]:
 
 def load_one(store: RedisStore, path: Path) -> str:
     """Store one file; ``skipped`` when it is stored with the same bytes (and so the same tags)."""
-    header = read_header(str(path))
-    if path.stat().st_size > IN_MEMORY_MAX:
-        status = store.store_file(str(path), header.tags, transfer_syntax=header.transfer_syntax).status
-    else:
-        status = store.store_bytes(path.read_bytes(), header.tags, file_name=path.name,
-                                   transfer_syntax=header.transfer_syntax).status
+    status = store.store_file(str(path)).status
     return "skipped" if status == "unchanged" else status
 
 
