@@ -38,8 +38,10 @@ def _series_registrations(cube) -> list[dict]:
 def test_a_series_not_yet_complete_when_the_stack_stops_is_registered_after_the_restart(
         tmp_path, redis_url, connection, sag_anon, make_cube, files_root):
     cube = make_cube("cube7")
-    stack = Pipeline(tmp_path / "stack", redis_url, REPO / "services", stable_age=10,
-                     extra_config=_config(cube, files_root)).start()
+    # A job fetching from Orthanc when it stops keeps retrying (DICOMFLOW_ORTHANC_RETRY_SECONDS)
+    # until its worker is killed; the reaper queues it again after the heartbeat TTL: both short here.
+    config = {**_config(cube, files_root), "DICOMFLOW_JOB_HEARTBEAT_TTL": "8", "DICOMFLOW_ORTHANC_RETRY_SECONDS": "5"}
+    stack = Pipeline(tmp_path / "stack", redis_url, REPO / "services", stable_age=10, extra_config=config).start()
     try:
         stack.orthanc.store([sag_anon], aet="OXITESTORTHANC", pattern="*.dcm")
         wait_for(lambda: int(connection.hget(keys.STATS, "events:scheduled") or 0) >= SAG_ANON_COUNT, timeout=60,
