@@ -81,7 +81,8 @@ def test_a_callback_that_answers_in_time_resets_the_count(tmp_path, redis_url, s
     try:
         client.post("/api/v1/events", json={"events": [instance_event("8.1")]}, headers=AUTH)
         release.touch()
-        (ok,) = client.post("/api/v1/events", json={"events": [instance_event("8.2")]}, headers=AUTH).get_json()["results"]
+        response = client.post("/api/v1/events", json={"events": [instance_event("8.2")]}, headers=AUTH)
+        (ok,) = response.get_json()["results"]
         assert set(ok["jobs"]) == {"hangJob"}
         release.unlink()
         client.post("/api/v1/events", json={"events": [instance_event("8.3")]}, headers=AUTH)

@@ -54,7 +54,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("worker_class", ["simple", "fork"])
 def test_a_job_whose_worker_is_killed_runs_again_and_its_dependents_follow(
-        services, submit, start_worker, connection, worker_class):
+        services, submit, start_worker, connection, worker_class):  # noqa: F811 - the imported fixture
     make_service(services, "slow", job("slowJob", "slow", sortPosition=1, params={"sleep": 3 * TTL}))
     make_service(services, "after", job("afterJob", "after", sortPosition=2, dependsOn="slowJob"))
     (result,) = submit(instance_event("5.1"))
