@@ -189,3 +189,29 @@ def test_a_request_whose_claim_was_taken_over_enqueues_nothing(tmp_path, redis_u
     with pytest.raises(EventsBusy):
         state = app.extensions["dicomflow"]
         state.enqueuer.submit([Event.model_validate(event(2))], state.registry.current())
+
+
+SLOWISH_CALLBACK = '''
+import time
+
+def callback(jobName, headers, params, added_params, **kwargs):
+    time.sleep(params["seconds"])
+    return True
+'''
+
+
+def test_claims_are_renewed_while_a_long_batch_is_planned(tmp_path, redis_url, services, connection, monkeypatch):
+    """A batch whose callbacks take longer than a claim lives still enqueues (once): its claims
+    are renewed between events. Claims of 0.6 s here, 0.25 s of callback per event."""
+    import scheduler.enqueue as enqueue
+
+    monkeypatch.setattr(enqueue, "CLAIM_MS", 600)
+    make_service(services, "slowish", job("slowishJob", "slowish", params={"seconds": 0.25}),
+                 callback_code=SLOWISH_CALLBACK)
+    app = create_app(settings_for(tmp_path, redis_url, services), connection)
+    response = app.test_client().post("/api/v1/events", json={"events": [event(n) for n in range(5)]},
+                                      headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    assert [r["status"] for r in response.get_json()["results"]] == ["scheduled"] * 5
+    assert connection.llen("rq:queue:default") == 5
+    assert not connection.keys("dicomflow:claim:*"), "released after the write"
