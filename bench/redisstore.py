@@ -6,10 +6,11 @@
   queries    the demo's three scenarios with --instances (10,000) indexed: p50/p99 latency.
   load       bulk load of a folder (sag-anon) in files/s, next to one SET per file (the limit).
   worker     the service's job function alone (jobs/s in one process).
-  pipeline   the service's jobs/s against Orthanc's receive rate, one storescu of the folder.
+  pipeline   the service's jobs/s against Orthanc's receive rate: one storescu of --copies copies of the
+             folder (new UIDs), with 2 workers.
 
 Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,worker,pipeline] [--size-mb 512]
-       [--instances 10000] [--data ../shared/data/sag-anon] [--out FILE.json]
+       [--instances 10000] [--copies 5] [--data ../shared/data/sag-anon] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dicomflow.redisstore.store import parse_date_range
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_KB = (64, 256, 1024)
-CONNECTIONS = (1, 4, 8, 16)
+CONNECTIONS = (1, 2, 4, 8)
 
 
 def redis_benchmark_mb_s(url: str, size: int, connections: int, total_bytes: int) -> float:
@@ -216,32 +217,53 @@ def part_worker(files: list[Path], results: dict) -> None:
     results["worker"] = {"jobs_s": round(rate)}
 
 
-def part_pipeline(data: Path, files: list[Path], results: dict) -> None:
+def _copies(files: list[Path], copies: int, folder: Path) -> list[Path]:
+    """`copies` copies of `files` with new Series and SOP Instance UIDs (each a new instance to Orthanc)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out = []
+    for n in range(copies):
+        series = generate_uid()
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            target = folder / f"{n}-{path.name}"
+            ds.save_as(target, enforce_file_format=True)
+            out.append(target)
+    return out
+
+
+def part_pipeline(files: list[Path], copies: int, results: dict) -> None:
     from tests.support.stack import Pipeline
 
-    print(f"\n== pipeline: the redisstore service's jobs vs Orthanc's receive rate ({len(files)} files) ==")
     with private_redis(aof=True) as queue_url, private_redis() as store_url:
         store = RedisStore(redis.Redis.from_url(store_url))
         work = Path(tempfile.mkdtemp(prefix="redisstore-bench-stack-"))
-        config = work / "dicomflow.env"
-        config.write_text(f"REDIS_STORE_URL={store_url}\n")
         try:
+            (work / "data").mkdir()
+            sent = _copies(files, copies, work / "data")
+            print(f"\n== pipeline: the redisstore service's jobs vs Orthanc's receive rate ({len(sent)} files, "
+                  "2 workers) ==")
+            config = work / "dicomflow.env"
+            config.write_text(f"REDIS_STORE_URL={store_url}\n")
             with Pipeline(work / "stack", queue_url, REPO / "services", workers=2,
                           extra_config={"DICOMFLOW_CONFIG": str(config)}) as stack:
                 t0 = time.perf_counter()
-                stack.orthanc.store([data], pattern="*.dcm")
+                stack.orthanc.store([work / "data"], pattern="*.dcm")
                 t1 = time.perf_counter()
-                while store.stats()["instances"] < len(files):
-                    if time.perf_counter() - t0 > 300:
-                        raise RuntimeError(f"only {store.stats()['instances']} stored after 300 s")
+                while store.stats()["instances"] < len(sent):
+                    if time.perf_counter() - t0 > 600:
+                        raise RuntimeError(f"only {store.stats()['instances']} stored after 600 s")
                     time.sleep(0.02)
                 t2 = time.perf_counter()
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    received, drained = len(files) / (t1 - t0), len(files) / (t2 - t0)
+    received, drained = len(sent) / (t1 - t0), len(sent) / (t2 - t0)
     print(f"Orthanc received {received:.0f} files/s; all stored {t2 - t1:.2f} s after the last was received: "
           f"{drained:.0f} jobs/s end to end ({drained / received:.2f} of the receive rate)", flush=True)
-    results["pipeline"] = {"files": len(files), "orthanc_files_s": round(received, 1),
+    results["pipeline"] = {"files": len(sent), "orthanc_files_s": round(received, 1),
                            "stored_files_s": round(drained, 1), "lag_s": round(t2 - t1, 2)}
 
 
@@ -251,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=512)
     parser.add_argument("--instances", type=int, default=10000)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sag-anon")
+    parser.add_argument("--copies", type=int, default=5, help="copies of the folder the pipeline part sends")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.environ.setdefault("TCP_NODELAY", "1")
@@ -269,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if "worker" in parts:
         part_worker(files, results)
     if "pipeline" in parts:
-        part_pipeline(args.data, files, results)
+        part_pipeline(files, args.copies, results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return 0
