@@ -107,9 +107,8 @@ def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pa
             notifier.flush()
         raise
     assert progress is not None  # SeriesInstanceUID is required by instance_path
-    count, new = progress.stored(key, sop_uid)
+    count, new, info = progress.stored(key, sop_uid)
     notifier.progress(pacs, series_uid, count)
-    info = progress.info()
     result: dict[str, Any] = {"path": location.path, "stored": count}
     if new and "registeredCount" in info and count > int(info["registeredCount"]):
         # Series mode: CUBE registered this series before this instance came; it cannot be
@@ -123,13 +122,16 @@ def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pa
         result["grownAfterRegistration"] = extra
     notifier.flush()
     if register:
-        result.update(register_instance(settings, connection, dcmpath, event, tags=tags))
+        result.update(register_instance(settings, connection, dcmpath, event, tags=tags, info=info))
     return result
 
 
 def register_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
-                      event: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      event: Mapping[str, Any], tags: Mapping[str, Any] | None = None,
+                      info: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Register one stored instance with CUBE 5's pacsfiles API (nothing to do in series mode).
+
+    `tags` and `info` (its series' progress facts) as the store step just read them, if it did.
 
     Raises:
         MissingTagError, InvalidTagError: the tags cannot make a valid registration.
@@ -150,8 +152,10 @@ def register_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath:
             fields = registration_fields(tags, location.pacs_name)
             fields["path"] = location.path
             outcome = client.register_file(fields)
-            attempt = progress.info().get("attempt")
-            if attempt and not progress.has_marker(attempt, NUMBER_OF_SERIES_RELATED_INSTANCES):
+            facts = progress.info() if info is None else info
+            attempt = facts.get("attempt")
+            if attempt and f"marker:{NUMBER_OF_SERIES_RELATED_INSTANCES}:{attempt}" not in facts \
+                    and not progress.has_marker(attempt, NUMBER_OF_SERIES_RELATED_INSTANCES):
                 # Idempotent (same path per attempt, locked, "already registered" is success),
                 # so it is remembered only once CUBE has it: a failure here is retried.
                 announced = _announced(tags)

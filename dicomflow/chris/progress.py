@@ -90,16 +90,19 @@ class SeriesProgress:
         pipe.hget(self.info_key, "attempt")
         return pipe.execute()[-1].decode()
 
-    def stored(self, instance_key: str, sop_uid: str) -> tuple[int, bool]:
-        """Count an instance as written; returns (instances stored, whether this SOP is new)."""
+    def stored(self, instance_key: str, sop_uid: str) -> tuple[int, bool, dict[str, str]]:
+        """Count an instance as written; returns (instances stored, whether this SOP is new,
+        the facts hash after it), in one round trip."""
         pipe = self.connection.pipeline()
         pipe.sadd(self.stored_key, sop_uid)
         pipe.sadd(self.done_key, instance_key)
         pipe.hdel(self.errors_key, instance_key)
         pipe.scard(self.stored_key)
         self._touch(pipe)
-        added, _, _, count = pipe.execute()[:4]
-        return int(count), bool(added)
+        pipe.hgetall(self.info_key)
+        replies = pipe.execute()
+        added, count = replies[0], replies[3]
+        return int(count), bool(added), _decode(replies[-1])
 
     def failed(self, instance_key: str, message: str) -> None:
         """Record an instance that could not be stored or registered.
