@@ -124,6 +124,15 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
               f"{stats['memory_per_instance']} B per instance for {stats['bytes'] // instances} B files "
               f"(overhead x{stats['overhead_ratio']})", flush=True)
         hits = store.find({"ProtocolName": "PROTO_07"}, {"StudyDate": parse_date_range("2019")}, documents=False)[0]
+        def bare_get():  # the floor of scenario 1: one GET of the same bytes, nothing else
+            n = rng.randrange(instances)
+            version = client.hget(store.keys.doc(f"1.2.826.0.1.3680043.18.{n}"), "version").decode()
+            t = time.perf_counter()
+            client.get(store.keys.chunk(f"1.2.826.0.1.3680043.18.{n}", version, 0))
+            return time.perf_counter() - t
+        floor = [bare_get() for _ in range(1000)]
+        p50, p99 = _percentiles(floor)
+        print(f"{'floor: one bare GET of a 232 KB value':<45} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms", flush=True)
         scenarios = {
             "1 file by name": lambda: store.get(file_name=rng.choice(names)),
             "1 file by name, not verified": lambda: store.get(file_name=rng.choice(names), verify=False),

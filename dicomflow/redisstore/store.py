@@ -22,8 +22,11 @@ from dicomflow.redisstore.settings import DEFAULT_CHUNK_KB, StoreSettings
 #: nothing for longer), and old chunks after a replacement (readers of the old version finish).
 PENDING_TTL = 3600
 REPLACED_GRACE = 60
-#: Instances of at most this many chunks are read in the same round trip as their document.
-INLINE_CHUNKS = 64
+#: Instances of at most this many chunks are read in the same round trip as their document (by
+#: the GET script). 0: never — a Lua GET of a 232 KB value costs 0.34 ms (copied into Lua, then
+#: into the reply), a second round trip with MGET 0.09 ms; the old version's chunks outlive a
+#: replacement by REPLACED_GRACE, so the two reads stay consistent.
+INLINE_CHUNKS = 0
 #: Chunks written per round trip.
 WRITE_BATCH = 16
 #: Files up to this size are read into memory once; larger ones are streamed (hashed, then written).
@@ -259,7 +262,7 @@ class RedisStore:
         return doc
 
     def get(self, sop: str | None = None, *, file_name: str | None = None, verify: bool = True) -> StoredInstance:
-        """One instance with its bytes, by SOPInstanceUID or by file name (one round trip for most files).
+        """One instance with its bytes, by SOPInstanceUID or by file name (the document, then one MGET).
 
         Raises:
             NotFoundError, AmbiguousError (a file name several instances share), IntegrityError.
