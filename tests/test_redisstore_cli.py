@@ -120,6 +120,14 @@ def test_a_load_killed_halfway_shows_no_partial_instance_and_the_next_completes_
     assert all(f.data == (folder / f.file_name).read_bytes() for f in found)
 
 
+def test_bench_reads_a_generated_file_back_and_cleans_up(run, store_url):
+    result = run("bench", "--size-mb", "8", "--chunk-kb", "256", "--connections", "1,4")
+    assert result.exit_code == 0, result.output
+    assert "chunk 256 KiB: 1 conn" in result.output and "4 conn" in result.output
+    assert list(redis.Redis.from_url(store_url).scan_iter("dicomflow-bench:*")) == []
+    assert run("bench", "--connections", "0").exit_code == 2
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

@@ -95,6 +95,7 @@ if not old['version'] then return 0 end
 unindex(p, sop, old, eqf, rgf)
 drop_chunks(p, sop, old, 0)
 redis.call('DEL', dockey)
+if redis.call('SCARD', p .. 'all') == 0 then redis.call('DEL', p .. 'stats') end
 return 1
 """
 

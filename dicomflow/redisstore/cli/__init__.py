@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import click
 
 from dicomflow.redisstore.cli.options import cli
-from dicomflow.redisstore.cli import admin, load, read  # noqa: F401 - registers the subcommands
+from dicomflow.redisstore.cli import admin, bench, load, read  # noqa: F401 - registers the subcommands
 
 
 def main(args: Sequence[str] | None = None) -> int:
