@@ -114,15 +114,16 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
         for n in range(instances):
             data, header = bodies[n % len(bodies)]
             tags = dict(header.tags, SOPInstanceUID=f"1.2.826.0.1.3680043.18.{n}",
-                        ProtocolName=rng.choice(protocols), StudyDate=f"{rng.randint(2010, 2024)}0{rng.randint(1, 9)}15",
+                        ProtocolName=rng.choice(protocols),
+                        StudyDate=f"{rng.randint(2010, 2024)}0{rng.randint(1, 9)}15",
                         PatientID=f"P{n % 500:04d}")
             names.append(f"file-{n:05d}.dcm")
             store.store_bytes(data, tags, file_name=names[-1], transfer_syntax=header.transfer_syntax)
         took = time.perf_counter() - start
         stats = store.stats()
-        print(f"stored {instances} in {took:.1f} s ({instances / took:.0f}/s); used memory {stats['used_memory_human']}, "
-              f"{stats['memory_per_instance']} B per instance for {stats['bytes'] // instances} B files "
-              f"(overhead x{stats['overhead_ratio']})", flush=True)
+        print(f"stored {instances} in {took:.1f} s ({instances / took:.0f}/s); "
+              f"used memory {stats['used_memory_human']}, {stats['memory_per_instance']} B per instance "
+              f"for {stats['bytes'] // instances} B files (overhead x{stats['overhead_ratio']})", flush=True)
         hits = store.find({"ProtocolName": "PROTO_07"}, {"StudyDate": parse_date_range("2019")}, documents=False)[0]
         def bare_get():  # the floor of scenario 1: one GET of the same bytes, nothing else
             n = rng.randrange(instances)
@@ -180,14 +181,14 @@ def part_load(files: list[Path], results: dict) -> None:
         datas = [p.read_bytes() for p in files]
         rows = {}
         for jobs in (1, 2):
-            def set_each() -> float:
+            def set_each(jobs: int = jobs) -> float:
                 client.flushall()
                 t = time.perf_counter()
                 with ThreadPoolExecutor(jobs) as pool:
                     list(pool.map(lambda kv: client.set(f"f:{kv[0]}", kv[1]), enumerate(datas)))
                 return time.perf_counter() - t
 
-            def load() -> float:
+            def load(jobs: int = jobs) -> float:
                 client.flushall()
                 return _load(url, files, jobs)
             limit = min(set_each() for _ in range(3))
@@ -195,9 +196,9 @@ def part_load(files: list[Path], results: dict) -> None:
             resumed = _load(url, files, jobs)
             rows[jobs] = {"load_files_s": round(len(files) / ours), "set_each_files_s": round(len(files) / limit),
                           "ratio": round(limit / ours, 2), "second_run_files_s": round(len(files) / resumed)}
-            print(f"-j {jobs}: dicomflow-redis load {len(files) / ours:6.0f} files/s   one SET per file {len(files) / limit:6.0f} "
-                  f"files/s   ({limit / ours:.2f})   second run (all skipped) {len(files) / resumed:6.0f} files/s",
-                  flush=True)
+            print(f"-j {jobs}: dicomflow-redis load {len(files) / ours:6.0f} files/s   "
+                  f"one SET per file {len(files) / limit:6.0f} files/s   ({limit / ours:.2f})   "
+                  f"second run (all skipped) {len(files) / resumed:6.0f} files/s", flush=True)
     results["load"] = rows
 
 

@@ -125,5 +125,6 @@ def build_document(tags: Mapping[str, object], *, file_name: str, size: int, sha
 
 def same_content(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
     """Whether two documents describe the same stored instance (bytes and tags), times and versions aside."""
-    strip = (lambda d: {k: v for k, v in d.items() if k not in VOLATILE})
+    def strip(doc: Mapping[str, str]) -> dict[str, str]:
+        return {k: v for k, v in doc.items() if k not in VOLATILE}
     return bool(old) and strip(old) == strip(new)

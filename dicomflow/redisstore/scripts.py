@@ -124,8 +124,8 @@ return out
 """
 
 #: Search. ARGV: prefix, msgpack({eq = {{field, value}...}, ranges = {{field, min, max}...}}), mode, arg1, arg2.
-#: mode 'find': arg1 = limit (0: all), arg2 = max inline chunks per instance (-1: no documents).
-#:   Returns {total, {sop, doc, chunk...}...} sorted by SOPInstanceUID.
+#: mode 'find': arg1 = limit (0: all), arg2 = 0 (with documents) or -1 (without).
+#:   Returns {total, {sop, doc}...} sorted by SOPInstanceUID (the bytes: one MGET by the caller).
 #: mode 'count': arg1 = the field to group by. Returns {value, count, value, count...}.
 SEARCH = "#!lua flags=no-writes\n" + r"""
 local p = ARGV[1]
@@ -166,22 +166,14 @@ if mode == 'count' then
   return out
 end
 table.sort(hits)
-local limit, maxinline = tonumber(ARGV[4]), tonumber(ARGV[5])
+local limit, documents = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {#hits}
 for i, sop in ipairs(hits) do
   if limit > 0 and i > limit then break end
-  if maxinline < 0 then
+  if documents < 0 then
     out[#out + 1] = {sop}
   else
-    local flat = redis.call('HGETALL', p .. 'doc:' .. sop)
-    local item = {sop, flat}
-    local d = {}
-    for j = 1, #flat, 2 do d[flat[j]] = flat[j + 1] end
-    local n = tonumber(d['chunks']) or 0
-    if maxinline > 0 and n <= maxinline then
-      for j = 0, n - 1 do item[#item + 1] = redis.call('GET', p .. 'chunk:' .. sop .. ':' .. d['version'] .. ':' .. j) end
-    end
-    out[#out + 1] = item
+    out[#out + 1] = {sop, redis.call('HGETALL', p .. 'doc:' .. sop)}
   end
 end
 return out
