@@ -7,7 +7,7 @@
   load       bulk load of a folder (sag-anon) in files/s, next to one SET per file (the limit).
   worker     the service's job function alone (jobs/s in one process).
   pipeline   the service's jobs/s against Orthanc's receive rate: one storescu of --copies copies of the
-             folder (new UIDs), with 2 workers.
+             folder (new UIDs), with --workers RQ workers (2).
 
 Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,worker,pipeline] [--size-mb 512]
        [--instances 10000] [--copies 5] [--data ../shared/data/sag-anon] [--out FILE.json]
@@ -245,7 +245,7 @@ def _copies(files: list[Path], copies: int, folder: Path) -> list[Path]:
     return out
 
 
-def part_pipeline(files: list[Path], copies: int, results: dict) -> None:
+def part_pipeline(files: list[Path], copies: int, results: dict, workers: int = 2) -> None:
     from tests.support.stack import Pipeline
 
     with private_redis(aof=True) as queue_url, private_redis() as store_url:
@@ -255,10 +255,10 @@ def part_pipeline(files: list[Path], copies: int, results: dict) -> None:
             (work / "data").mkdir()
             sent = _copies(files, copies, work / "data")
             print(f"\n== pipeline: the redisstore service's jobs vs Orthanc's receive rate ({len(sent)} files, "
-                  "2 workers) ==")
+                  f"{workers} workers) ==")
             config = work / "dicomflow.env"
             config.write_text(f"REDIS_STORE_URL={store_url}\n")
-            with Pipeline(work / "stack", queue_url, REPO / "services", workers=2,
+            with Pipeline(work / "stack", queue_url, REPO / "services", workers=workers,
                           extra_config={"DICOMFLOW_CONFIG": str(config)}) as stack:
                 t0 = time.perf_counter()
                 stack.orthanc.store([work / "data"], pattern="*.dcm")
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=10000)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sag-anon")
     parser.add_argument("--copies", type=int, default=5, help="copies of the folder the pipeline part sends")
+    parser.add_argument("--workers", type=int, default=2, help="RQ workers of the pipeline part")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.environ.setdefault("TCP_NODELAY", "1")
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if "worker" in parts:
         part_worker(files, results)
     if "pipeline" in parts:
-        part_pipeline(files, args.copies, results)
+        part_pipeline(files, args.copies, results, args.workers)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return 0
