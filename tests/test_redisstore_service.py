@@ -91,7 +91,8 @@ def test_worker_out_of_memory_raises_for_a_retry(service_worker, tmp_path, conne
         proc.wait(10)
 
 
-def test_sag_anon_is_stored_through_the_pipeline(tmp_path, redis_url, connection, store_url, sag_anon):
+def test_sag_anon_is_stored_through_the_pipeline(tmp_path, redis_url, connection, store_url, sag_anon,
+                                                 sag_anon_count):
     client = redis.Redis.from_url(store_url)
     client.flushall()
     config = tmp_path / "dicomflow.env"
@@ -101,7 +102,8 @@ def test_sag_anon_is_stored_through_the_pipeline(tmp_path, redis_url, connection
                   extra_config={"DICOMFLOW_CONFIG": str(config)}) as stack:
         stack.orthanc.store([sag_anon], aet="STORESCU", pattern="*.dcm")
         try:
-            wait_for(lambda: store.stats()["instances"] == 192, timeout=120, what="192 stored instances")
+            wait_for(lambda: store.stats()["instances"] == sag_anon_count, timeout=120,
+                     what=f"{sag_anon_count} stored instances")
         except TimeoutError as exc:
             raise AssertionError(diagnostics(stack)) from exc
     for source in sag_anon.glob("*.dcm"):
@@ -110,4 +112,4 @@ def test_sag_anon_is_stored_through_the_pipeline(tmp_path, redis_url, connection
         assert got.doc["chunk_size"] == str(64 * 1024) and got.doc["orthanc_instance"]
         # Orthanc rewrites the file meta group; the data set arrives unchanged
         assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(got.data)) == original
-    assert store.count("SeriesInstanceUID") == {str(original.SeriesInstanceUID): 192}
+    assert store.count("SeriesInstanceUID") == {str(original.SeriesInstanceUID): sag_anon_count}
