@@ -18,6 +18,11 @@ def series_state(series_uid: str) -> str:
     return f"{PREFIX}series-state:{series_uid}"
 
 
+def study_jobs(study_uid: str) -> str:
+    """Set of the RQ job ids planned for a study's events (every level): is it all done?"""
+    return f"{PREFIX}study-jobs:{study_uid}"
+
+
 def study_state(study_uid: str) -> str:
     """Set of Orthanc series ids already handed to study-level jobs."""
     return f"{PREFIX}study-state:{study_uid}"

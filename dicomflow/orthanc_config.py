@@ -59,6 +59,8 @@ class OrthancSettings(BaseModel):
     #: Opt-in retention: studies are deleted from Orthanc this many days after their last
     #: update (fractions allowed) once their events are delivered; 0 = keep everything.
     retention_days: float = Field(default=0.0, ge=0, alias="ORTHANC_RETENTION_DAYS")
+    #: Retention deletes a study only once every job of its events finished (the scheduler says).
+    retention_wait_for_jobs: bool = Field(default=True, alias="ORTHANC_RETENTION_WAIT_FOR_JOBS")
 
     @field_validator("plugin_tags", "modalities", mode="before")
     @classmethod
@@ -160,6 +162,7 @@ def render_orthanc_config(settings: OrthancSettings, *, scheduler_url: str, toke
         "RequestTimeout": settings.plugin_request_timeout,
         "MinFreeSpaceMB": settings.min_free_space_mb,
         "RetentionDays": settings.retention_days,
+        "RetentionWaitForJobs": settings.retention_wait_for_jobs,
     }
     if settings.plugin_tags:
         section["Tags"] = list(settings.plugin_tags)

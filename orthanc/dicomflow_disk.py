@@ -23,10 +23,10 @@ flap at the edge).
 **Retention** (`Retention`; opt-in: ``"RetentionDays"``, default 0 = keep everything). A thread
 deletes from Orthanc, every ``"RetentionInterval"`` seconds (3600), the studies whose
 ``LastUpdate`` (Orthanc's, in UTC) is at least RetentionDays old (fractions of a day allowed).
-Only this age-based policy is implemented. "Delete what every service finished" needs the
-pipeline's job state per study, which the scheduler does not expose yet: `Retention` takes a
-``finished(study) -> bool`` condition for it (None for now), asked after the age test, so such
-a check (a request to the scheduler) plugs in without changing the walk. A study is never
+With ``"RetentionWaitForJobs"`` (true, the default) a study old enough goes only once every
+service finished with it: the scheduler answers ``GET /api/v1/studies/<StudyInstanceUID>/jobs``
+(``finished``: no job of the study's events queued, started, deferred, scheduled or failed);
+a scheduler that cannot be asked keeps the study for the next pass. False: age alone. A study is never
 deleted while an event about it (any level) is undelivered: in the plugin's spool, among its
 dead letters (``/dicomflow/spool/retry`` can re-queue them) or in its in-memory queue. The
 studies are read a page at a time (``GET /studies?expand``, 100 per page, a pause between
@@ -44,6 +44,8 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -425,6 +427,25 @@ class Retention:
         }
 
 
+def scheduler_finished(base_url: str, token: str, timeout: float = 10.0) -> Callable[[dict[str, Any]], bool]:
+    """(expanded study) -> whether the scheduler says every job of the study's events finished;
+    False (keep it) when the study has no StudyInstanceUID or the scheduler cannot be asked."""
+    base = base_url.rstrip("/")
+
+    def finished(study: dict[str, Any]) -> bool:
+        uid = str((study.get("MainDicomTags") or {}).get("StudyInstanceUID") or "").strip()
+        if not uid:
+            return False
+        request = urllib.request.Request(f"{base}/api/v1/studies/{urllib.parse.quote(uid, safe='')}/jobs",
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                return json.load(answer).get("finished") is True
+        except (OSError, ValueError):
+            return False
+    return finished
+
+
 # ---- the plugin's part ------------------------------------------------------------------------
 
 
@@ -454,11 +475,13 @@ def install(api: Any, settings: Any, queued: Callable[[], Iterable[str]]) -> tup
             others.update(queued())
             return studies, others
 
+        finished = (scheduler_finished(settings.scheduler_url, settings.token)
+                    if settings.retention_wait_for_jobs else None)
         retention = Retention(api, settings.retention_days * 86400, settings.retention_interval, undelivered,
-                              log=api.LogWarning).start()
+                              finished=finished, log=api.LogWarning).start()
         api.LogWarning(f"dicomflow: retention: studies last updated over {_age(retention.max_age)} ago are deleted "
                        f"from Orthanc (a pass every {retention.interval:g} s) once none of their events waits for "
-                       "delivery")
+                       "delivery" + (" and every job of them finished" if finished else ""))
     return guard, retention
 
 

@@ -173,6 +173,8 @@ class PluginSettings:
     retention_days: float = 0.0
     #: Seconds between two retention passes.
     retention_interval: float = 3600.0
+    #: Retention deletes a study only once the scheduler says every job of its events finished.
+    retention_wait_for_jobs: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -265,6 +267,11 @@ class PluginSettings:
             if not 0.0 <= values[attr] < float("inf") or (values[attr] == 0.0 and not zero_is_off):
                 raise ValueError(f"Dicomflow.{key} must be {'0 (off) or ' if zero_is_off else ''}positive, "
                                  f"got {given!r}")
+        if "RetentionWaitForJobs" in section:
+            if not isinstance(section["RetentionWaitForJobs"], bool):
+                raise ValueError(f"Dicomflow.RetentionWaitForJobs must be true or false, "
+                                 f"got {section['RetentionWaitForJobs']!r}")
+            values["retention_wait_for_jobs"] = section["RetentionWaitForJobs"]
         from dicomflow_disk import storage_paths  # beside this script
         values["storage_paths"] = storage_paths(configuration)
         return cls(scheduler_url=url, token=token, spool_path=spool, tags=tuple(tags), **values)

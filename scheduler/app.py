@@ -58,10 +58,11 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
     completer = Completer(connection, enqueuer, holder, settings.push_poll)
     app.extensions["dicomflow"] = SchedulerState(settings, connection, holder, enqueuer, completer)
 
-    from scheduler import api_chris, api_events, api_status, metrics, ui
+    from scheduler import api_chris, api_events, api_status, api_studies, metrics, ui
     app.register_blueprint(api_events.bp)
     app.register_blueprint(api_status.bp)
     app.register_blueprint(api_chris.bp)
+    app.register_blueprint(api_studies.bp)
     from scheduler import api_redisstore
     app.register_blueprint(api_redisstore.bp)
     # For people and Prometheus: the dashboard's login (HTTP Basic), not the plugin's token.

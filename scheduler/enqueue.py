@@ -434,6 +434,10 @@ class Enqueuer:
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
         result.jobs = ids
         pipe.add("SET", keys.event_run(event.key), _run_value(ids, event), "EX", self.settings.failure_ttl)
+        study = str(event.headers.get("StudyInstanceUID") or "").strip()
+        if study:  # for "has every service finished with this study?" (retention, GET /api/v1/studies)
+            pipe.add("SADD", keys.study_jobs(study), *ids.values())
+            pipe.add("EXPIRE", keys.study_jobs(study), self.settings.failure_ttl)
 
 
 class BatchWrite:

@@ -319,6 +319,7 @@ def test_retention_deletes_old_studies_keeps_recent_and_undelivered_ones(tmp_pat
     max_age = 5.0  # seconds, as a fraction of a day
     server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, extra=_on(small_fs),
                            plugin_options={"RetentionDays": max_age / 86400, "RetentionInterval": 0.3,
+                                           "RetentionWaitForJobs": False,  # age alone here: the sink has no jobs
                                            "MinFreeSpaceMB": 1, **FAST_RETRY})
     servers.append(server.start())
     assert server.status()["retention"]["enabled"]
