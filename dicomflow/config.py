@@ -16,7 +16,7 @@ Model = TypeVar("Model", bound=BaseModel)
 
 #: Environment variables with these prefixes join the configuration even when the
 #: file does not name them (so `CHRIS_URL=... run.sh` works).
-ENV_PREFIXES = ("DICOMFLOW_", "ORTHANC_", "CHRIS_", "REPACK_", "NATS_", "EXPORT_")
+ENV_PREFIXES = ("DICOMFLOW_", "ORTHANC_", "CHRIS_", "REPACK_", "NATS_", "EXPORT_", "REDIS_STORE_")
 
 _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 

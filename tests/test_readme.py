@@ -33,7 +33,7 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 
 #: A configuration name: the prefixes dicomflow.config reads from the environment.
-SETTING = re.compile(r"\b(?:DICOMFLOW|ORTHANC|CHRIS|REPACK|NATS|EXPORT)_[A-Z0-9_]*[A-Z0-9]\b")
+SETTING = re.compile(r"\b(?:DICOMFLOW|ORTHANC|CHRIS|REPACK|NATS|EXPORT|REDIS_STORE)_[A-Z0-9_]*[A-Z0-9]\b")
 #: Where the code reads its configuration (tests and docs excluded).
 CODE_DIRS = ("dicomflow", "scheduler", "worker", "orthanc", "services")
 CODE_FILES = ("run.sh", "build.sh", "service.sh", "docker-compose.yml", "Dockerfile")

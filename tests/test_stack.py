@@ -188,8 +188,10 @@ def test_compose_file_parses_and_uses_the_native_names():
 def test_config_file_and_environment(tmp_path):
     path = tmp_path / "c.env"
     path.write_text("# comment\nDICOMFLOW_QUEUES=a,b\nexport ORTHANC_URL='http://x:1'\nOTHER=1 # trailing\n")
-    config = load_config(path, environ={"DICOMFLOW_QUEUES": "z", "CHRIS_URL": "http://c/", "HOME": "/root"})
-    assert config == {"DICOMFLOW_QUEUES": "z", "ORTHANC_URL": "http://x:1", "OTHER": "1", "CHRIS_URL": "http://c/"}
+    config = load_config(path, environ={"DICOMFLOW_QUEUES": "z", "CHRIS_URL": "http://c/", "HOME": "/root",
+                                        "REDIS_STORE_URL": "redis://s/1"})
+    assert config == {"DICOMFLOW_QUEUES": "z", "ORTHANC_URL": "http://x:1", "OTHER": "1", "CHRIS_URL": "http://c/",
+                      "REDIS_STORE_URL": "redis://s/1"}
     assert Settings.from_config(config).queues == ("z",)
     path.write_text("not an assignment\n")
     with pytest.raises(ConfigError, match=r"c.env:1: expected KEY=VALUE"):
