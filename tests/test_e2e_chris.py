@@ -69,6 +69,7 @@ def test_rate_limit_can_be_changed_at_run_time(tmp_path, redis_url, connection, 
 
 
 def _finished(stack: Pipeline) -> bool:
-    response = stack.session.get(f"{stack.scheduler_url}/api/v1/chris/series/{SERIES_UID}?pacs_name=OXITESTORTHANC", timeout=5)
+    response = stack.session.get(f"{stack.scheduler_url}/api/v1/chris/series/{SERIES_UID}",
+                                 params={"pacs_name": "OXITESTORTHANC"}, timeout=5)
     return response.ok and response.json().get("state") in ("done", "registered") \
         and response.json()["registered"] == SAG_ANON_COUNT
