@@ -447,8 +447,8 @@ PY
 say "dicomflow is up with $workers worker(s):"
 where
 cat <<TXT
-Send a first DICOM file (DCMTK's storescu):
-  TCP_NODELAY=1 /usr/bin/storescu -aec ${ORTHANC_AET} 127.0.0.1 ${ORTHANC_DICOM_PORT} FILE.dcm
+Send DICOM files or folders (non-DICOM files are skipped and listed):
+  .venv/bin/dicomflow-send FILE.dcm|FOLDER
 Install a service:   bash service.sh install NAME -p PATH
 After changing $conf:   bash run.sh restart
 Stop:                bash run.sh stop

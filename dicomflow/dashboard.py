@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 from typing import Any
 
 import click
@@ -22,6 +21,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from markupsafe import escape
 
 from dicomflow.config import load_config
+from dicomflow import logformat
 from dicomflow.errors import ConfigError
 from dicomflow.settings import Settings
 from dicomflow.wsgi import serve
@@ -121,7 +121,7 @@ def _escaped(value: Any) -> Any:
 @click.option("--config", "config_path", envvar="DICOMFLOW_CONFIG", help="the .env-style configuration file")
 def main(config_path: str | None) -> None:
     """Serve the dashboard on DICOMFLOW_DASHBOARD_HOST:DICOMFLOW_DASHBOARD_PORT."""
-    logging.basicConfig(level=logging.INFO)
+    logformat.configure()
     settings = Settings.from_config(load_config(config_path or None))
     serve(create_dashboard(settings), settings.dashboard_host, settings.dashboard_port, threads=4)
 
