@@ -1,0 +1,1 @@
+"""Research extracts: projects, de-identification (issue 19)."""
