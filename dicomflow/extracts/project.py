@@ -59,6 +59,13 @@ class ExtractSettings(BaseModel):
     model_config = ConfigDict(populate_by_name=True, frozen=True)
 
     projects_dir: Path = Field(default=REPO_ROOT / "projects", alias="DICOMFLOW_PROJECTS_DIR")
+    home: Path = Field(default=REPO_ROOT / "state", alias="DICOMFLOW_HOME")
+    extracts_dir: Path | None = Field(default=None, alias="DICOMFLOW_EXTRACTS_DIR")
+
+    @property
+    def output_dir(self) -> Path:
+        """Where de-identified files are written: DICOMFLOW_EXTRACTS_DIR, else <home>/extracts."""
+        return self.extracts_dir or self.home / "extracts"
 
 
 class SecretRef(_Model):
@@ -213,18 +220,20 @@ class Project:
         value = Path(value)
         return value if value.is_absolute() else self.source.parent / value
 
-    def selects_study(self, headers: Mapping[str, Any], calling_ae: str | None) -> bool:
+    def selects_study(self, headers: Mapping[str, Any], calling_ae: str | None, *, modalities: bool = True) -> bool:
         """Whether a study belongs to this project.
 
         Args:
             headers: DICOM keyword -> value of one of the study's instances (Modality,
                 ModalitiesInStudy, PatientID, AccessionNumber are read).
             calling_ae: the AE title the study was sent from.
+            modalities: check the modalities; False when `headers` are one instance's and the
+                study's other modalities are not known yet (the check is made on the files).
         """
         sel = self.model.studies
         if sel.all:
             return True
-        if sel.modalities:
+        if sel.modalities and modalities:
             present = {m.strip().upper() for key in ("ModalitiesInStudy", "Modality")
                        for m in str(headers.get(key) or "").split("\\") if m.strip()}
             if not present & set(sel.modalities):
@@ -343,9 +352,11 @@ class ProjectSet:
     projects: dict[str, Project]
     problems: list[ProjectError]
 
-    def for_study(self, headers: Mapping[str, Any], calling_ae: str | None) -> list[Project]:
-        """The projects a study belongs to, in slug order."""
-        return [p for _, p in sorted(self.projects.items()) if p.selects_study(headers, calling_ae)]
+    def for_study(self, headers: Mapping[str, Any], calling_ae: str | None, *, modalities: bool = True
+                  ) -> list[Project]:
+        """The projects a study belongs to, in slug order (`modalities` as in `Project.selects_study`)."""
+        return [p for _, p in sorted(self.projects.items())
+                if p.selects_study(headers, calling_ae, modalities=modalities)]
 
 
 def load_projects(folder: Path | str) -> ProjectSet:
