@@ -30,6 +30,17 @@ def instance_event(sop: str, **kwargs) -> dict:
     return event
 
 
+@pytest.fixture()
+def in_process_worker(tmp_path, redis_url, services, monkeypatch):
+    """Jobs run by a SimpleWorker in this process: no Orthanc runs here, so their fetch fails
+    at once instead of retrying for DICOMFLOW_ORTHANC_RETRY_SECONDS (only their end matters)."""
+    from worker import runtime
+
+    settings = settings_for(tmp_path, redis_url, services, DICOMFLOW_ORTHANC_RETRY_SECONDS="0",
+                            ORTHANC_URL=f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(runtime, "_runtime", runtime.WorkerRuntime(settings))
+
+
 def post(client, *events):
     response = client.post("/api/v1/events", json={"events": list(events)}, headers=AUTH)
     assert response.status_code == 200, response.get_json()
@@ -159,7 +170,7 @@ def test_added_params_do_not_leak_between_concurrent_events(make_client, service
             assert set(kwargs["added_params"]) == {"aJob", "bJob"}
 
 
-def test_duplicate_instance_is_not_run_twice(make_client, services, connection):
+def test_duplicate_instance_is_not_run_twice(make_client, services, connection, in_process_worker):
     make_service(services, "a", job("aJob", "a"))
     client = make_client()
     first, again_in_batch = post(client, instance_event("3.1"), instance_event("3.1"))
@@ -286,7 +297,7 @@ def test_an_event_claimed_elsewhere_makes_the_batch_retry_and_nothing_is_lost(ma
     assert connection.keys("dicomflow:claim:*") == []
 
 
-def test_a_failed_run_does_not_block_a_resent_instance(make_client, services, connection):
+def test_a_failed_run_does_not_block_a_resent_instance(make_client, services, connection, in_process_worker):
     make_service(services, "a", job("aJob", "a", sortPosition=1, params={"fail": True}))
     make_service(services, "b", job("bJob", "b", sortPosition=2, dependsOn="aJob"))
     client = make_client()
@@ -306,7 +317,8 @@ def test_a_series_nobody_took_is_not_marked_handled(make_client, services, conne
     assert post(client, series)[0]["status"] == "nothing", "sent again, it is planned again"
 
 
-def test_a_replayed_instance_runs_only_if_no_copy_was_scheduled(make_client, services, connection):
+def test_a_replayed_instance_runs_only_if_no_copy_was_scheduled(make_client, services, connection,
+                                                               in_process_worker):
     make_service(services, "a", job("aJob", "a"))
     client = make_client()
     (first,) = post(client, instance_event("1.40"))
