@@ -18,6 +18,7 @@ from flask import Blueprint, current_app, render_template, request
 
 from dicomflow import keys
 from dicomflow.chris import progress
+from dicomflow.repack import progress as repack_progress
 from dicomflow.settings import Settings
 from scheduler import metrics
 
@@ -139,6 +140,15 @@ def chris_series(connection, query: str, events: list[dict[str, Any]]) -> list[d
     return [item for uid in wanted for item in progress.series_senders(connection, uid)]
 
 
+def repack_series(connection, query: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The repack service's progress: of the latest series, or of the series of the events found."""
+    if not query:
+        return repack_progress.recent_series(connection, 50)
+    wanted = sorted({str(e["SeriesInstanceUID"]) for e in events if e.get("SeriesInstanceUID")} | {query})[:50]
+    found = (repack_progress.series_progress(connection, uid) for uid in wanted)
+    return [item for item in found if item is not None]
+
+
 @bp.get("/")
 def index():
     """The status page; `?q=` searches the events by patient, study, series or instance."""
@@ -152,12 +162,13 @@ def index():
     buckets = metrics.rates(connection)
     peak = max([b["events"] for b in buckets] + [b["jobs"] for b in buckets] + [1])
     series = chris_series(connection, query, events)
+    repacked = repack_series(connection, query, events)
     stats = {k.decode(): int(v) for k, v in connection.hgetall(keys.STATS).items()}
     return render_template(
         "status.html", query=query, limit=limit, refresh=refresh, events=events, searched=searched,
         states=job_states(connection, events), refused=refused_events(connection, query),
         services=services(state), plugin=plugin, plugin_error=plugin_error, buckets=buckets, peak=peak,
         rates={m: {w: metrics.per_second(buckets, w, m) for w in ("events", "jobs")} for m in (1, 5, 15)},
-        queues=metrics.queue_counts(connection, settings.queues), series=series, stats=stats,
+        queues=metrics.queue_counts(connection, settings.queues), series=series, repacked=repacked, stats=stats,
         links=links(settings), now=time.time(), outcomes=metrics.OUTCOMES,
     )

@@ -67,3 +67,23 @@ def test_worker_without_datadir_is_a_config_error(tmp_path, config):
     with pytest.raises(ConfigError, match="REPACK_DATADIR"):
         worker(jobName="repack", headers={}, params={}, added_params={}, dcmpath=str(tmp_path / "x.dcm"),
                event={}, config=config, connection=None)
+
+
+def test_worker_records_each_series_progress_for_the_status_page(tmp_path, connection):
+    from dicomflow.repack.progress import recent_series, series_progress
+
+    worker = load(MODULE, "repack_module_under_test4").worker
+    config = {"REPACK_DATADIR": str(tmp_path / "data"), "REPACK_LOGDIR": ""}
+    for n in range(3):
+        src = make_instance(tmp_path / "cache" / f"{n}.dcm", SeriesInstanceUID="1.2.840.99", InstanceNumber=n + 1)
+        result = worker(jobName="repack", headers={"SeriesInstanceUID": "1.2.840.99"}, params={}, added_params={},
+                        dcmpath=str(src), event={}, config=config, connection=connection)
+    broken = tmp_path / "cache" / "broken.dcm"
+    broken.write_bytes(b"not DICOM at all")
+    with pytest.raises(Exception, match="broken.dcm"):
+        worker(jobName="repack", headers={"SeriesInstanceUID": "1.2.840.99"}, params={}, added_params={},
+               dcmpath=str(broken), event={}, config=config, connection=connection)
+    found = series_progress(connection, "1.2.840.99")
+    assert found["repacked"] == 3 and found["failed"] == 1 and "broken.dcm" in found["lastError"]
+    assert found["folder"] == str(Path(result["dst"]).parent)
+    assert [s["SeriesInstanceUID"] for s in recent_series(connection)] == ["1.2.840.99"]

@@ -167,6 +167,17 @@ def test_chris_progress_per_series(client, connection):
     assert "1.2.840.77" in row and "PACS1" in row and "2 of 3" in row
 
 
+def test_repack_progress_per_series(client, connection):
+    from dicomflow.repack import progress as repack_progress
+
+    repack_progress.record(connection, "1.2.840.78", folder="/data/P1/S1/SER1")
+    repack_progress.record(connection, "1.2.840.78", folder="/data/P1/S1/SER1")
+    repack_progress.record(connection, "1.2.840.78", error="x.dcm: not DICOM <b>")
+    row = re.search(r'<tr class="repack-series">.*?</tr>', page(client), re.S).group(0)
+    assert "1.2.840.78" in row and ">2<" in row and "/data/P1/S1/SER1" in row
+    assert "not DICOM &lt;b&gt;" in row
+
+
 def test_rates_and_the_capped_event_list(make_client, services, connection):
     make_service(services, "store", job("storeJob", "store"))
     client = make_client(DICOMFLOW_DASHBOARD_PASSWORD=PASSWORD, DICOMFLOW_RECENT_EVENTS="5")
