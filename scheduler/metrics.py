@@ -31,6 +31,7 @@ from rq.registry import (
 )
 
 from dicomflow import keys
+from dicomflow.chris import client as chris_client
 from dicomflow.chris import progress
 from dicomflow.settings import Settings
 
@@ -247,6 +248,13 @@ class PipelineCollector:
         yield GaugeMetricFamily("dicomflow_chris_errors",
                                 "Instances that failed to store in or register with CUBE, over the kept series.",
                                 value=chris["errors"])
+        registrations = CounterMetricFamily(
+            "dicomflow_chris_registrations", "Registrations sent to CUBE, by API and outcome (created, already "
+            "registered, refused, unavailable after every retry).", labels=["api", "outcome"])
+        for field, count in sorted(connection.hgetall(chris_client.COUNTERS_KEY).items()):
+            api, _, outcome = field.decode().partition(":")
+            registrations.add_metric([api, outcome], int(count))
+        yield registrations
 
     def _plugin(self, settings: Settings) -> Iterator[Metric]:
         status, _reason = plugin_status(settings)

@@ -110,3 +110,30 @@ def test_plugin_counters_from_a_real_orthanc(tmp_path, redis_url, connection, se
     assert value(found, "dicomflow_jobs_enqueued_total", service="store", job="storeJob") == 4
     assert value(found, "dicomflow_queue_jobs", queue="default", state="queued") == 4
     assert value(found, "dicomflow_queue_jobs", queue="default", state="deferred") == 4
+
+
+def test_cube_registrations_are_counted_by_outcome(make_client, connection, make_cube, files_root):
+    """Counters, not sums over kept records: every registration sent to CUBE (the double of
+    tests/support/cube_double.py: CUBE cannot run here), by API and outcome."""
+    from dicomflow.chris.client import ChrisClient
+    from dicomflow.chris.errors import ChrisRequestError
+    from dicomflow.chris.settings import ChrisSettings
+    from tests.support.chris_env import chris_config
+
+    cube = make_cube("cube5")
+    settings = ChrisSettings.from_config(chris_config(cube, CHRIS_REGISTRATION="pacsfiles"))
+    path = "SERVICES/PACS/PACS1/p/s/se/0001-1.2.3.dcm"
+    (files_root / path).parent.mkdir(parents=True)
+    (files_root / path).write_bytes(b"")
+    fields = {"pacs_name": "PACS1", "path": path, "PatientID": "P1", "StudyDate": "2024-01-02",
+              "StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3"}
+    with ChrisClient(settings, connection) as client:
+        assert client.register_file(fields).created
+        assert client.register_file(fields).already
+        with pytest.raises(ChrisRequestError):
+            client.register_file({**fields, "path": path.replace("0001", "0002")})  # no such file: 400
+    found = samples(make_client(DICOMFLOW_DASHBOARD_PASSWORD=PASSWORD, ORTHANC_URL=f"http://127.0.0.1:{free_port()}")
+                    .get("/metrics", headers=LOGIN).get_data(as_text=True))
+    assert value(found, "dicomflow_chris_registrations_total", api="files", outcome="created") == 1
+    assert value(found, "dicomflow_chris_registrations_total", api="files", outcome="already") == 1
+    assert value(found, "dicomflow_chris_registrations_total", api="files", outcome="refused") == 1

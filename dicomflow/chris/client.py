@@ -33,6 +33,8 @@ API_CACHE_TTL = 300
 #: CUBE 5 stores a file's path in a 512-character column; a longer one makes it answer 500.
 MAX_PATH = 512
 _KEYS = service_key("chris")
+#: Hash `<files|series>:<created|already|refused|unavailable>` -> registrations sent to CUBE.
+COUNTERS_KEY = _KEYS + "registrations"
 
 
 @dataclass(frozen=True)
@@ -209,16 +211,27 @@ class ChrisClient:
         lock = self._connection.lock(lock_name, timeout=ttl, blocking_timeout=ttl, sleep=0.02)
         if not lock.acquire():
             raise RegistrationBusyError(f"registration {key} is locked by another worker for over {ttl:.0f}s")
+        kind = "files" if path == PACSFILES else "series"
         try:
             response = self.request("POST", path, json=body)
+        except ChrisUnavailableError:
+            self._count(kind, "unavailable")
+            raise
         finally:
             lock.release()
         status, answer = response.status_code, _body(response)
         if status == 201:
+            self._count(kind, "created")
             return Registered(True, status, answer)
         if is_already_registered(status, answer):
+            self._count(kind, "already")
             return Registered(False, status, answer)
+        self._count(kind, "refused")
         raise ChrisRequestError("POST", self.settings.url + path, status, answer)
+
+    def _count(self, kind: str, outcome: str) -> None:
+        """Count a registration's outcome for /metrics (`COUNTERS_KEY`, since Redis started)."""
+        self._connection.hincrby(COUNTERS_KEY, f"{kind}:{outcome}", 1)
 
     def register_file(self, fields: dict[str, Any]) -> Registered:
         """Register one stored file (CUBE 5 pacsfiles API); `fields` include `path`.
