@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support.procs import free_port, wait_for
+from tests.support.redis_server import start_redis_server, stop_redis_server
 
 REPO = Path(__file__).resolve().parent.parent
 #: The full sag-anon series (192 files), which CI places beside the repository.
@@ -30,29 +29,19 @@ os.environ.setdefault("TCP_NODELAY", "1")
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> str:
     """A real redis-server started for this test session (never the machine's own)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run .ci/run or build.sh first")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    wait_for(lambda: _pings(client), timeout=10, what="redis-server to start")
+    proc, url = start_redis_server(tmp_path_factory.mktemp("redis"), what="redis-server to start")
     yield url
-    proc.terminate()
-    proc.wait(10)
+    stop_redis_server(proc)
 
 
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    """A second redis-server, for the DICOM store (never the queue's), per test module."""
+    proc, url = start_redis_server(tmp_path_factory.mktemp("store-redis"), what="the store's redis-server")
+    yield url
+    stop_redis_server(proc)
 
 
 @pytest.fixture()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,7 +16,8 @@ from dicomflow import keys
 from dicomflow.errors import ConfigError, OrthancError
 from scheduler.app import create_app
 from scheduler.registry import MAX_SETTINGS_BYTES, load_registry
-from tests.support.procs import free_port, wait_for
+from tests.support.procs import free_port
+from tests.support.redis_server import start_redis_server, stop_redis_server
 from tests.support.services import AUTH, job, make_service, settings_for
 from tests.support.services import instance_event as _event_without_ids
 from worker.dicomcache import DicomCache
@@ -260,22 +259,9 @@ def test_an_oversized_settings_json_is_a_load_problem_naming_the_file(tmp_path):
 @pytest.fixture()
 def small_redis(tmp_path):
     """A redis-server of this test's own (its memory limit is changed), as tests/conftest.py starts one."""
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path), "--maxmemory-policy", "noeviction"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-    wait_for(up, timeout=10, what="redis-server to start")
-    yield url, client
-    proc.terminate()
-    proc.wait(10)
+    proc, url = start_redis_server(tmp_path, "--maxmemory-policy", "noeviction", what="redis-server to start")
+    yield url, redis.Redis.from_url(url)
+    stop_redis_server(proc)
 
 
 def test_a_full_redis_is_a_503_redis_full_and_nothing_of_the_batch_is_written(tmp_path, services, small_redis):

@@ -19,6 +19,7 @@ def test_every_api_route_and_method_is_documented_and_nothing_else(make_client):
     document = client.get("/api/v1/openapi.json").get_json()
     documented = {(re.sub(r"\{[A-Za-z_]+\}", "{}", path), method)
                   for path, methods in document["paths"].items() for method in methods}
-    assert served == documented, {"undocumented": sorted(served - documented), "not served": sorted(documented - served)}
+    assert served == documented, {"undocumented": sorted(served - documented),
+                                  "not served": sorted(documented - served)}
     json.dumps(document)  # and it is JSON
     assert client.get("/api/v1/openapi.json", headers=AUTH).status_code == 200

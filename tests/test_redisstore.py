@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import threading
 from collections import Counter
@@ -19,34 +18,12 @@ from dicomflow.redisstore import InvalidInputError, NotFoundError, QueueDatabase
 from dicomflow.redisstore.fetch import fetch
 from dicomflow.redisstore.model import read_header
 from dicomflow.redisstore.store import PENDING_TTL, parse_date_range
-from tests.support.procs import free_port, wait_for
+from tests.support.redis_server import start_redis_server
 
 
 def start_redis(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """A redis-server for the store (not the queue's), on a free port."""
-    port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(folder), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-    wait_for(up, timeout=10, what="the store's redis-server")
-    return proc, url
-
-
-@pytest.fixture(scope="module")
-def store_url(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("store-redis"))
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    return start_redis_server(folder, *extra, what="the store's redis-server")
 
 
 @pytest.fixture()

@@ -19,15 +19,6 @@ from dicomflow.redisstore import RedisStore
 from dicomflow.redisstore.cli import cli
 from tests.conftest import REPO
 from tests.support.procs import wait_for
-from tests.test_redisstore import start_redis
-
-
-@pytest.fixture(scope="module")
-def store_url(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("store-redis"))
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture()

@@ -19,14 +19,6 @@ from tests.support.stack import Pipeline, diagnostics
 from tests.test_redisstore import start_redis
 
 
-@pytest.fixture(scope="module")
-def store_url(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("store-redis"))
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
 @pytest.fixture()
 def service_worker():
     sys.path.insert(0, str(REPO / "services" / "modules"))
