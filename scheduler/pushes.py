@@ -76,7 +76,7 @@ class PushTracker:
 
     def track(self, pipe: BatchWrite, events: Iterable[Event], levels: Iterable[Level], now: float) -> None:
         """Extend (or open) the series/study push of each instance event, for the levels any
-        service listens to. One `PUSH` word list per event and level (see enqueue._APPLY)."""
+        service listens to. One `PUSH` word list per event and level (see scripts.APPLY)."""
         levels = tuple(levels)
         if not levels:
             return
