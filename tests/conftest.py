@@ -21,7 +21,7 @@ SAG_ANON = Path(os.environ.get("SAG_ANON_DIR") or (SAG_ANON_FULL if SAG_ANON_FUL
 #: How many instances it holds: 192, or 16 in a fresh clone (tests compare with this, not with 192).
 SAG_ANON_COUNT = len(list(SAG_ANON.glob("*.dcm")))
 
-pytest_plugins = ["tests.support.chris_fixtures"]
+pytest_plugins = ["tests.support.chris_fixtures", "tests.support.orthanc_fixtures"]
 
 os.environ.setdefault("TCP_NODELAY", "1")
 

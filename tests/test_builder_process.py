@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from dicomflow import dicomheader
-from tests.support.orthanc import EventSink, write_series
+from tests.support.orthanc import write_series
 from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,13 +123,6 @@ def _delivering_builder(url: str, token: str = "test-token") -> BuilderProcess:
     process = BuilderProcess(sys.executable, str(REPO), TAGS, 256, delivery=delivery)
     process.start()
     return process
-
-
-@pytest.fixture
-def sink():
-    server = EventSink().start()
-    yield server
-    server.stop()
 
 
 def test_a_delivering_builder_posts_its_kept_events_and_the_plugins_in_order(tmp_path, sink):

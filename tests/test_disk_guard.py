@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from dicomflow.orthanc_config import OrthancSettings, render_orthanc_config
-from tests.support.orthanc import NODELAY_ENV, STORESCU, EventSink, OrthancServer, leftovers, stop_all, write_series
+from tests.support.orthanc import NODELAY_ENV, STORESCU, OrthancServer, write_series
+from tests.support.orthanc_fixtures import FAST_RETRY
 from tests.support.procs import wait_for
 
 ORTHANC_DIR = Path(__file__).resolve().parent.parent / "orthanc"
@@ -32,7 +33,6 @@ if str(ORTHANC_DIR) not in sys.path:
 import dicomflow_disk as disk  # noqa: E402 - the plugin's folder, put on the path above
 
 MB = 1024 * 1024
-FAST_RETRY = {"RetryMinDelay": 0.2, "RetryMaxDelay": 0.5}
 
 
 # ---- the settings ----------------------------------------------------------------------------
@@ -231,19 +231,6 @@ def small_fs(tmp_path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.fixture()
-def servers() -> Iterator[list[OrthancServer]]:
-    started: list[OrthancServer] = []
-    yield started
-    stop_all(started)
-    assert not leftovers(started), "an Orthanc started by the test is still running"
-
-
-@pytest.fixture()
-def sink() -> Iterator[EventSink]:
-    sink = EventSink().start()
-    yield sink
-    sink.stop()
 
 
 def _on(mount: Path) -> dict[str, str]:

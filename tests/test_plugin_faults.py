@@ -7,32 +7,15 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
 
-import pytest
 
 from dicomflow.orthanc_config import STABLE_SCRIPT
-from tests.support.orthanc import EventSink, OrthancServer, leftovers, stop_all, write_series
+from tests.support.orthanc import EventSink, OrthancServer, write_series
+from tests.support.orthanc_fixtures import FAST_RETRY
 from tests.support.procs import free_port, process_running, wait_for
 
-#: Fast back-off so an outage's end is noticed within a second.
-FAST_RETRY = {"RetryMinDelay": 0.2, "RetryMaxDelay": 0.5}
 
 
-@pytest.fixture()
-def servers() -> Iterator[list[OrthancServer]]:
-    """Orthanc servers a test starts; all stopped afterwards, none left running."""
-    started: list[OrthancServer] = []
-    yield started
-    stop_all(started)
-    assert not leftovers(started), "an Orthanc started by the test is still running"
-
-
-@pytest.fixture()
-def sink() -> Iterator[EventSink]:
-    sink = EventSink().start()
-    yield sink
-    sink.stop()
 
 
 def _instance_events(sink: EventSink) -> list[dict]:
