@@ -26,3 +26,7 @@ class SecretError(ProjectError):
 
 class ProfileError(DicomflowError):
     """A de-identification profile is broken (unknown tag, unknown action, bad YAML)."""
+
+
+class RecordsError(DicomflowError):
+    """The export records cannot be read or written (database unreachable, a migration failed)."""
