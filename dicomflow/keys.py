@@ -63,3 +63,9 @@ JOBS_ENQUEUED = f"{PREFIX}stats:jobs"
 def rate_bucket(bucket: int) -> str:
     """Hash of the events and jobs counted in one 10-second bucket (`int(time) // 10`), kept an hour."""
     return f"{PREFIX}rate:{bucket}"
+
+
+def rate_limit(name: str) -> str:
+    """Namespace of one shared token bucket (dicomflow.ratelimit): `<ns>bucket` (its state) and
+    `<ns>rate` (the rate an operator set at run time), e.g. an export destination's."""
+    return f"{PREFIX}ratelimit:{name}:"
