@@ -61,11 +61,30 @@ class ExtractSettings(BaseModel):
     projects_dir: Path = Field(default=REPO_ROOT / "projects", alias="DICOMFLOW_PROJECTS_DIR")
     home: Path = Field(default=REPO_ROOT / "state", alias="DICOMFLOW_HOME")
     extracts_dir: Path | None = Field(default=None, alias="DICOMFLOW_EXTRACTS_DIR")
+    #: The export records (dicomflow/extracts/records.py); default SQLite in the state folder.
+    db_url: str | None = Field(default=None, alias="DICOMFLOW_DB_URL")
+    #: PIXL's local layout of Parquet extracts: <exports dir>/<project>/all_extracts/<time>/.
+    exports_dir: Path | None = Field(default=None, alias="DICOMFLOW_EXPORTS_DIR")
 
     @property
     def output_dir(self) -> Path:
         """Where de-identified files are written: DICOMFLOW_EXTRACTS_DIR, else <home>/extracts."""
         return self.extracts_dir or self.home / "extracts"
+
+    @property
+    def records_url(self) -> str:
+        """The export records' database: DICOMFLOW_DB_URL, else ``sqlite:///<home>/exports.db``."""
+        return self.db_url or f"sqlite:///{self.home / 'exports.db'}"
+
+    @property
+    def parquet_dir(self) -> Path:
+        """Where Parquet extracts are written: DICOMFLOW_EXPORTS_DIR, else <home>/exports."""
+        return self.exports_dir or self.home / "exports"
+
+    @property
+    def work_dir(self) -> Path:
+        """Per-job working folders of exports that go to DICOM destinations: <home>/extracts-work."""
+        return self.home / "extracts-work"
 
 
 class SecretRef(_Model):
