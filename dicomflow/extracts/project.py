@@ -15,7 +15,12 @@ A project file (``projects/<slug>.yaml``; the folder is ``DICOMFLOW_PROJECTS_DIR
       profile: basic              # a profile of dicomflow/extracts/profiles, or a path
       dateShift: true
       overrides: {SeriesDescription: keep, InstitutionName: {replace: HOSPITAL}}
-    destinations: {dicom: [research-pacs], parquet: [local]}
+    destinations:
+      dicom: [research-pacs]
+      parquet: [research-ftps]
+      endpoints:                  # what the names are (dicomflow.extracts.destinations, docs/exports.md)
+        research-pacs: {type: dicomweb, secrets: {envPrefix: LUNG_CT_PACS}, rate: 5}
+        research-ftps: {type: ftps, secrets: {file: secrets/ftps.env}, caFile: certs/ca.pem}
     secret: {env: LUNG_CT_SECRET}  # or {file: secrets/lung-ct.key}; never the secret itself
 
 Relative paths (cohort, secret file, profile) are relative to the project file's folder.
@@ -190,11 +195,86 @@ class DeidSettings(_Model):
         return value
 
 
+#: A destination's name: in Redis keys (its rate limit) and on the command line.
+DESTINATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: Connection details that belong in the project's secrets, never in its YAML.
+_SECRET_KEYS = ("url", "username", "user", "password", "token", "host")
+
+
+class CredentialsRef(_Model):
+    """Where a destination's URL and credentials are: environment variables or a file, never the YAML.
+
+    ``{envPrefix: P}`` reads ``P_URL``, ``P_USERNAME``, ``P_PASSWORD``, ``P_TOKEN``;
+    ``{file: F}`` reads ``URL=``, ``USERNAME=``, ``PASSWORD=``, ``TOKEN=`` lines (.env style).
+    """
+
+    env_prefix: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_inline(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise ValueError("give {envPrefix: PREFIX} or {file: PATH}: the connection details live in the "
+                             "project's secrets, not in the project file")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CredentialsRef:
+        if (self.env_prefix is None) == (self.file is None):
+            raise ValueError("give exactly one of envPrefix or file")
+        if self.env_prefix is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.env_prefix):
+            raise ValueError(f"{self.env_prefix!r} is not an environment variable prefix")
+        return self
+
+
+class Endpoint(_Model):
+    """One destination of a project: its kind, where its secrets are, how fast it may be sent to."""
+
+    type: Literal["dicomweb", "ftps"]
+    secrets: CredentialsRef
+    #: Instances (FTPS: instances in the zip, or Parquet files) per second, all workers together; 0: no limit.
+    rate: float = Field(default=5.0, ge=0, allow_inf_nan=False)
+    #: Seconds of the rate a rested destination takes at once.
+    burst: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    #: The CA certificate(s) (PEM) the server's certificate must chain to; default: the system's.
+    ca_file: Path | None = None
+    #: STOW-RS: instances and megabytes per request at most (one larger instance goes alone).
+    max_batch_instances: int = Field(default=20, ge=1, le=1000)
+    max_batch_mb: float = Field(default=16.0, gt=0, le=1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            inline = sorted(k for k in value if str(k).lower() in _SECRET_KEYS)
+            if inline:
+                raise ValueError(f"{', '.join(inline)} must not be written in the project file: put them in the "
+                                 "secrets it names ({envPrefix: PREFIX} or {file: PATH})")
+        return value
+
+
 class Destinations(_Model):
-    """Where an extract goes (names of destinations; they are configured elsewhere)."""
+    """Where an extract goes: destination names for DICOM and for Parquet, and what the names are.
+
+    A name without an entry under `endpoints` loads (older project files name destinations
+    only); sending to it fails, naming it.
+    """
 
     dicom: tuple[str, ...] = ()
     parquet: tuple[str, ...] = ()
+    endpoints: dict[str, Endpoint] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Destinations:
+        for name in (*self.dicom, *self.parquet, *self.endpoints):
+            if not DESTINATION_NAME.match(name):
+                raise ValueError(f"{name!r} is not a destination name (letters, digits, '.', '_', '-'; at most 63)")
+        for name in self.parquet:
+            endpoint = self.endpoints.get(name)
+            if endpoint is not None and endpoint.type == "dicomweb":
+                raise ValueError(f"{name} is a DICOMweb destination: it takes DICOM, not Parquet")
+        return self
 
 
 class ProjectModel(_Model):
