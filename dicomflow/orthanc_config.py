@@ -21,6 +21,8 @@ PLUGIN_SCRIPT = REPO_ROOT / "orthanc" / "dicomflow_plugin.py"
 STABLE_SCRIPT = REPO_ROOT / "orthanc" / "dicomflow_stable.lua"
 #: Debian's orthanc-python; load this file, not its folder (it holds other plugins too).
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
+#: Debian's orthanc-postgresql: Orthanc's index (not its files) in PostgreSQL instead of SQLite.
+POSTGRESQL_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
 
 
 class OrthancSettings(BaseModel):
@@ -61,6 +63,18 @@ class OrthancSettings(BaseModel):
     retention_days: float = Field(default=0.0, ge=0, alias="ORTHANC_RETENTION_DAYS")
     #: Retention deletes a study only once every job of its events finished (the scheduler says).
     retention_wait_for_jobs: bool = Field(default=True, alias="ORTHANC_RETENTION_WAIT_FOR_JOBS")
+    #: Orthanc's index in PostgreSQL (`postgresql://user:password@host:port/database`, an
+    #: existing database of its own); empty: SQLite in the storage folder. The files stay on disk.
+    db_url: str = Field(default="", alias="ORTHANC_DB_URL")
+
+    @field_validator("db_url")
+    @classmethod
+    def _postgresql_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("expected a postgresql://user:password@host:port/database URL "
+                             "(Orthanc's index plugin reads no other database)")
+        return value
 
     @field_validator("plugin_tags", "modalities", mode="before")
     @classmethod
@@ -141,10 +155,15 @@ def render_orthanc_config(settings: OrthancSettings, *, scheduler_url: str, toke
         "HttpDescribeErrors": True,
         "Plugins": [],
     }
+    if settings.db_url:
+        # Keys of orthanc-postgresql 4.0 (Orthanc book, "PostgreSQL plugins"); Lock: one Orthanc per database.
+        config["Plugins"].append(str(POSTGRESQL_INDEX_PLUGIN))
+        config["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": False,
+                                "ConnectionUri": settings.db_url, "Lock": True}
     if plugin is False:
         return config
     script = PLUGIN_SCRIPT if plugin is True else Path(plugin)
-    config["Plugins"] = [str(settings.python_plugin)]
+    config["Plugins"].append(str(settings.python_plugin))
     config["PythonScript"] = str(script)  # orthanc-python 4.0 reads this top-level key
     config["Python"] = {"Path": str(script)}  # 4.1+ (the Docker image); 4.0 ignores it
     config["PythonVerbose"] = False
@@ -202,6 +221,9 @@ def main(args: Sequence[str] | None = None) -> int:
         )
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
+    if orthanc.db_url and not POSTGRESQL_INDEX_PLUGIN.exists():
+        parser.exit(2, f"error: ORTHANC_DB_URL is set but {POSTGRESQL_INDEX_PLUGIN} is missing: "
+                       "install Debian's orthanc-postgresql (bash build.sh does when ORTHANC_DB_URL is set)\n")
     if not options.no_plugin and not core.scheduler_token:
         parser.exit(2, "error: DICOMFLOW_SCHEDULER_TOKEN is empty: run.sh generates one on first start\n")
     orthanc.effective_storage_dir.mkdir(parents=True, exist_ok=True)
