@@ -47,12 +47,16 @@ class OrthancServer:
         stable_age: Orthanc's StableAge (seconds).
         plugin_options: extra keys merged into the "Dicomflow" section (e.g. RetryMaxDelay).
         extra: extra top-level Orthanc options.
+        db_url: Orthanc's index in this PostgreSQL database (`ORTHANC_DB_URL`); by default a
+            throwaway database when TEST_ORTHANC_INDEX=postgresql (tests/support/orthanc_index.py),
+            else SQLite in the folder.
     """
 
     def __init__(self, folder: Path, *, plugin: bool | str | os.PathLike = True,
                  scheduler_url: str = "http://127.0.0.1:9", token: str = "test-token",
                  stable_age: int = 60, aet: str = "DICOMFLOW",
-                 plugin_options: dict[str, Any] | None = None, extra: dict[str, Any] | None = None):
+                 plugin_options: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                 db_url: str | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
@@ -63,6 +67,7 @@ class OrthancServer:
         self.settings = OrthancSettings(
             home=self.folder, http_port=self.http_port, dicom_port=self.dicom_port, aet=aet,
             username=self.username, password=self.password, stable_age=stable_age,
+            db_url=db_url if db_url is not None else _test_index_url(),
         )
         config = render_orthanc_config(self.settings, scheduler_url=scheduler_url, token=token,
                                        spool_path=self.folder / "spool.sqlite", plugin=plugin)
@@ -173,6 +178,13 @@ class OrthancServer:
         if done.returncode != 0:
             raise RuntimeError(f"storescu failed ({done.returncode}): {done.stderr[-2000:]}{done.stdout[-500:]}")
         return done
+
+
+def _test_index_url() -> str:
+    """A throwaway PostgreSQL database when TEST_ORTHANC_INDEX=postgresql, else "" (SQLite)."""
+    from tests.support.orthanc_index import create_database, wanted_index
+
+    return create_database() if wanted_index() == "postgresql" else ""
 
 
 # ---- the event sink --------------------------------------------------------------------------
