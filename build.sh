@@ -29,6 +29,9 @@ fi
 
 # 1. Debian/Ubuntu packages.
 packages=(orthanc orthanc-python dcmtk redis-server python3-venv ca-certificates)
+# Orthanc's index in PostgreSQL (ORTHANC_DB_URL, in the environment or the configuration file): Debian's plugin.
+conf=${DICOMFLOW_CONFIG:-${DICOMFLOW_HOME:-$here/state}/dicomflow.env}
+if [ -n "${ORTHANC_DB_URL:-}" ] || grep -qs '^ORTHANC_DB_URL=.' "$conf"; then packages+=(orthanc-postgresql); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
