@@ -319,6 +319,10 @@ fi
 [ -f "$conf" ] || write_config
 chmod 700 "$home"  # Orthanc's storage, the spool and the cache hold patient data
 load_config
+if [ -n "${ORTHANC_DB_URL:-}" ] && [ ! -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ]; then
+  say "ORTHANC_DB_URL is set: installing Orthanc's PostgreSQL index plugin (build.sh)"
+  ( umask 022; bash "$here/build.sh" --native )
+fi
 workers=${workers:-${DICOMFLOW_WORKERS:-2}}
 # Redis, the scheduler, the workers and the dashboard yield the CPU to Orthanc's ingest (docs/benchmarks.md).
 niceness=${DICOMFLOW_NICE:-10}
