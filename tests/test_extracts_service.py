@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+import sqlalchemy as sa
 
 from dicomflow.extracts.deid import Deidentifier, Profile
+from dicomflow.extracts.records import open_records
 from scheduler.registry import load_registry
 from tests.conftest import REPO
+from tests.support.postgres import throwaway_database
 from tests.support.procs import wait_for
 from tests.support.stack import Pipeline, diagnostics
 
@@ -80,22 +84,55 @@ def test_callback_names_the_projects_of_a_study(projects, study):
                         event={"remoteAet": "MODALITY"}, config=config)   # outside every project: nothing
 
 
-def test_worker_writes_each_project_and_is_idempotent(projects, study, tmp_path, monkeypatch):
+def _config(projects: Path, tmp_path: Path, db_url: str | None = None) -> dict[str, str]:
+    config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(tmp_path / "extracts"),
+              "DICOMFLOW_HOME": str(tmp_path / "home")}
+    if db_url:
+        config["DICOMFLOW_DB_URL"] = db_url
+    return config
+
+
+def _dump(url: str) -> str:
+    """Every value of every table of the export records, as one text."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return repr([conn.execute(sa.text(f"SELECT * FROM {t}")).all()
+                         for t in ("study_exports", "export_attempts", "extracts")])
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    with throwaway_database() as url:
+        yield url
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_worker_exports_each_project_once_and_records_it(projects, study, tmp_path, monkeypatch, database,
+                                                         request):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     out = tmp_path / "extracts"
-    config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(out)}
+    db_url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
+    config = _config(projects, tmp_path, db_url)
+    records = open_records(db_url or f"sqlite:///{tmp_path / 'home' / 'exports.db'}")
+    with records.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM study_exports"))
     kwargs = dict(jobName="deid", headers=headers_of(next(study.glob("*.dcm"))), params={},
                   added_params={"deid": {"projects": ["ct", "everything", "few", "mr", "gone"]}},
                   dcmpath=str(study), event={"remoteAet": "MODALITY"}, config=config)
     result = worker(**kwargs)
     assert result["projects"]["ct"]["status"] == "not-selected"
     assert result["projects"]["gone"]["status"] == "gone"
-    assert result["projects"]["few"] == {"status": "done", "written": 0, "droppedSeries": [
-        {"series": result["projects"]["few"]["droppedSeries"][0]["series"], "instances": COUNT}]}
+    few = result["projects"]["few"]
+    assert few["status"] == "empty" and few["droppedSeries"] == [{"series": few["droppedSeries"][0]["series"],
+                                                                   "instances": COUNT}]
     assert result["projects"]["mr"]["written"] == result["projects"]["everything"]["written"] == COUNT
+    assert result["projects"]["mr"]["status"] == "done" and result["projects"]["mr"]["destinations"] == ["local"]
     files = {slug: sorted((out / slug).rglob("*.dcm")) for slug in ("mr", "everything")}
-    before = {p: p.read_bytes() for p in files["mr"] + files["everything"]}
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files["mr"] + files["everything"]}
     assert not (out / "ct").exists() and not (out / "few").exists()
     source = pydicom.dcmread(next(study.glob("*.dcm")))
     mr = pydicom.dcmread(files["mr"][0])
@@ -103,9 +140,43 @@ def test_worker_writes_each_project_and_is_idempotent(projects, study, tmp_path,
         .patient_pseudonym(source.PatientID)
     assert mr.PatientID != pydicom.dcmread(files["everything"][0]).PatientID
     assert files["mr"][0].relative_to(out / "mr").parts[0] == mr.StudyInstanceUID != source.StudyInstanceUID
-    worker(**kwargs)                                      # at least once: a re-run writes the same bytes
-    assert {p: p.read_bytes() for p in sorted((out / "mr").rglob("*.dcm")) + files["everything"]} == before
+    # recorded: one row per project, the pseudonymised study, the original UID nowhere in clear
+    row = records.find("mr", mr.StudyInstanceUID)
+    assert row["status"] == "done" and row["instances"] == COUNT and row["destinations"] == ["local"]
+    assert row["patientId"] == mr.PatientID and row["studyDate"] == (mr.get("StudyDate") or None)
+    assert records.find("everything", pydicom.dcmread(files["everything"][0]).StudyInstanceUID)["status"] == "done"
+    assert records.studies("ct") == records.studies("few") == []
+    dump = _dump(records.engine.url.render_as_string(hide_password=False))
+    assert source.StudyInstanceUID not in dump and str(source.PatientID) not in dump
+    # sent again: not exported twice (files untouched, nothing new recorded)
+    again = worker(**kwargs)
+    assert again["projects"]["mr"]["status"] == again["projects"]["everything"]["status"] == "already-exported"
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files["mr"] + files["everything"]} == before
+    assert records.find("mr", mr.StudyInstanceUID)["attempts"] == 1
+    assert len(records.history(row["id"])) == 1
     assert not list(out.rglob("*.part"))
+    records.dispose()
+
+
+def test_a_failed_destination_is_recorded_retryable_and_its_working_folder_removed(projects, study, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("MR_SECRET", SECRETS["MR_SECRET"])
+    (projects / "pacs.yaml").write_text("slug: pacs\nstudies: {all: true}\nsecret: {env: MR_SECRET}\n"
+                                        "destinations: {dicom: [no-such-pacs]}\n")
+    config = _config(projects, tmp_path)
+    kwargs = dict(jobName="deid", headers=headers_of(next(study.glob("*.dcm"))), params={},
+                  added_params={"deid": {"projects": ["pacs"]}}, dcmpath=str(study), event={}, config=config)
+    with pytest.raises(Exception, match="pacs: .*no-such-pacs"):
+        worker(**kwargs)
+    records = open_records(f"sqlite:///{tmp_path / 'home' / 'exports.db'}")
+    [row] = records.studies("pacs")
+    assert row["status"] == "failed" and "no-such-pacs" in row["reason"]
+    assert not (tmp_path / "extracts" / "pacs").exists()                      # not a local export
+    assert not any((tmp_path / "home" / "extracts-work").iterdir())          # the working folder is gone
+    with pytest.raises(Exception, match="no-such-pacs"):                      # a retried job tries it again
+        worker(**kwargs)
+    assert records.find("pacs", row["studyId"])["attempts"] == 2
+    records.dispose()
 
 
 def test_a_project_without_its_secret_fails_the_job_after_the_others(projects, study, tmp_path, monkeypatch):
@@ -114,8 +185,7 @@ def test_a_project_without_its_secret_fails_the_job_after_the_others(projects, s
     out = tmp_path / "extracts"
     with pytest.raises(Exception, match="mr: .*MR_SECRET is not set"):
         worker(jobName="deid", headers={}, params={}, added_params={"deid": {"projects": ["everything", "mr"]}},
-               dcmpath=str(study), event={}, config={"DICOMFLOW_PROJECTS_DIR": str(projects),
-                                                     "DICOMFLOW_EXTRACTS_DIR": str(out)})
+               dcmpath=str(study), event={}, config=_config(projects, tmp_path))
     assert len(list((out / "everything").rglob("*.dcm"))) == COUNT
 
 
@@ -126,23 +196,68 @@ def test_the_service_is_off_until_configured(projects):
     assert registry.inactive["deid"] == "waiting for configuration: DICOMFLOW_PROJECTS_DIR"
 
 
-def test_a_study_is_deidentified_once_per_project_through_the_pipeline(tmp_path, redis_url, connection,
-                                                                        projects, study):
+def _deid_jobs(connection, study_uid: str) -> list:
+    """The deid jobs of a study's events that have finished (or failed)."""
+    from rq.job import Job
+
+    from dicomflow import keys
+
+    jobs = [Job.fetch(j.decode(), connection=connection) for j in connection.smembers(keys.study_jobs(study_uid))]
+    return [j for j in jobs if j.id.startswith("deid-") and j.get_status() in ("finished", "failed")]
+
+
+def test_a_study_is_exported_once_per_project_through_the_pipeline(tmp_path, redis_url, connection, projects,
+                                                                    study):
     out = tmp_path / "extracts"
     config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(out), **SECRETS}
+    (projects / "everything.yaml").write_text("slug: everything\nstudies: {callingAeTitles: [MODALITY, AGAIN]}\n"
+                                              "secret: {env: ALL_SECRET}\n")
+    source = pydicom.dcmread(next(study.glob("*.dcm")))
+    outside = get_testdata_file("rtdose.dcm")            # RTDOSE from OTHER: in no project
+    outside_uid = str(pydicom.dcmread(outside, stop_before_pixels=True).StudyInstanceUID)
     with Pipeline(tmp_path / "stack", redis_url, REPO / "services", stable_age=2, extra_config=config) as stack:
+        records = open_records(f"sqlite:///{tmp_path / 'stack' / 'home' / 'exports.db'}")
+
+        def recorded(slug: str) -> list[dict]:
+            return [r for r in records.studies(slug) if r["status"] == "done"]
+
         stack.orthanc.store([study], aet="MODALITY", pattern="*.dcm")
+        stack.orthanc.store([outside], aet="OTHER")
         try:
-            wait_for(lambda: all(len(list((out / s).rglob("*.dcm"))) == COUNT for s in ("mr", "everything")),
-                     timeout=120, what=f"{COUNT} de-identified files per project")
+            wait_for(lambda: len(recorded("mr")) == len(recorded("everything")) == 1, timeout=120,
+                     what="the study recorded as exported for mr and everything")
+            wait_for(lambda: len(_deid_jobs(connection, outside_uid)) == 1, timeout=60,
+                     what="the outside study's deid job to finish")
+            # sent again (a new push): its job runs and finds the study exported for both projects
+            mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.dcm")}
+            stack.orthanc.store([study], aet="AGAIN", pattern="*.dcm")
+            wait_for(lambda: len(_deid_jobs(connection, source.StudyInstanceUID)) == 2, timeout=120,
+                     what="the second push's deid job to finish")
         except TimeoutError as exc:
             raise AssertionError(diagnostics(stack)) from exc
+    first, second = sorted(_deid_jobs(connection, source.StudyInstanceUID), key=lambda j: j.enqueued_at)
+    assert {s: first.return_value()["projects"][s]["status"] for s in ("mr", "everything")} == {
+        "mr": "done", "everything": "done"}
+    assert {s: second.return_value()["projects"][s]["status"] for s in ("mr", "everything")} == {
+        "mr": "already-exported", "everything": "already-exported"}
+    # the broken project is reported (the callback's problems) and the others kept working
+    assert any("broken.yaml [secret]" in p for p in first.kwargs["added_params"]["deid"]["problems"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.dcm")} == mtimes     # nothing written again
     assert sorted(p.name for p in out.iterdir()) == ["everything", "mr"]     # not ct, scanner, few, broken
-    source = pydicom.dcmread(next(study.glob("*.dcm")))
     for slug in ("mr", "everything"):
         secret = SECRETS["MR_SECRET" if slug == "mr" else "ALL_SECRET"].encode()
         deid = Deidentifier(Profile.load("basic"), secret, slug)
         outputs = [pydicom.dcmread(p) for p in (out / slug).rglob("*.dcm")]
+        assert len(outputs) == COUNT
         assert {d.PatientID for d in outputs} == {deid.patient_pseudonym(source.PatientID)}
         assert {d.StudyInstanceUID for d in outputs} == {deid.uid(source.StudyInstanceUID)}
         assert {d.SeriesInstanceUID for d in outputs} == {deid.uid(source.SeriesInstanceUID)}
+        [row] = records.studies(slug)
+        assert row["studyId"] == deid.uid(source.StudyInstanceUID) and row["attempts"] == 1
+        assert row["instances"] == COUNT
+    # the outside study: its job ran, and it went nowhere (no files, no record)
+    [outside_job] = _deid_jobs(connection, outside_uid)
+    assert {r["status"] for r in outside_job.return_value()["projects"].values()} <= {"not-selected", "empty"}
+    assert all(len(records.studies(s)) == (1 if s in ("mr", "everything") else 0)
+               for s in ("mr", "everything", "ct", "scanner", "few"))
+    records.dispose()
