@@ -242,6 +242,9 @@ class Endpoint(_Model):
     #: STOW-RS: instances and megabytes per request at most (one larger instance goes alone).
     max_batch_instances: int = Field(default=20, ge=1, le=1000)
     max_batch_mb: float = Field(default=16.0, gt=0, le=1024)
+    #: STOW-RS: after the upload, ask the server (QIDO-RS) which instances of the study it holds,
+    #: and count as sent only those (a server's filter may confirm an instance it then drops).
+    verify: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -4,7 +4,8 @@ Each batch is one request (to ``/studies/{StudyInstanceUID}``) of several instan
 the endpoint's `maxBatchInstances` and `maxBatchMb`; one larger instance goes alone), after
 taking one rate-limit token per instance. The server's answer is read instance by instance:
 what its Referenced SOP Sequence lists is confirmed, what its Failed SOP Sequence lists fails
-with the server's reason, what it lists in neither is not confirmed (fails). A client error
+with the server's reason, what it lists in neither is not confirmed (fails); then, unless the endpoint says `verify:
+false`, a QIDO-RS search of the study keeps as sent only what the server holds. A client error
 (4xx) that names no instance sends the batch's instances one by one, so the one at fault is
 named and the rest arrive. Unreachable servers and 5xx / 429 answers are tried `attempts`
 times with back-off.
@@ -36,6 +37,8 @@ FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
+#: SOPInstanceUID in a QIDO-RS result.
+REFERENCED_SOP_INSTANCE_UID_QIDO = "00080018"
 #: What the common Failure Reason codes mean (PS3.4 Annex GG.4, C-STORE statuses).
 FAILURE_REASONS = {
     0x0110: "processing failure", 0x0122: "SOP class not supported", 0x0124: "not authorized",
@@ -53,7 +56,6 @@ class _Answer:
     status: int
     confirmed: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
-    named_any: bool = False
     message: str = ""
 
 
@@ -89,7 +91,6 @@ def _parse(response: requests.Response) -> _Answer:
         uid = ((item.get(REFERENCED_SOP_INSTANCE_UID) or {}).get("Value") or [None])[0]
         if uid:
             answer.confirmed.add(str(uid))
-            answer.named_any = True
     for item in (body.get(FAILED_SOP_SEQUENCE) or {}).get("Value") or []:
         uid = ((item.get(REFERENCED_SOP_INSTANCE_UID) or {}).get("Value") or [None])[0]
         code = ((item.get(FAILURE_REASON) or {}).get("Value") or [None])[0]
@@ -97,7 +98,6 @@ def _parse(response: requests.Response) -> _Answer:
             meaning = FAILURE_REASONS.get(int(code), "") if isinstance(code, int) else ""
             reason = f"HTTP {response.status_code}: FailureReason {_hex(code)}" + (f" ({meaning})" if meaning else "")
             answer.failed[str(uid)] = reason
-            answer.named_any = True
     return answer
 
 
@@ -120,6 +120,7 @@ class StowSender:
         self.sent: list[str] = []
         self.failed: dict[str, str] = {}
         self.study_uid: str | None = None
+        self._items: list[_Item] = []
         # dicomweb-client's own retries are off: ours also cover refused connections, and count
         # toward DICOMFLOW_EXPORT_ATTEMPTS. The hook keeps every answer, whatever its status,
         # since the client raises on 4xx before it returns the body.
@@ -152,10 +153,32 @@ class StowSender:
                 self.failed[name] = f"not sent: cannot read it as DICOM ({exc})"
                 continue
             items.append(_Item(name, path, uid, path.stat().st_size))
+        self._items = items
         # Posted to /studies/{uid}: the server refuses (and names) an instance of another study.
         self.study_uid = studies.most_common(1)[0][0] if studies else None
         for batch in self._batches(items):
             self._send_batch(batch)
+        if self.endpoint.verify and self.sent and self.study_uid:
+            self._verify()
+
+    def _verify(self) -> None:
+        """Keep as sent only the instances a QIDO-RS search of the study finds on the server."""
+        by_uid = {item.uid: item.name for item in self._items if item.name in set(self.sent)}
+        try:
+            found = self.client.search_for_instances(study_instance_uid=self.study_uid, fields=["SOPInstanceUID"],
+                                                     get_remaining=True)
+        except (requests.HTTPError, requests.ConnectionError, requests.Timeout) as exc:
+            reason = (f"sent, but the check of what arrived (QIDO-RS) failed: {type(exc).__name__}: {exc} "
+                      "(a server without QIDO-RS: set verify: false)")
+            self.failed.update({name: reason for name in by_uid.values()})
+            self.sent = [name for name in self.sent if name not in set(by_uid.values())]
+            return
+        present = {str(((row.get(REFERENCED_SOP_INSTANCE_UID_QIDO) or {}).get("Value") or [""])[0]) for row in found}
+        for uid, name in by_uid.items():
+            if uid not in present:
+                self.sent.remove(name)
+                self.failed[name] = ("the server confirmed it (STOW-RS) but does not hold it (QIDO-RS): "
+                                     "dropped by a filter of the server?")
 
     def _batches(self, items: list[_Item]):
         batch: list[_Item] = []
@@ -176,7 +199,7 @@ class StowSender:
         for item in batch:
             if item.uid in answer.failed:
                 self.failed[item.name] = answer.failed[item.uid]
-            elif item.uid in answer.confirmed or (answer.status == 200 and not answer.named_any):
+            elif item.uid in answer.confirmed:
                 self.sent.append(item.name)
             else:
                 unknown.append(item)
@@ -197,7 +220,7 @@ class StowSender:
         answer = self._post([item])
         if item.uid in answer.failed:
             self.failed[item.name] = answer.failed[item.uid]
-        elif item.uid in answer.confirmed or (answer.status == 200 and not answer.named_any):
+        elif item.uid in answer.confirmed:
             self.sent.append(item.name)
         else:
             self.failed[item.name] = f"HTTP {answer.status}: {answer.message or 'the server did not confirm it'}"
