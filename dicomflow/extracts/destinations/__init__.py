@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from dicomflow.config import load_config
 from dicomflow.extracts.destinations.errors import (
     DestinationAuthError,
     DestinationBusyError,
@@ -60,7 +61,9 @@ def _settings(settings: Any) -> DestinationSettings:
         return settings
     if isinstance(settings, Mapping):
         return DestinationSettings.from_config(settings)
-    return DestinationSettings()  # e.g. the extracts' settings: these keys are not in them
+    # e.g. the extracts' settings, which do not carry these keys: the process's configuration
+    # (DICOMFLOW_CONFIG and the environment), which is where the worker's own comes from
+    return DestinationSettings.from_config(load_config())
 
 
 def _token_taker(connection: redis.Redis, destination: str, endpoint: Endpoint,
@@ -103,7 +106,8 @@ def send_study(project: Project, destination: str, study_dir: Path, *, study_id:
         study_dir: the study's de-identified files (in sub-folders or not).
         study_id: the pseudonymised study id (the FTPS zip's name).
         extract_time: when the extract was made (unused for DICOM; kept for one signature).
-        settings: `DestinationSettings`, or the configuration mapping to build them from.
+        settings: `DestinationSettings`, or the configuration mapping to build them from
+            (anything else, e.g. the extracts' settings: built from DICOMFLOW_CONFIG + environment).
         connection: the pipeline's Redis (the destinations' shared rate limits).
 
     Returns:
