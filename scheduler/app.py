@@ -65,6 +65,8 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
     app.register_blueprint(api_studies.bp)
     from scheduler import api_redisstore
     app.register_blueprint(api_redisstore.bp)
+    from scheduler import api_exports
+    app.register_blueprint(api_exports.bp)
     # For people and Prometheus: the dashboard's login (HTTP Basic), not the plugin's token.
     app.register_blueprint(ui.bp)
     app.register_blueprint(metrics.bp)

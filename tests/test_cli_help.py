@@ -63,3 +63,21 @@ def test_usage_errors_exit_2():
     assert _run("service.sh", "frobnicate", "x").returncode == 2
     assert _run("service.sh", "install", "temp").returncode == 2  # no -p
     assert _run("run.sh", "frobnicate").returncode == 2
+
+
+EXPORT_COMMANDS = ["list", "status", "retry", "force"]
+
+
+@pytest.mark.parametrize("command", [None, *EXPORT_COMMANDS])
+def test_dicomflow_export_help_exits_0_with_exit_codes(command):
+    """dicomflow-export (research extracts' bookkeeping, docs/extracts.md): --help for it and each command."""
+    script = REPO / ".venv" / "bin" / "dicomflow-export"
+    program = [str(script)] if script.exists() else [sys.executable, "-m", "dicomflow.extracts.cli"]
+    done = subprocess.run([*program, *([command] if command else []), "--help"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "DICOMFLOW_CONFIG": ""})
+    assert done.returncode == 0, done.stderr
+    assert "Exit status: 0" in done.stdout and done.stderr == ""
+    if command is None:
+        for name in EXPORT_COMMANDS:
+            assert name in done.stdout
+    assert subprocess.run([*program, "frobnicate"], capture_output=True, timeout=60).returncode == 2

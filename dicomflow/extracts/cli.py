@@ -71,6 +71,8 @@ def emit(value: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every registered subcommand."""
+    from dicomflow.extracts import commands  # noqa: F401 - registers the bookkeeping subcommands
+
     parser = argparse.ArgumentParser(
         prog=PROG, description="Research extracts: which studies went out for a project, and re-running them.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,3 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["Context", "command", "emit", "main", "_project", "_project_study"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,7 +24,6 @@ import fcntl
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dicomflow.extracts.errors import RecordsError
+from dicomflow.extracts.status import ExportStatus
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,14 @@ CLAIM_GRACE = dt.timedelta(minutes=10)
 DEFAULT_JOB_TIMEOUT = 3600
 
 
-class ExportStatus(str, Enum):
-    """Where a study's export for a project stands."""
-
-    EXPORTING = "exporting"   # claimed by a job, being exported now
-    DONE = "done"             # every file confirmed by every destination
-    PARTIAL = "partial"       # some files failed (named in failed_files); re-runnable
-    FAILED = "failed"         # nothing went out (reason says why); re-runnable
-    REQUESTED = "requested"   # an operator asked for a re-run (retry / force); the job is queued
-
-
 #: What `retry` re-runs; `force` also re-runs DONE.
 RETRYABLE = (ExportStatus.FAILED, ExportStatus.PARTIAL, ExportStatus.REQUESTED)
+
+
+def study_key(deid: Any, study_uid: str) -> str:
+    """A study's key in the records: HMAC of its original StudyInstanceUID with the project's key
+    (`dicomflow.extracts.deid.Deidentifier`), so the records never hold the UID itself."""
+    return deid.pseudonym("record-study", study_uid, 64).lower()
 
 
 def utcnow() -> dt.datetime:

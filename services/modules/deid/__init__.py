@@ -20,7 +20,7 @@ from dicomflow.config import settings_from_config
 from dicomflow.errors import DicomflowError
 from dicomflow.extracts.deid import Deidentifier
 from dicomflow.extracts.project import ExtractSettings, Project, load_projects
-from dicomflow.extracts.records import ExportStatus, Records, open_records, utcnow
+from dicomflow.extracts.records import ExportStatus, Records, open_records, study_key, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,6 @@ LOCAL = "local"
 
 class ExtractFailed(DicomflowError):
     """One or more projects of a study could not be exported (the others were)."""
-
-
-def study_hash(deid: Deidentifier, study_uid: str) -> str:
-    """The key of a study in the records: HMAC of its original StudyInstanceUID with the project's key."""
-    return deid.pseudonym("record-study", study_uid, 64).lower()
 
 
 def worker(jobName: str, headers: Mapping[str, str], params: Mapping, added_params: Mapping,
@@ -143,7 +138,7 @@ def _export(project: Project, series: dict[str, dict], study_uid: str, settings:
     if not kept:   # nothing of the study goes to this project: nothing to record either
         return {"status": "empty", "study": study_id, "droppedSeries": dropped}
     job = {**job_record, "added_params": {job_record["jobName"]: {"projects": [project.slug]}}}
-    claim = records.claim(project.slug, study_hash(deid, study_uid), study_id, job_id, job)
+    claim = records.claim(project.slug, study_key(deid, study_uid), study_id, job_id, job)
     if not claim.claimed:
         return {"status": claim.outcome, "study": study_id, "exportedAt": claim.row.get("exportedAt"),
                 "claim": claim.row.get("claim")}
