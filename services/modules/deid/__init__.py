@@ -75,7 +75,8 @@ def worker(jobName: str, headers: Mapping[str, str], params: Mapping, added_para
             try:
                 if records is None:
                     records = open_records(settings.records_url)
-                outcome = _export(project, series, study_uid, settings, records, job_id, job_record, connection)
+                outcome = _export(project, series, study_uid, settings, records, job_id, job_record,
+                                  config or {}, connection)
             except (DicomflowError, OSError, pydicom.errors.InvalidDicomError) as exc:
                 log.exception("deid: project %s failed", slug)
                 outcome = {"status": "failed", "error": str(exc)}
@@ -125,7 +126,7 @@ def _series(files: list[Path]) -> dict[str, dict]:
 
 
 def _export(project: Project, series: dict[str, dict], study_uid: str, settings: ExtractSettings,
-            records: Records, job_id: str, job_record: dict, connection) -> dict:
+            records: Records, job_id: str, job_record: dict, config: Mapping[str, str], connection) -> dict:
     """Claim, de-identify, send and record one project's export of the study; its job-result entry."""
     deid = Deidentifier.for_project(project)
     kept = {uid: entry for uid, entry in series.items()
@@ -156,7 +157,7 @@ def _export(project: Project, series: dict[str, dict], study_uid: str, settings:
         if local:
             sent = {LOCAL: {"sent": written, "failed": {}, "path": str(folder / study_id)}}
         else:
-            sent = _send(project, destinations, folder / study_id, study_id, settings, connection)
+            sent = _send(project, destinations, folder / study_id, study_id, config, connection)
         status, instances, failed_files, reason = _outcome(sent, written)
         records.finish(claim.export_id, job_id, status, started_at=started, destinations=sent,
                        instances=instances, failed_files=failed_files, reason=reason, study=study)
@@ -205,8 +206,9 @@ def _write(deid: Deidentifier, series: dict[str, dict], output: Path) -> tuple[i
 
 
 def _send(project: Project, destinations: tuple[str, ...], study_dir: Path, study_id: str,
-          settings: ExtractSettings, connection) -> dict[str, dict]:
-    """Send the study folder to each DICOM destination (dicomflow.extracts.destinations, issue 20)."""
+          config: Mapping[str, str], connection) -> dict[str, dict]:
+    """Send the study folder to each DICOM destination (dicomflow.extracts.destinations, issue 20);
+    `config` is the job's configuration (the destinations build their settings from it)."""
     when = dt.datetime.now(dt.UTC)
     sent: dict[str, dict] = {}
     try:
@@ -217,7 +219,7 @@ def _send(project: Project, destinations: tuple[str, ...], study_dir: Path, stud
     for name in destinations:
         try:
             answer = send_study(project, name, study_dir, study_id=study_id, extract_time=when,
-                                     settings=settings, connection=connection)
+                                     settings=config, connection=connection)
         except DicomflowError as exc:   # DestinationError: cannot even start (unknown, unreachable...)
             sent[name] = {"sent": 0, "failed": {}, "error": str(exc)}
             continue
