@@ -77,8 +77,8 @@ class FtpsServer:
         self.root.mkdir(parents=True, exist_ok=True)
 
         class Dtp(TLS_DTPHandler):
-            def handle_read(self) -> None:
-                super().handle_read()
+            def handle_read_event(self) -> None:   # what the IO loop calls (DTPHandler aliases handle_read)
+                super().handle_read_event()
                 if server_state.drop_uploads and self.receive and self.tot_bytes_received >= server_state.drop_after:
                     server_state.drop_uploads -= 1
                     self.cmd_channel.close()    # as a server that goes away mid-file
@@ -90,6 +90,7 @@ class FtpsServer:
             tls_data_required = True
             dtp_handler = Dtp
             passive_ports = None
+            auth_failed_timeout = 0.1   # pyftpdlib answers a wrong password after 3 s by default
 
             def log(self, *args, **kwargs) -> None:
                 pass
