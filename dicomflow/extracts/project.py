@@ -290,6 +290,9 @@ class ProjectModel(_Model):
     deid: DeidSettings = DeidSettings()
     destinations: Destinations = Destinations()
     secret: SecretRef
+    #: The cohort's OMOP extract (a folder with ``public/``), whose public tables every Parquet
+    #: extract of the project carries in ``omop/public/`` (as PIXL does). Relative to the file.
+    omop_extract: Path | None = None
 
     @field_validator("slug")
     @classmethod
