@@ -72,6 +72,7 @@ def emit(value: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every registered subcommand."""
     from dicomflow.extracts import commands  # noqa: F401 - registers the bookkeeping subcommands
+    from dicomflow.extracts.destinations import ratecmd  # noqa: F401 - registers `rate` (issue 20)
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Research extracts: which studies went out for a project, and re-running them.",
