@@ -65,7 +65,7 @@ def test_usage_errors_exit_2():
     assert _run("run.sh", "frobnicate").returncode == 2
 
 
-EXPORT_COMMANDS = ["list", "status", "retry", "force"]
+EXPORT_COMMANDS = ["list", "status", "retry", "force", "rate"]
 
 
 @pytest.mark.parametrize("command", [None, *EXPORT_COMMANDS])
