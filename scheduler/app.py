@@ -67,6 +67,8 @@ def create_app(settings: Settings, connection: redis.Redis | None = None) -> Fla
     app.register_blueprint(api_redisstore.bp)
     from scheduler import api_exports
     app.register_blueprint(api_exports.bp)
+    from scheduler import api_destinations
+    app.register_blueprint(api_destinations.bp)
     # For people and Prometheus: the dashboard's login (HTTP Basic), not the plugin's token.
     app.register_blueprint(ui.bp)
     app.register_blueprint(metrics.bp)
