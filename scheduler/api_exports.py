@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from dicomflow.config import settings_from_config
 from dicomflow.extracts import operator
-from dicomflow.extracts.errors import RecordsError
+from dicomflow.extracts.errors import ProjectError, RecordsError
 from dicomflow.extracts.project import ExtractSettings
 from dicomflow.extracts.records import ExportStatus, Records, open_records
 
@@ -39,6 +39,11 @@ def _exports() -> _Exports:
 @bp.errorhandler(operator.NotFound)
 def _not_found(exc: operator.NotFound):
     return jsonify(error="not-found", message=str(exc)), 404
+
+
+@bp.errorhandler(ProjectError)
+def _bad_project(exc: ProjectError):
+    return jsonify(error="bad-project", message=str(exc)), 422
 
 
 @bp.errorhandler(RecordsError)
@@ -89,3 +94,20 @@ def retry(project: str):
 def force(project: str):
     """Export again studies already exported (`{"study": UID}`: that one; no body: every study)."""
     return _rerun(project, force=True)
+
+
+@bp.post("/<project>/parquet")
+def parquet(project: str):
+    """Write a Parquet extract of the project's exported studies (and upload it where the project says)."""
+    from dicomflow.extracts.parquet import write_extract
+    from dicomflow.extracts.project import load_project
+
+    operator.check_slug(project)
+    exports = _exports()
+    path = exports.settings.projects_dir / f"{project}.yaml"
+    if not path.is_file():
+        raise operator.NotFound(f"no project file {path}")
+    result = write_extract(load_project(path), exports.records, exports.settings,
+                           config=current_app.extensions["dicomflow"].settings.config,
+                           connection=current_app.extensions["dicomflow"].connection)
+    return jsonify(result.as_json()), 201

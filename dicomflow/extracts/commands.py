@@ -96,3 +96,26 @@ def retry(args: argparse.Namespace, context: Context) -> int:
                   "re-run failed ones.", _project_study)
 def force(args: argparse.Namespace, context: Context) -> int:
     return _rerun(args, context, force=True)
+
+
+@command("parquet", "Write a Parquet extract of every study exported for the project (PIXL's layout under "
+                    "DICOMFLOW_EXPORTS_DIR/<project>/all_extracts/, `latest` switched to it) and upload it to the "
+                    "project's Parquet destinations; exit 1 if an upload failed (the local extract stays).",
+         _project)
+def parquet(args: argparse.Namespace, context: Context) -> int:
+    from dicomflow.extracts import operator
+    from dicomflow.extracts.parquet import LOCAL, write_extract
+    from dicomflow.extracts.project import load_project
+
+    operator.check_slug(args.project)
+    project = load_project(context.settings.projects_dir / f"{args.project}.yaml")
+    uploads = [n for n in project.model.destinations.parquet if n != LOCAL]
+    with _records(context) as records:
+        result = write_extract(project, records, context.settings, config=context.config,
+                               connection=context.redis() if uploads else None)
+    emit(result.as_json())
+    failed = [name for name, r in result.destinations.items() if r.get("error") or r.get("failed")]
+    if failed:
+        print(f"dicomflow-export: the upload to {', '.join(failed)} failed (see destinations above)", file=sys.stderr)
+        return 1
+    return 0

@@ -332,8 +332,10 @@ class Records:
                                        .group_by(table.c.status)).all())
             instances = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(table.c.instances), 0)).where(
                 table.c.project == project, table.c.status == ExportStatus.DONE.value)).scalar_one()
-            last = conn.execute(sa.select(Extract.__table__).where(Extract.__table__.c.project == project)
-                                .order_by(Extract.__table__.c.extract_time.desc()).limit(1)).mappings().first()
+            extracts = Extract.__table__
+            last = conn.execute(sa.select(extracts).where(extracts.c.project == project)
+                                .order_by(extracts.c.extract_time.desc(), extracts.c.id.desc()).limit(1)
+                                ).mappings().first()
         return {"project": project, "studies": {s.value: counts.get(s.value, 0) for s in ExportStatus},
                 "instancesExported": int(instances),
                 "lastExtract": self._describe_extract(last) if last else None}
@@ -407,7 +409,8 @@ class Records:
         table = Extract.__table__
         with self._errors(f"list the extracts of {project}"), self.engine.connect() as conn:
             return [self._describe_extract(r) for r in conn.execute(
-                sa.select(table).where(table.c.project == project).order_by(table.c.extract_time.desc()))
+                sa.select(table).where(table.c.project == project).order_by(table.c.extract_time.desc(),
+                                                                           table.c.id.desc()))
                 .mappings()]
 
     # -- plumbing -----------------------------------------------------------------------------
