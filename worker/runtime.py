@@ -36,12 +36,14 @@ class WorkerRuntime:
         return getattr(module, attr)
 
     def dcmpath(self, event: Mapping[str, Any], job_id: str) -> Path | None:
-        """The local file (instance events) or folder (series/study events) for a job."""
+        """The local file (instance events) or folder (series/study events) for a job, from the
+        Orthanc the event names (`orthanc.server`; none: ORTHANC_URL)."""
         orthanc = event.get("orthanc") or {}
+        server = orthanc.get("server")
         if event.get("level", "instance") == "instance":
-            return self.cache.instance(orthanc["instance"]) if orthanc.get("instance") else None
+            return self.cache.instance(orthanc["instance"], server) if orthanc.get("instance") else None
         if orthanc.get("instances"):
-            return self.cache.folder(orthanc["instances"], job_id)
+            return self.cache.folder(orthanc["instances"], job_id, server)
         return None
 
 
