@@ -42,6 +42,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Orthanc's resource ids: a SHA-1 as five dash-separated groups of 8 lowercase hex digits.
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
 
+#: The name of the Orthanc that holds an event's instances (`orthanc.server`: its `Name`,
+#: ORTHANC_NAME), which workers map to its REST URL (ORTHANC_URLS).
+SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
 
 def _shown(value: Any) -> str:
     """A value for an error message, bounded."""
@@ -120,21 +124,35 @@ class Event(BaseModel):
                                  "separated by dashes)")
         return self
 
+    @model_validator(mode="after")
+    def _server_name(self) -> Event:
+        """`orthanc.server`, when present, is a name a worker can look up (not a URL to follow)."""
+        server = self.orthanc.get("server")
+        if server is not None and not (isinstance(server, str) and SERVER_NAME.fullmatch(server)):
+            raise ValueError(f"orthanc.server {_shown(server)} is not an Orthanc name (letters, digits, "
+                             "'.', '_', '-'; at most 64)")
+        return self
+
     @cached_property
     def uid(self) -> str:
         return str(self.headers[UID_KEYWORD[self.level]]).strip()
 
     @cached_property
     def sender(self) -> str:
-        """The calling AE title that sent it ("" for a REST upload): a push is per sender."""
-        return (self.remoteAet or "").strip()
+        """Who delivered it: the calling AE title ("" for a REST upload), and `@<server>` when the
+        event names the Orthanc that received it. A push is per sender, so the same instance sent
+        to two receivers is two deliveries (docs/scaling.md): each push's files are on its receiver."""
+        aet = (self.remoteAet or "").strip()
+        server = self.orthanc.get("server")
+        return f"{aet}@{server}" if server else aet
 
     @cached_property
     def key(self) -> str:
         """What identifies an event: `instance:<AE>:<SOPInstanceUID>` (the same instance from
         another sender is another event), `series:<AE>:<SeriesInstanceUID>:<push>` and
         `study:<AE>:<StudyInstanceUID>:<push>` (one per completed push); a series/study event
-        without a push (an outside source) is `series:<AE>:<SeriesInstanceUID>`."""
+        without a push (an outside source) is `series:<AE>:<SeriesInstanceUID>`. `<AE>` is
+        `<AE>@<server>` when the event names the Orthanc that received it (`sender`)."""
         base = f"{self.level.value}:{self.sender}:{self.uid}"
         return f"{base}:{self.push}" if self.push else base
 

@@ -38,6 +38,11 @@ class Settings(BaseModel):
     orthanc_url: str = Field(default="http://127.0.0.1:8042", alias="ORTHANC_URL")
     orthanc_username: str = Field(default="", alias="ORTHANC_USERNAME")
     orthanc_password: str = Field(default="", alias="ORTHANC_PASSWORD")
+    #: The name events give the Orthanc at ORTHANC_URL (its `Name`; the plugin puts it in `orthanc.server`).
+    orthanc_name: str = Field(default="dicomflow", alias="ORTHANC_NAME")
+    #: Other Orthancs (receivers at other sites) by name: `NAME=URL,...`, a URL may hold
+    #: `user:password@` when that Orthanc's credentials differ from ORTHANC_USERNAME/PASSWORD.
+    orthanc_urls: Mapping[str, str] = Field(default_factory=dict, alias="ORTHANC_URLS")
     #: How long a worker keeps fetching a file while Orthanc is unreachable or answers 5xx (s).
     orthanc_retry_seconds: float = Field(default=120.0, ge=0, alias="DICOMFLOW_ORTHANC_RETRY_SECONDS")
     #: Where workers keep the DICOM files they fetch from Orthanc (one copy per host).
@@ -73,6 +78,19 @@ class Settings(BaseModel):
             value = tuple(q.strip() for q in value.split(",") if q.strip())
         if not value:
             raise ValueError("at least one queue is needed")
+        return value
+
+    @field_validator("orthanc_urls", mode="before")
+    @classmethod
+    def _split_orthanc_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs = {}
+            for entry in (e.strip() for e in value.split(",") if e.strip()):
+                name, sep, url = entry.partition("=")
+                if not sep or not name.strip() or not url.strip().startswith(("http://", "https://")):
+                    raise ValueError(f"expected NAME=http(s)://host:port, got {entry!r}")
+                pairs[name.strip()] = url.strip()
+            return pairs
         return value
 
     @property

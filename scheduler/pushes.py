@@ -45,7 +45,8 @@ _NOT_SERIES = frozenset({"SOPInstanceUID", "InstanceNumber", "AcquisitionNumber"
 _NOT_STUDY = _NOT_SERIES | {"SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
                             "ProtocolName", "NumberOfSeriesRelatedInstances", "SOPClassUID", "BodyPartExamined"}
 _LEVEL_KEYWORDS = {Level.SERIES: _NOT_SERIES, Level.STUDY: _NOT_STUDY}
-_ORTHANC_LEVELS = {Level.SERIES: ("series", "study", "patient"), Level.STUDY: ("study", "patient")}
+#: `server`: the receiving Orthanc's name (a push is per receiver, so all its instances are on that one).
+_ORTHANC_LEVELS = {Level.SERIES: ("series", "study", "patient", "server"), Level.STUDY: ("study", "patient", "server")}
 #: Due pushes read per poll.
 FIRE_BATCH = 100
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import time
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,16 @@ class DicomCache:
         for folder in (self.root, self.instances, self.jobs):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.base_url = settings.orthanc_url.rstrip("/")
+        #: Orthanc name -> (base URL, credentials or None for the session's): the receivers whose
+        #: instances this host fetches. An instance's Orthanc id is a hash of its UIDs, the same on
+        #: every receiver, so one cached file serves whichever receiver an event names.
+        self.servers: dict[str, tuple[str, tuple[str, str] | None]] = {settings.orthanc_name: (self.base_url, None)}
+        for name, url in settings.orthanc_urls.items():
+            parts = urllib.parse.urlsplit(url)
+            auth = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")) \
+                if parts.username else None
+            netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+            self.servers[name] = (urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/"), auth)
         self.ttl = settings.cache_ttl
         self.session = session or requests.Session()
         # Orthanc gzips every answer a client accepts gzip for (HttpCompressionEnabled): 12-14 ms
@@ -53,17 +64,26 @@ class DicomCache:
         #: How long a fetch keeps trying while Orthanc is unavailable (s).
         self.unavailable_for = settings.orthanc_retry_seconds
 
-    def instance(self, orthanc_id: str) -> Path:
+    def instance(self, orthanc_id: str, server: str | None = None) -> Path:
         """The local file of an Orthanc instance, downloading it if this host has none.
 
+        `server`: the name of the Orthanc that holds it (the event's `orthanc.server`); None:
+        the one at ORTHANC_URL.
+
         Raises:
-            OrthancError: `orthanc_id` is no Orthanc id, or Orthanc has no such instance, refused
-                it or could not be reached; the message names the id and what Orthanc said.
+            OrthancError: `orthanc_id` is no Orthanc id, `server` is not configured, or Orthanc
+                has no such instance, refused it or could not be reached; the message names the
+                id and what Orthanc said.
         """
         if not isinstance(orthanc_id, str) or not ORTHANC_ID.fullmatch(orthanc_id):
             shown = repr(orthanc_id) if len(repr(orthanc_id)) <= 80 else repr(orthanc_id)[:77] + "..."
             raise OrthancError(f"invalid Orthanc instance id {shown} ({type(orthanc_id).__name__}): an Orthanc "
                                "id is 5 groups of 8 hex digits separated by dashes")
+        if server is not None and server not in self.servers:
+            raise OrthancError(f"instance {orthanc_id} is on the Orthanc named {server!r}, which this worker does "
+                               f"not know: add {server}=http://host:port to ORTHANC_URLS (known: "
+                               f"{', '.join(sorted(self.servers))})")
+        base_url, auth = self.servers[server] if server is not None else (self.base_url, None)
         path = self.instances / f"{orthanc_id}.dcm"
         if path.exists():
             os.utime(path)
@@ -71,17 +91,18 @@ class DicomCache:
         with os.fdopen(os.open(self.instances / f"{orthanc_id}.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
-                self._download_patiently(orthanc_id, path)
+                self._download_patiently(orthanc_id, path, base_url, auth)
         return path
 
-    def _download_patiently(self, orthanc_id: str, path: Path) -> None:
+    def _download_patiently(self, orthanc_id: str, path: Path, base_url: str,
+                            auth: tuple[str, str] | None) -> None:
         """`_download`, tried again with back-off while Orthanc is unavailable (restarting,
         overloaded) for up to DICOMFLOW_ORTHANC_RETRY_SECONDS: a blip of Orthanc must not
         fail jobs for a person to requeue, whatever the service's own retries say."""
         deadline = time.monotonic() + self.unavailable_for
         for attempt in range(1, 1_000_000):
             try:
-                self._download(orthanc_id, path)
+                self._download(orthanc_id, path, base_url, auth)
                 return
             except OrthancUnavailableError as exc:
                 pause = BACK_OFF[min(attempt, len(BACK_OFF)) - 1]
@@ -90,15 +111,16 @@ class DicomCache:
                 log.warning("Orthanc unavailable (%s); fetching %s again in %.1f s", exc, orthanc_id, pause)
                 time.sleep(pause)
 
-    def folder(self, orthanc_ids: Sequence[str], job_id: str) -> Path:
-        """A folder with every listed instance as `<id>.dcm` (hard links into the cache)."""
+    def folder(self, orthanc_ids: Sequence[str], job_id: str, server: str | None = None) -> Path:
+        """A folder with every listed instance as `<id>.dcm` (hard links into the cache), from
+        the Orthanc named `server` (None: ORTHANC_URL)."""
         if not isinstance(orthanc_ids, (list, tuple)):
             raise OrthancError(f"expected a list of Orthanc instance ids, not {type(orthanc_ids).__name__}")
         folder = self.jobs / f"{job_id}-{uuid.uuid4().hex[:6]}"
         folder.mkdir(mode=0o700, parents=True)
         try:
             for orthanc_id in orthanc_ids:
-                source = self.instance(orthanc_id)
+                source = self.instance(orthanc_id, server)
                 target = folder / source.name
                 try:
                     os.link(source, target)
@@ -115,11 +137,11 @@ class DicomCache:
         if path.is_dir() and path.parent == self.jobs:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _download(self, orthanc_id: str, path: Path) -> None:
-        url = f"{self.base_url}/instances/{orthanc_id}/file"
+    def _download(self, orthanc_id: str, path: Path, base_url: str, auth: tuple[str, str] | None) -> None:
+        url = f"{base_url}/instances/{orthanc_id}/file"
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            with self.session.get(url, stream=True, timeout=(5, 120)) as response:
+            with self.session.get(url, stream=True, timeout=(5, 120), auth=auth) as response:
                 if response.status_code == 404:
                     raise OrthancError(f"Orthanc has no instance {orthanc_id} (GET {url} answered 404: "
                                        f"{_said(response)})")
@@ -132,10 +154,10 @@ class DicomCache:
                         out.write(chunk)
             os.replace(tmp, path)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise OrthancUnavailableError(f"cannot fetch instance {orthanc_id} from Orthanc at {self.base_url}: "
+            raise OrthancUnavailableError(f"cannot fetch instance {orthanc_id} from Orthanc at {base_url}: "
                                           f"{exc}") from exc
         except requests.RequestException as exc:
-            raise OrthancError(f"cannot fetch instance {orthanc_id} from Orthanc at {self.base_url}: {exc}") from exc
+            raise OrthancError(f"cannot fetch instance {orthanc_id} from Orthanc at {base_url}: {exc}") from exc
         finally:
             tmp.unlink(missing_ok=True)
 
