@@ -1,0 +1,107 @@
+"""End to end (issue 20): a study sent to the pipeline's Orthanc is de-identified by the deid service
+and sent to both kinds of destination — STOW-RS to a second Orthanc (Debian's DICOMweb plugin) and
+a zip over FTPS (pyftpdlib, TLS) — and recorded as exported only once both confirmed every file;
+what arrives is byte for byte what the de-identification engine makes of the study."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomflow.extracts.deid import Deidentifier
+from dicomflow.extracts.project import load_project
+from dicomflow.extracts.records import open_records
+from tests.conftest import REPO
+from tests.support.exports import SECRET_ENV
+from tests.support.ftps import FtpsServer, make_certificates
+from tests.support.orthanc import OrthancServer, stop_all
+from tests.support.procs import wait_for
+from tests.support.stack import Pipeline, diagnostics
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+COUNT = 8
+SECRET = "e2e-export-secret-0123456789abcdef"
+
+
+@pytest.fixture()
+def pacs(tmp_path) -> Iterator[OrthancServer]:
+    server = OrthancServer(tmp_path / "research-pacs", plugin=False, extra={
+        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}})
+    server.start()
+    yield server
+    stop_all([server])
+
+
+@pytest.fixture()
+def ftps(tmp_path) -> Iterator[tuple[FtpsServer, Path]]:
+    ca, server_pem = make_certificates(tmp_path / "certs")
+    server = FtpsServer(tmp_path / "ftp-root", server_pem).start()
+    yield server, ca
+    server.stop()
+
+
+def test_a_study_sent_to_orthanc_arrives_de_identified_at_both_destinations(tmp_path, redis_url, connection,
+                                                                          sag_anon, pacs, ftps):
+    ftp, ca = ftps
+    projects = tmp_path / "projects"
+    (projects / "secrets").mkdir(parents=True)
+    (projects / "secrets" / "ftps.env").write_text(f"URL={ftp.url}\nUSERNAME={ftp.username}\n"
+                                                   f"PASSWORD={ftp.password}\n")
+    (projects / "e2e.yaml").write_text(f"""\
+slug: e2e
+studies: {{modalities: [MR]}}
+destinations:
+  dicom: [research-pacs, research-ftps]
+  endpoints:
+    research-pacs: {{type: dicomweb, secrets: {{envPrefix: E2E_PACS}}, rate: 50, maxBatchInstances: 3}}
+    research-ftps: {{type: ftps, secrets: {{file: secrets/ftps.env}}, caFile: {ca}, rate: 50}}
+secret: {{env: {SECRET_ENV}}}
+""")
+    study = tmp_path / "study"
+    study.mkdir()
+    sources = sorted(sag_anon.glob("*.dcm"))[:COUNT]
+    for source in sources:
+        shutil.copy(source, study / source.name)
+    config = {"DICOMFLOW_PROJECTS_DIR": str(projects), SECRET_ENV: SECRET,
+              "E2E_PACS_URL": pacs.url + "/dicom-web", "E2E_PACS_USERNAME": pacs.username,
+              "E2E_PACS_PASSWORD": pacs.password}
+    with Pipeline(tmp_path / "stack", redis_url, REPO / "services", stable_age=2, extra_config=config) as stack:
+        records = open_records(f"sqlite:///{tmp_path / 'stack' / 'home' / 'exports.db'}")
+        stack.orthanc.store([study], aet="MODALITY", pattern="*.dcm")
+        try:
+            wait_for(lambda: [r for r in records.studies("e2e") if r["status"] in ("done", "failed", "partial")],
+                     timeout=120, what="the study's export recorded")
+        except TimeoutError as exc:
+            raise AssertionError(diagnostics(stack)) from exc
+    [row] = records.studies("e2e")
+    records.dispose()
+    assert row["status"] == "done", row
+    assert row["instances"] == COUNT
+    # what the engine makes of the study, here, is what the worker made and sent (same bytes)
+    deid = Deidentifier.for_project(load_project(projects / "e2e.yaml"), environ={SECRET_ENV: SECRET})
+    expected: dict[str, bytes] = {}
+    for source in sources:
+        ds = deid.dataset(pydicom.dcmread(source))
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        expected[f"{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"] = buffer.getvalue()
+    study_id = deid.uid(str(pydicom.dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID))
+    assert row["studyId"] == study_id
+    # DICOMweb: every instance, byte for byte
+    arrived = {}
+    for instance in pacs.get("/instances"):
+        tags = pacs.get(f"/instances/{instance}/simplified-tags")
+        arrived[f"{tags['SeriesInstanceUID']}/{tags['SOPInstanceUID']}.dcm"] = pacs.session.get(
+            f"{pacs.url}/instances/{instance}/file", timeout=30).content
+    assert arrived == expected
+    # FTPS: one zip per study in PIXL's layout, its members the same files
+    files = ftp.files()
+    assert list(files) == [f"e2e/{study_id}.zip"]
+    with zipfile.ZipFile(io.BytesIO(files[f"e2e/{study_id}.zip"])) as archive:
+        assert {name: archive.read(name) for name in archive.namelist()} == expected
