@@ -59,6 +59,8 @@ DUMMY: dict[str, Any] = {
 #: Longest value of the string VRs a pseudonym may go into.
 MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "UC": 64, "LT": 64, "ST": 64, "UT": 64}
 PSEUDONYM_CHARS = 20
+#: UIDs remembered per de-identifier (a study's own recur in each of its instances).
+UID_CACHE_SIZE = 4096
 PATIENT_KEYWORDS = ("PatientID", "PatientName")
 PROFILES = resources.files("dicomflow.extracts") / "profiles"
 
@@ -230,6 +232,10 @@ class Deidentifier:
         self.profile = profile
         self.project = project
         self._key = hmac.new(secret, b"dicomflow-deid\0" + project.encode(), hashlib.sha256).digest()
+        # keyed once; each digest copies it (cheaper than hmac.new's key set-up per value)
+        self._mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        # the study's, series' and frame of reference's UIDs recur in every instance
+        self._uids_seen: dict[str, str] = {}
 
     @classmethod
     def for_project(cls, project: Any, environ: Mapping[str, str] | None = None) -> Deidentifier:
@@ -247,7 +253,9 @@ class Deidentifier:
 
     # -- keyed values ---------------------------------------------------------------------
     def _digest(self, kind: str, value: str) -> bytes:
-        return hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).digest()
+        mac = self._mac.copy()
+        mac.update(f"{kind}\0{value}".encode())
+        return mac.digest()
 
     def pseudonym(self, kind: str, value: str, length: int = PSEUDONYM_CHARS) -> str:
         """A keyed pseudonym of `value` (upper-case hex); '' stays ''."""
@@ -264,10 +272,16 @@ class Deidentifier:
         uid = uid.strip().rstrip("\0")
         if not uid or uid.startswith(DICOM_UID_ROOT):
             return uid
+        known = self._uids_seen.get(uid)
+        if known is not None:
+            return known
         raw = bytearray(self._digest("uid", uid)[:16])
         raw[6] = (raw[6] & 0x0F) | 0x80   # version 8 (custom)
         raw[8] = (raw[8] & 0x3F) | 0x80   # RFC 4122/9562 variant
-        return f"2.25.{int.from_bytes(raw, 'big')}"
+        if len(self._uids_seen) >= UID_CACHE_SIZE:
+            self._uids_seen.clear()
+        new = self._uids_seen[uid] = f"2.25.{int.from_bytes(raw, 'big')}"
+        return new
 
     def date_offset(self, patient_id: str) -> dt.timedelta:
         """The patient's date shift: 1 .. max_shift_days days back, from the HMAC of their PatientID."""
@@ -328,22 +342,31 @@ class Deidentifier:
                 continue
             if tag.group == 0x0002:
                 continue
-            elem = ds[tag]
+            # The element as read (pydicom converts raw bytes to a value only when asked): an
+            # element that stays as it is is never converted, and pydicom writes its bytes back
+            # as they came. That is most of them, and converting them was half of the time.
+            vr = ds.get_item(tag).VR
+            if vr is None or vr == "UN":   # implicit VR or unknown: let pydicom work it out
+                vr = ds[tag].VR
             rule = profile.rule_for(tag)
             if rule is None:
-                if elem.VR == "SQ":
-                    self._items(elem, ctx)
-                elif elem.VR == "UI":
+                if vr == "SQ":
+                    self._items(ds[tag], ctx)
+                elif vr == "UI":
+                    elem = ds[tag]
                     self._set(ds, elem, self._uids(elem.value))
                 continue
-            self._apply(ds, elem, rule, ctx)
+            action = self._action(rule, tag, vr)
+            if action == "remove":
+                del ds[tag]
+            elif action != "keep" or vr == "SQ":
+                self._apply(ds, ds[tag], action, rule, ctx)
 
     def _items(self, elem: DataElement, ctx: _Context) -> None:
         for item in elem.value or ():
             self._clean(item, ctx)
 
-    def _apply(self, ds: Dataset, elem: DataElement, rule: Rule, ctx: _Context) -> None:
-        action = self._action(rule, elem)
+    def _apply(self, ds: Dataset, elem: DataElement, action: str, rule: Rule, ctx: _Context) -> None:
         if action == "keep":
             if elem.VR == "SQ":
                 self._items(elem, ctx)
@@ -360,24 +383,25 @@ class Deidentifier:
         else:  # replace
             self._set(ds, elem, rule.value if rule.value is not None else _dummy(elem))
 
-    def _action(self, rule: Rule, elem: DataElement) -> str:
-        """A rule's action for this element: a word as it is, a PS3.15 code resolved by VR and options."""
+    def _action(self, rule: Rule, tag: int, vr: str) -> str:
+        """A rule's action for an element (its tag and VR): a word as it is, a PS3.15 code resolved
+        by VR and options."""
         code = rule.action
         if code in WORDS:
             return code
         if code == "K":
             return "keep"
-        if self.profile.date_shift and elem.tag in self.profile.modified_dates and elem.VR in ("DA", "DT", "TM"):
+        if self.profile.date_shift and tag in self.profile.modified_dates and vr in ("DA", "DT", "TM"):
             return "shift"
-        if "U" in code and elem.VR == "UI":
+        if "U" in code and vr == "UI":
             return "uid"
         if code == "X":
             return "remove"
-        if "Z" in code and (code != "Z/D" or elem.VR == "SQ"):
+        if "Z" in code and (code != "Z/D" or vr == "SQ"):
             return "empty"   # X/Z and X/Z/D: zero length keeps a type 2 attribute present
-        if elem.VR == "UI":
+        if vr == "UI":
             return "uid"
-        return "replace" if elem.VR != "SQ" else "empty"
+        return "replace" if vr != "SQ" else "empty"
 
     def _set(self, ds: Dataset, elem: DataElement, value: Any) -> None:
         if value is None or value == "":
