@@ -1,7 +1,7 @@
 """A throwaway database on the machine's PostgreSQL for one test module (created, then dropped).
 
 The server is the one already running (CI and the dev machine: 127.0.0.1:5432, trust auth,
-user postgres); `DICOMFLOW_TEST_POSTGRES` names another (an admin URL whose user may create
+user postgres); `TEST_POSTGRES_URL` names another (an admin URL whose user may create
 databases). A server that is not there fails the tests: they are not skipped.
 """
 
@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-ADMIN_URL = os.environ.get("DICOMFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @contextmanager
@@ -27,7 +27,7 @@ def throwaway_database() -> Iterator[str]:
     try:
         admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {ADMIN_URL} (set DICOMFLOW_TEST_POSTGRES): {exc}")
+        pytest.fail(f"PostgreSQL is not reachable at {ADMIN_URL} (set TEST_POSTGRES_URL): {exc}")
     with admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         url = make_url(ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
