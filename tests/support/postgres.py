@@ -17,7 +17,9 @@ import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+#: TEST_POSTGRES_URL; DICOMFLOW_TEST_POSTGRES is the same (the name tests/support/orthanc_index.py gives).
+ADMIN_URL = (os.environ.get("TEST_POSTGRES_URL") or os.environ.get("DICOMFLOW_TEST_POSTGRES")
+             or "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @contextmanager
