@@ -94,3 +94,21 @@ def test_the_api_lists_shows_and_changes_rates(make_client, projects, connection
     answer = client.put("/api/v1/destinations/nowhere/rate", json={"rate": 1}, headers=AUTH)
     assert answer.status_code == 404 and "nowhere" in answer.get_json()["message"]
     assert connection.keys("dicomflow:ratelimit:*") == []
+
+
+def test_the_readme_project_example_loads(tmp_path):
+    """README's "Research exports" example is a complete project file that validates."""
+    import re
+
+    from dicomflow.extracts.project import load_project
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Research exports"):]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "lung-ct.yaml").write_text(example)
+    (tmp_path / "cohort.csv").write_text("PatientID\nP1\n")
+    project = load_project(tmp_path / "lung-ct.yaml")
+    endpoints = project.model.destinations.endpoints
+    assert endpoints["research-pacs"].type == "dicomweb" and endpoints["research-pacs"].rate == 5
+    assert endpoints["research-ftps"].type == "ftps" and project.model.destinations.parquet == ("research-ftps",)
+    assert len(example.splitlines()) <= 30
