@@ -76,7 +76,7 @@ class JobSpec(BaseModel):
     """One job a service offers (one object of its settings.json).
 
     The dcm-processor fields keep their names; ours (`triggerLevel`, `retry`,
-    `runOnDependencyFailure`, `enabled`, `requiresConfig`) follow the same style.
+    `runOnDependencyFailure`, `enabled`, `requiresConfig`, `batchSize`) follow the same style.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -95,6 +95,9 @@ class JobSpec(BaseModel):
     runOnDependencyFailure: bool = False
     enabled: bool = True
     requiresConfig: tuple[str, ...] = ()
+    #: Instance jobs only: up to this many instances of one series from one sender, planned in
+    #: the same delivery, share one job (its worker gets them as `batch`; docs/services.md).
+    batchSize: int = Field(default=1, ge=1, le=256)
 
     @field_validator("worker", "callback")
     @classmethod
@@ -130,6 +133,13 @@ class JobSpec(BaseModel):
     def _not_self_dependent(self) -> JobSpec:
         if self.jobName in self.dependsOn:
             raise ValueError(f"job {self.jobName} depends on itself")
+        return self
+
+    @model_validator(mode="after")
+    def _batches_of_instances(self) -> JobSpec:
+        if self.batchSize > 1 and self.triggerLevel is not Level.INSTANCE:
+            raise ValueError(f"batchSize applies to instance jobs; {self.jobName} triggers on "
+                             f"{self.triggerLevel.value}s")
         return self
 
     @property

@@ -28,7 +28,8 @@ from dicomflow.events import Event, Level
 from dicomflow.settings import Settings
 from scheduler.callbacks import CallbackRunner
 from scheduler.jobhash import JobHashes
-from scheduler.planning import Plan, plan_event
+from scheduler.batching import Batcher, Chunk
+from scheduler.planning import Plan, PlannedJob, plan_event
 from scheduler.pushes import PushTracker
 from scheduler.registry import Registry
 from scheduler.scripts import APPLY, CLAIM, RELEASE, RENEW
@@ -218,10 +219,12 @@ class Enqueuer:
         now = rq_now()
         stamp = utcformat(now)  # one creation time for the batch, in RQ's format
         used_queues: set[str] = set()
+        batcher = Batcher()
         for plan, result, new_members in plans:
             self._record(plan, result, pipe, now.timestamp())
             if plan.jobs:
-                self._enqueue_plan(plan, result, pipe, new_members, used_queues, now.timestamp(), stamp, token)
+                self._enqueue_plan(plan, result, pipe, new_members, used_queues, now.timestamp(), stamp, token,
+                                   batcher)
             elif result.status == "scheduled":
                 result.status = "nothing"
                 if plan.event.level is Level.INSTANCE and not plan.failures:
@@ -234,6 +237,8 @@ class Enqueuer:
                 # no active service wanted yet, runs when it is sent again.
                 pipe.add("SADD", self._state_key(plan.event), *sorted(new_members))
                 pipe.add("EXPIRE", self._state_key(plan.event), self.settings.failure_ttl)
+        for chunk in batcher.chunks:
+            self._write_chunk(chunk, pipe, now.timestamp(), stamp)
         self.pushes.track(pipe, pushing, registry.push_levels(), now.timestamp())
         for name in sorted(used_queues):  # what RQ's enqueue does per job, once per batch here
             pipe.add("SADD", Queue.redis_queues_keys, self.queues[name].key)
@@ -314,8 +319,9 @@ class Enqueuer:
                             for name in plan.switched_off)
 
     def _enqueue_plan(self, plan: Plan, result: EventResult, pipe: BatchWrite, new_members: set[str],
-                      used_queues: set[str], now: float, stamp: str, batch: str) -> None:
-        """Add the plan's jobs to the batch's atomic write, each written once (HSET) and pushed or deferred.
+                      used_queues: set[str], now: float, stamp: str, batch: str, batcher: Batcher) -> None:
+        """Add the plan's jobs to the batch's atomic write, each written once (HSET) and pushed or
+        deferred; jobs of a batching service go to `batcher` (written with their chunk).
 
         `now` is the batch's time (the deferred registry's score), `stamp` the same in RQ's format.
         """
@@ -328,28 +334,17 @@ class Enqueuer:
         description_tail = f"{event.level.value} {event.uid}"
         for planned in plan.jobs:
             spec = planned.job.spec
-            queue = self.queues[spec.priority]
             used_queues.add(spec.priority)
             job_id = f"{spec.jobName}-{run}"
             waits_for = [ids[d] for d in planned.waits_for]
-            pipe.hset(Job.key_for(job_id), self.hashes.mapping(
-                planned.job,
-                kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": event.headers,
-                        "params": spec.params, "added_params": plan.added_params, "event": context},
-                description=f"{spec.jobName} {description_tail}",
-                meta={"event": event.key, "service": planned.job.service, "notes": planned.notes},
-                depends_on=waits_for, stamp=stamp))
-            if not waits_for:
-                pipe.add("RPUSH", queue.key, job_id)  # what Queue.push_job_id writes
+            if spec.batchSize > 1 and event.level is Level.INSTANCE:
+                job_id = batcher.add(planned, event, context, plan.added_params, waits_for, job_id)
             else:
-                # Its dependencies are created in this same atomic write, so none can have
-                # finished yet: register it as deferred without RQ's WATCH round trips (what
-                # Job.register_dependency writes: the deferred registry, scored by creation
-                # time, and both link sets).
-                pipe.add("ZADD", self.deferred[queue.name].key, now, job_id)
-                pipe.add("SADD", dependencies_key(job_id), *waits_for)
-                for dependency_id in waits_for:
-                    pipe.add("SADD", Job.dependents_key_for(dependency_id), job_id)
+                self._write_job(pipe, planned, job_id, now, stamp, waits_for,
+                                description=f"{spec.jobName} {description_tail}",
+                                kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": event.headers,
+                                        "params": spec.params, "added_params": plan.added_params, "event": context},
+                                meta={"event": event.key, "service": planned.job.service, "notes": planned.notes})
             ids[spec.jobName] = job_id
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
         result.jobs = ids
@@ -358,6 +353,37 @@ class Enqueuer:
         if study:  # for "has every service finished with this study?" (retention, GET /api/v1/studies)
             pipe.add("SADD", keys.study_jobs(study), *ids.values())
             pipe.add("EXPIRE", keys.study_jobs(study), self.settings.failure_ttl)
+
+    def _write_chunk(self, chunk: Chunk, pipe: BatchWrite, now: float, stamp: str) -> None:
+        """One job for a chunk of instances (scheduler/batching.py): the first instance's
+        keywords, as any instance job gets, plus `batch` with every instance's."""
+        first, spec = chunk.items[0], chunk.planned.job.spec
+        series = chunk.first.headers.get("SeriesInstanceUID") if chunk.first else ""
+        self._write_job(pipe, chunk.planned, chunk.job_id, now, stamp, chunk.waits_for,
+                        description=f"{spec.jobName} {len(chunk.items)} instance(s) of series {series}",
+                        kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": first["headers"],
+                                "params": spec.params, "added_params": first["added_params"],
+                                "event": first["event"], "batch": chunk.items},
+                        meta={"event": chunk.events[0], "events": chunk.events, "service": chunk.planned.job.service,
+                              "notes": chunk.notes})
+
+    def _write_job(self, pipe: BatchWrite, planned: PlannedJob, job_id: str, now: float, stamp: str,
+                   waits_for: list[str], description: str, kwargs: dict[str, Any], meta: dict[str, Any]) -> None:
+        """One job's hash, and its id pushed on its queue or registered as deferred."""
+        queue = self.queues[planned.job.spec.priority]
+        pipe.hset(Job.key_for(job_id), self.hashes.mapping(planned.job, kwargs=kwargs, description=description,
+                                                           meta=meta, depends_on=waits_for, stamp=stamp))
+        if not waits_for:
+            pipe.add("RPUSH", queue.key, job_id)  # what Queue.push_job_id writes
+        else:
+            # Its dependencies are created in this same atomic write, so none can have
+            # finished yet: register it as deferred without RQ's WATCH round trips (what
+            # Job.register_dependency writes: the deferred registry, scored by creation
+            # time, and both link sets).
+            pipe.add("ZADD", self.deferred[queue.name].key, now, job_id)
+            pipe.add("SADD", dependencies_key(job_id), *waits_for)
+            for dependency_id in waits_for:
+                pipe.add("SADD", Job.dependents_key_for(dependency_id), job_id)
 
 
 class BatchWrite:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from rq.job import Job, JobStatus
@@ -152,3 +153,49 @@ def worker(dcmpath=None, event=None, config=None, **kw):
     cached = tmp_path / "home" / "cache" / "instances" / f"{event['orthanc']['instance']}.dcm"
     assert Job.fetch(res["jobs"]["pJob"], connection=connection).return_value() == {
         "dcmpath": str(cached), "level": "instance", "has_config": True}
+
+
+def test_a_batched_job_gets_every_instance_file_and_its_own_keywords(services, submit, run_workers, connection,
+                                                                     tmp_path):
+    make_service(services, "b", job("bJob", "b", batchSize=4), worker_code="""
+from pathlib import Path
+
+def worker(dcmpath=None, batch=None, headers=None, **kw):
+    return {"folder": dcmpath, "headers": headers["SOPInstanceUID"],
+            "items": [(item["headers"]["SOPInstanceUID"], item["dcmpath"], Path(item["dcmpath"]).read_bytes().decode(),
+                       Path(item["dcmpath"]).parent == Path(dcmpath)) for item in batch]}
+""")
+    events = [instance_event(f"9.4.{i}") for i in range(5)]
+    results = submit(*events)
+    run_workers(1)
+    first = Job.fetch(results[0]["jobs"]["bJob"], connection=connection).return_value()
+    assert first["headers"] == "9.4.0"
+    assert [(sop, text, inside) for sop, _, text, inside in first["items"]] == [
+        (f"9.4.{i}", "not really DICOM", True) for i in range(4)]
+    assert [Path(path).name for _, path, _, _ in first["items"]] == [
+        f"{e['orthanc']['instance']}.dcm" for e in events[:4]]
+    assert not Path(first["folder"]).exists(), "the job's folder is removed when it ends"
+    last = Job.fetch(results[4]["jobs"]["bJob"], connection=connection).return_value()
+    assert [sop for sop, _, _, _ in last["items"]] == ["9.4.4"]
+
+
+def test_workers_import_service_packages_at_start_and_survive_a_broken_one(services, submit, run_workers,
+                                                                           connection, tmp_path):
+    marker = tmp_path / "imported"
+    make_service(services, "good", job("goodJob", "good"), worker_code=f"""
+import os
+with open({str(marker)!r}, "a") as f:
+    f.write(str(os.getpid()) + "\\n")
+
+def worker(**kw):
+    return "ran"
+""")
+    make_service(services, "broken", job("brokenJob", "broken"), worker_code="raise ImportError('no such thing')\n")
+    outputs = run_workers(1)  # no job queued yet: the worker only starts and stops
+    assert len(marker.read_text().split()) == 1, "imported when the worker started, without any job"
+    assert "service package broken does not import" in outputs[0] and "no such thing" in outputs[0]
+    (res,) = submit(instance_event("9.5"))
+    run_workers(1)
+    assert Job.fetch(res["jobs"]["goodJob"], connection=connection).return_value() == "ran"
+    failed = Job.fetch(res["jobs"]["brokenJob"], connection=connection)
+    assert failed.get_status() == JobStatus.FAILED and "no such thing" in failed.latest_result().exc_string

@@ -30,7 +30,9 @@ def main(config_path: str | None, worker_class: str | None, burst: bool, name: s
     """Run one worker process."""
     logformat.configure()
     settings = Settings.from_config(load_config(config_path or None))
-    install(WorkerRuntime(settings))
+    runtime = WorkerRuntime(settings)
+    runtime.preload()
+    install(runtime)
     connection = redis.Redis.from_url(settings.redis_url)
     worker = CLASSES[worker_class or settings.worker_class](list(settings.queues), connection=connection, name=name)
     worker.set_heartbeat_ttl(settings.job_heartbeat_ttl)
