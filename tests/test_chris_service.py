@@ -289,3 +289,38 @@ def test_pacsfiles_mode_writes_both_markers_for_every_push(service, connection, 
         pushes.setdefault(attempt, set()).add(marker["ProtocolName"])
     assert len(pushes) == 2, pushes
     assert all(kinds == {"NumberOfSeriesRelatedInstances", "OxidicomAttemptedPushCount"} for kinds in pushes.values())
+
+
+def test_a_batch_stores_and_registers_all_it_can_and_its_retry_does_only_the_rest(service, connection, make_cube,
+                                                                                  incoming, files_root, tmp_path):
+    """`batchSize` jobs (settings.json): every instance of the batch is tried; the one that fails
+    is named, the job fails and keeps the others' completion, and its retry redoes only that one."""
+    cube = make_cube("cube5")
+    config = chris_config(cube)
+    files = instance_files(incoming)[:8]
+    broken = files[5]
+    original = tmp_path / "original.dcm"
+    shutil.copyfile(broken, original)
+    without_study_date(broken)
+    batch = [{"headers": {}, "added_params": {}, "event": instance_event(p.stem), "dcmpath": str(p)} for p in files]
+    high = Queue("high", connection=connection)
+    job = high.enqueue("tests.support.chris_env.run_service", "chris.store", batch=batch,
+                       **job_kwargs("chrisStore", incoming, instance_event(files[0].stem), config))
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    error = job.latest_result().exc_string
+    assert "BatchItemsError" in error and "1 of 8 instance(s) failed" in error
+    assert broken.stem in error and "StudyDate" in error
+    assert sorted(job.get_meta(refresh=True)["chrisDone"]) == sorted(p.stem for p in files if p != broken)
+    registered = [r.body["path"] for r in cube.registrations() if r.status == 201
+                  and r.body["path"].startswith(SAG_FOLDER + "/")]  # not oxidicom's marker file
+    assert len(registered) == 7 and len(set(registered)) == 7
+    shutil.copyfile(original, broken)
+    FailedJobRegistry(queue=high).requeue(job.id)
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert job.return_value()["skipped"] == 7 and job.return_value()["registered"] == 1
+    posts = [r.body["path"] for r in cube.registrations() if r.body["path"].startswith(SAG_FOLDER + "/")]
+    assert len(posts) == 8 and len(set(posts)) == 8, "the retry registered only the instance that had failed"
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
+    assert progress["stored"] == 8 and progress["registered"] == 8 and progress["errors"] == {}

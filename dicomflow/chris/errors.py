@@ -63,3 +63,13 @@ class SeriesIncompleteError(ChrisError):
 
 class PathTooLongError(ChrisError):
     """A storage path longer than CUBE's column (512 characters) cannot be registered."""
+
+
+class BatchItemsError(ChrisError):
+    """Some instances of a batched job failed; the others were stored (and registered)."""
+
+    def __init__(self, failures: dict[str, str], done: list[str]):
+        self.failures, self.done = failures, done
+        shown = "; ".join(f"{key}: {message}" for key, message in list(failures.items())[:3])
+        more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+        super().__init__(f"{len(failures)} of {len(failures) + len(done)} instance(s) failed: {shown}{more}")

@@ -7,17 +7,38 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from rq import get_current_job
 
-from dicomflow.chris.jobs import finish_series, register_instance, store_instance
+from dicomflow.chris.errors import BatchItemsError
+from dicomflow.chris.jobs import finish_series, instance_key, register_instance, store_batch, store_instance
 from dicomflow.chris.settings import ChrisSettings
 from dicomflow.errors import EventError
 
 
 def store(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
           added_params: Mapping[str, Any], dcmpath: str, event: Mapping[str, Any],
-          config: Mapping[str, str], connection: redis.Redis, **kwargs: Any) -> dict[str, Any]:
-    """Write the instance into CUBE's storage at its cube.md path, then register it (CUBE 5)."""
-    return store_instance(ChrisSettings.from_config(config), connection, Path(dcmpath), event, register=True)
+          config: Mapping[str, str], connection: redis.Redis, batch: list[dict[str, Any]] | None = None,
+          **kwargs: Any) -> dict[str, Any]:
+    """Write the instance into CUBE's storage at its cube.md path, then register it (CUBE 5).
+
+    With `batch` (settings.json's `batchSize`), every instance of it; a retry of the job skips
+    the instances an earlier attempt finished (kept in the job's meta)."""
+    settings = ChrisSettings.from_config(config)
+    if batch is None:
+        return store_instance(settings, connection, Path(dcmpath), event, register=True)
+    job = get_current_job()
+    done = set(job.meta.get("chrisDone", ())) if job is not None else set()
+    items = [(Path(item["dcmpath"]), item["event"]) for item in batch]
+    todo = [(path, ev) for path, ev in items if instance_key(ev, path.stem) not in done]
+    try:
+        result = store_batch(settings, connection, todo, register=True)
+    except BatchItemsError as exc:
+        if job is not None:
+            job.meta["chrisDone"] = sorted(done | set(exc.done))
+            job.save_meta()
+        raise
+    result["skipped"] = len(items) - len(todo)
+    return result
 
 
 def register(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
