@@ -1,0 +1,81 @@
+"""The destinations part of a project file (issue 20): endpoints validated on load, connection
+details refused in the YAML, secrets read by reference when a send needs them."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dicomflow.extracts.destinations import DestinationConfigError, endpoint_of
+from dicomflow.extracts.destinations.secrets import read_credentials
+from dicomflow.extracts.errors import ProjectError
+from dicomflow.extracts.project import load_project
+
+
+def _write(tmp_path, destinations) -> object:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"slug": "p", "studies": {"all": True}, "secret": {"env": "P_SECRET"},
+                                    "destinations": destinations}))
+    return path
+
+
+@pytest.mark.parametrize(("destinations", "field", "message"), [
+    ({"dicom": ["pacs"], "endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"},
+                                                "url": "https://pacs"}}},
+     "destinations.endpoints.pacs", "url must not be written in the project file"),
+    ({"endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}, "password": "hunter2"}}},
+     "destinations.endpoints.pacs", "password must not be written"),
+    ({"endpoints": {"pacs": {"type": "dicomweb", "secrets": "https://user:pw@pacs"}}},
+     "destinations.endpoints.pacs.secrets", "connection details live in the project's secrets"),
+    ({"endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X", "file": "f"}}}},
+     "destinations.endpoints.pacs.secrets", "exactly one of envPrefix or file"),
+    ({"endpoints": {"pacs": {"type": "sftp", "secrets": {"envPrefix": "X"}}}},
+     "destinations.endpoints.pacs.type", "'dicomweb' or 'ftps'"),
+    ({"endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}, "rate": -1}}},
+     "destinations.endpoints.pacs.rate", "greater than or equal to 0"),
+    ({"parquet": ["pacs"], "endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}}}},
+     "destinations", "takes DICOM, not Parquet"),
+    ({"dicom": ["../etc"]}, "destinations", "not a destination name"),
+    ({"endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}, "ratee": 3}}},
+     "destinations.endpoints.pacs.ratee", "Extra inputs"),
+])
+def test_broken_destinations_are_refused_naming_the_field(tmp_path, destinations, field, message):
+    with pytest.raises(ProjectError) as caught:
+        load_project(_write(tmp_path, destinations))
+    assert caught.value.field == field and message in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_defaults_and_secrets_from_a_file(tmp_path):
+    (tmp_path / "s.env").write_text("URL=ftps://files.example.org:2121/in\nUSERNAME=u\nPASSWORD=p4ss\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    project = load_project(_write(tmp_path, {"dicom": ["f"], "endpoints": {
+        "f": {"type": "ftps", "secrets": {"file": "s.env"}, "caFile": "ca.pem"}}}))
+    endpoint = endpoint_of(project, "f")
+    assert (endpoint.rate, endpoint.burst, endpoint.max_batch_instances, endpoint.verify) == (5.0, 1.0, 20, True)
+    credentials = read_credentials(project, "f", endpoint)
+    assert (credentials.url, credentials.username, credentials.password) == (
+        "ftps://files.example.org:2121/in", "u", "p4ss")
+    assert credentials.ca_file == tmp_path / "ca.pem" and "p4ss" not in repr(credentials)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("URL=https://files.example.org\nUSERNAME=u\nPASSWORD=p\n", "must be a ftps URL"),
+    ("URL=ftps://files.example.org\nUSERNAME=u\n", "needs USERNAME in"),
+    ("URL=ftps://files.example.org\nUSERNAME=u\nPASSWORD=p\nPASWORD=typo\n", "unknown keys PASWORD"),
+    ("this line holds the secret s3cr3t\n", "is not KEY=VALUE lines"),
+])
+def test_bad_secrets_files_are_named_without_their_values(tmp_path, content, message):
+    (tmp_path / "s.env").write_text(content)
+    project = load_project(_write(tmp_path, {"dicom": ["f"], "endpoints": {
+        "f": {"type": "ftps", "secrets": {"file": "s.env"}}}}))
+    with pytest.raises(DestinationConfigError, match=message) as caught:
+        read_credentials(project, "f", endpoint_of(project, "f"))
+    assert "s3cr3t" not in str(caught.value) and str(tmp_path / "s.env") in str(caught.value)
+
+
+def test_a_missing_ca_file_is_named(tmp_path):
+    project = load_project(_write(tmp_path, {"dicom": ["d"], "endpoints": {
+        "d": {"type": "dicomweb", "secrets": {"envPrefix": "DFTEST_D"}, "caFile": "nowhere.pem"}}}))
+    with pytest.raises(DestinationConfigError, match="nowhere.pem does not exist"):
+        read_credentials(project, "d", endpoint_of(project, "d"), environ={"DFTEST_D_URL": "https://pacs"})
