@@ -261,3 +261,19 @@ def test_a_study_is_exported_once_per_project_through_the_pipeline(tmp_path, red
     assert all(len(records.studies(s)) == (1 if s in ("mr", "everything") else 0)
                for s in ("mr", "everything", "ct", "scanner", "few"))
     records.dispose()
+
+
+def test_the_destinations_answers_make_done_partial_or_failed():
+    from dicomflow.extracts.status import ExportStatus
+
+    outcome = _load(REPO / "services" / "modules" / "deid", "deid_module_outcome")._outcome
+    ok = {"sent": 4, "failed": {}}
+    assert outcome({"pacs": ok, "ftps": ok}, 4) == (ExportStatus.DONE, 4, {}, None)
+    status, instances, failed, reason = outcome({"pacs": {"sent": 3, "failed": {"a/1.dcm": "409 Conflict"}}}, 4)
+    assert (status, instances, failed, reason) == (ExportStatus.PARTIAL, 3, {"pacs:a/1.dcm": "409 Conflict"}, None)
+    status, instances, _, reason = outcome({"pacs": ok, "ftps": {"sent": 0, "failed": {}, "error": "login refused"}}, 4)
+    assert status is ExportStatus.PARTIAL and instances == 0 and reason == "ftps: login refused"
+    status, _, _, reason = outcome({"pacs": {"sent": 0, "failed": {}, "error": "unreachable"}}, 4)
+    assert status is ExportStatus.FAILED and reason == "pacs: unreachable"
+    status, _, _, reason = outcome({"pacs": {"sent": 2, "failed": {}}}, 4)     # confirmed fewer, naming none
+    assert status is ExportStatus.PARTIAL and reason == "pacs: 2 of 4 confirmed"
