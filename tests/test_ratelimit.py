@@ -21,29 +21,33 @@ from dicomflow.ratelimit import (
 )
 
 
-def _take_between(redis_url: str, name: str, rate: float, begin: float, end: float, out) -> None:
-    """Take tokens as fast as the bucket allows from wall-clock `begin` to `end`; put how many."""
+def _take_for(redis_url: str, name: str, rate: float, seconds: float, ready, go, out) -> None:
+    """Once released, take tokens as fast as the bucket allows for `seconds`; put how many."""
     bucket = TokenBucket(redis.Redis.from_url(redis_url), BucketKeys.named(name), rate)
-    time.sleep(max(0.0, begin - time.time()))
+    ready.put(1)
+    go.wait()
+    end = time.monotonic() + seconds
     taken = 0
-    while time.time() < end:
+    while time.monotonic() < end:
         pause = bucket.try_acquire()
         if pause == 0:
             taken += 1
         else:
-            time.sleep(min(pause, max(0.0, end - time.time())))
+            time.sleep(min(pause, max(0.0, end - time.monotonic())))
     out.put(taken)
 
 
 def test_the_rate_holds_across_processes(redis_url, connection):
     rate, seconds = 20.0, 1.5
     spawn = multiprocessing.get_context("spawn")
-    out = spawn.Queue()
-    begin = time.time() + 1.5                                  # after the three have started
-    procs = [spawn.Process(target=_take_between, args=(redis_url, "dest-a", rate, begin, begin + seconds, out))
+    ready, go, out = spawn.Queue(), spawn.Event(), spawn.Queue()
+    procs = [spawn.Process(target=_take_for, args=(redis_url, "dest-a", rate, seconds, ready, go, out))
              for _ in range(3)]
     for proc in procs:
         proc.start()
+    for _ in procs:                                   # all three imported and connected
+        ready.get(timeout=60)
+    go.set()
     counts = [out.get(timeout=30) for _ in procs]
     for proc in procs:
         proc.join(10)
