@@ -13,7 +13,9 @@ from rq import Queue, SimpleWorker
 from rq.job import JobStatus
 from rq.registry import FailedJobRegistry
 
+from dicomflow.chris.client import ChrisClient
 from dicomflow.chris.progress import recent_series, series_progress
+from dicomflow.chris.settings import ChrisSettings
 from dicomflow.errors import MissingTagError
 from tests.support.chris_env import (
     AET,
@@ -324,3 +326,30 @@ def test_a_batch_stores_and_registers_all_it_can_and_its_retry_does_only_the_res
     assert len(posts) == 8 and len(set(posts)) == 8, "the retry registered only the instance that had failed"
     progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["stored"] == 8 and progress["registered"] == 8 and progress["errors"] == {}
+
+
+def test_a_batch_stops_asking_cube_once_it_is_unavailable_and_its_retry_registers_the_rest(
+        service, connection, make_cube, incoming, files_root):
+    """One retry layer: a request is tried CHRIS_HTTP_RETRIES times at once, then the job fails
+    (RQ retries it later, waiting in Redis); the batch does not make every other instance wait
+    for CUBE too. The files are stored either way."""
+    cube = make_cube("cube5")
+    config = chris_config(cube, CHRIS_HTTP_RETRIES="2", CHRIS_REGISTRATION="pacsfiles")
+    files = instance_files(incoming)[:8]
+    batch = [{"headers": {}, "added_params": {}, "event": instance_event(p.stem), "dcmpath": str(p)} for p in files]
+    high = Queue("high", connection=connection)
+    job = high.enqueue("tests.support.chris_env.run_service", "chris.store", batch=batch,
+                       **job_kwargs("chrisStore", incoming, instance_event(files[0].stem), config))
+    with ChrisClient(ChrisSettings.from_config(config), connection) as client:
+        client.token()  # shared through Redis: the faults below are the registrations'
+    cube.fail_next(2, status=503)
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    error = job.latest_result().exc_string
+    assert "8 of 8 instance(s) failed" in error and "HTTP 503" in error
+    assert [r.status for r in cube.registrations()] == [503, 503], "the other 7 were not tried"
+    assert len(list((files_root / SAG_FOLDER).glob("*.dcm"))) == 8, "stored all the same"
+    FailedJobRegistry(queue=high).requeue(job.id)
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER + "/")]) == 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from dicomflow.chris.errors import (
     BatchItemsError,
     ChrisError,
     ChrisRequestError,
+    ChrisUnavailableError,
     InvalidTagError,
     SeriesIncompleteError,
 )
@@ -118,6 +120,20 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
     """
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
+    unavailable = threading.Event()
+
+    def register(dcmpath: Path, event: Mapping[str, Any], tags: Mapping[str, Any], info: dict[str, str]) -> dict:
+        # Once CUBE did not answer, the others would each wait CHRIS_HTTP_TIMEOUT for nothing:
+        # the job fails, and RQ's retry registers them (their files are stored).
+        if unavailable.is_set():
+            raise ChrisUnavailableError("POST", settings.url + "pacsfiles/", 0,
+                                        "not tried: CUBE was unavailable for an earlier instance of this batch")
+        try:
+            return register_instance(settings, connection, dcmpath, event, tags=tags, info=info, client=client)
+        except ChrisUnavailableError:
+            unavailable.set()
+            raise
+
     with ChrisClient(settings, connection) as client, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="chris-register") as registrar:
         pending: list[tuple[str, Future]] = []
@@ -130,8 +146,7 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
                 if register and mode is None:
                     mode = client.detect_registration()  # cached in Redis: one GET at most
                 if register and mode is Registration.PACSFILES:
-                    pending.append((key, registrar.submit(register_instance, settings, connection, Path(dcmpath),
-                                                          event, tags=tags, info=info, client=client)))
+                    pending.append((key, registrar.submit(register, Path(dcmpath), event, tags, info)))
             except (MissingTagError, ChrisError) as exc:
                 failures[key] = str(exc)
         for key, future in pending:

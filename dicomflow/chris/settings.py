@@ -35,11 +35,13 @@ class ChrisSettings(BaseModel):
     password: str = Field(default="", alias="CHRIS_PASSWORD")
     #: A ready token (`Authorization: Token ...`); without one, one is fetched from auth-token/.
     token: str = Field(default="", alias="CHRIS_TOKEN")
-    #: Total number of attempts per request (as oxidicom's setting of the same name).
-    http_retries: int = Field(default=5, ge=1, alias="CHRIS_HTTP_RETRIES")
-    #: Back-off before retry n is min(base * 2**n, cap) seconds (oxidicom: base 1, cap 20).
-    retry_base: float = Field(default=1.0, ge=0, alias="CHRIS_RETRY_BASE")
-    retry_cap: float = Field(default=20.0, ge=0, alias="CHRIS_RETRY_CAP")
+    #: Total number of attempts per request, one right after the other (a dropped keep-alive
+    #: connection, a blip). Longer outages are RQ's to retry: the job fails and waits in Redis
+    #: (`retry` in settings.json), not in a sleeping worker — one retry layer (issue 21).
+    http_retries: int = Field(default=2, ge=1, alias="CHRIS_HTTP_RETRIES")
+    #: The pause before retry n is min(base * 2**n, cap) seconds: at most a second by default.
+    retry_base: float = Field(default=0.25, ge=0, alias="CHRIS_RETRY_BASE")
+    retry_cap: float = Field(default=1.0, ge=0, alias="CHRIS_RETRY_CAP")
     #: Seconds per request; CUBE's series API may poll its storage for ~30 s before answering.
     http_timeout: float = Field(default=60.0, gt=0, alias="CHRIS_HTTP_TIMEOUT")
     #: The PACS name; empty: the calling AE title of the sender (event["remoteAet"]).
