@@ -191,7 +191,7 @@ def test_no_token_in_time_stops_the_send_instead_of_holding_the_worker(study, em
     start = time.monotonic()
     with pytest.raises(DestinationBusyError, match="no rate-limit token for research-pacs"):
         _send(project, folder, connection, settings=slow)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 4                        # not the 10 s the next token is away
     assert empty_pacs.get("/instances") == []
     # one per request: the first goes, the rest are reported not sent (partial, retryable)
     project = _project(tmp_path, rate=0.1, maxBatchInstances=1)

@@ -59,13 +59,13 @@ def test_the_rate_holds_across_processes(redis_url, connection):
 
 
 def test_a_rested_bucket_gives_one_burst_then_the_rate(connection):
-    bucket = TokenBucket(connection, BucketKeys.named("burst"), rate=10, burst=1.0)
-    assert [bucket.try_acquire() for _ in range(10)] == [0.0] * 10
+    bucket = TokenBucket(connection, BucketKeys.named("burst"), rate=4, burst=1.0)
+    assert [bucket.try_acquire() for _ in range(4)] == [0.0] * 4    # one burst: rate x 1 s
     pause = bucket.try_acquire()
-    assert 0 < pause <= 0.1
+    assert 0 < pause <= 0.25                                        # then one token per 1/rate
     start = time.monotonic()
     waited = bucket.acquire(max_wait=5)
-    assert 0.0 < waited <= 0.25 and time.monotonic() - start < 0.3
+    assert 0.0 < waited <= 0.6 and time.monotonic() - start < 0.7
 
 
 def test_the_rate_changes_at_run_time_and_default_removes_the_override(connection):
@@ -92,17 +92,17 @@ def test_zero_is_no_limit(connection):
 def test_a_waiter_gives_up_after_its_bounded_wait_without_sleeping_it_out(connection):
     keys = BucketKeys.named("slow-dest")
     bucket = TokenBucket(connection, keys, rate=0.2)     # one token per 5 s
-    assert bucket.acquire(max_wait=1) == pytest.approx(0, abs=0.05)
+    assert bucket.acquire(max_wait=1) < 0.5
     start = time.monotonic()
     with pytest.raises(RateLimitTimeout) as caught:
         bucket.acquire(max_wait=1)
-    assert time.monotonic() - start < 0.5                  # it knew the next token was 5 s away
+    assert time.monotonic() - start < 0.9                  # it knew the next token was 5 s away: no sleep
     assert caught.value.name == "slow-dest" and caught.value.rate == 0.2
     assert "slow-dest" in str(caught.value) and "0.2/s" in str(caught.value)
     # the give-up took no token: raised to 50/s, the next one comes at once
     set_rate(connection, keys, 50)
     time.sleep(0.05)
-    assert bucket.acquire(max_wait=1) < 0.1
+    assert bucket.acquire(max_wait=1) < 0.5
 
 
 def test_an_idle_bucket_expires(connection):
