@@ -1,7 +1,8 @@
 """End to end (issue 20): a study sent to the pipeline's Orthanc is de-identified by the deid service
 and sent to both kinds of destination — STOW-RS to a second Orthanc (Debian's DICOMweb plugin) and
 a zip over FTPS (pyftpdlib, TLS) — and recorded as exported only once both confirmed every file;
-what arrives is byte for byte what the de-identification engine makes of the study."""
+what arrives is byte for byte what the de-identification engine makes of the study. Then the
+project's Parquet extract goes to the same FTPS server, in PIXL's layout."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 
+from dicomflow.config import settings_from_config
 from dicomflow.extracts.deid import Deidentifier
-from dicomflow.extracts.project import load_project
+from dicomflow.extracts.parquet import write_extract
+from dicomflow.extracts.project import ExtractSettings, load_project
 from dicomflow.extracts.records import open_records
 from tests.conftest import REPO
 from tests.support.exports import SECRET_ENV
@@ -58,6 +62,7 @@ slug: e2e
 studies: {{modalities: [MR]}}
 destinations:
   dicom: [research-pacs, research-ftps]
+  parquet: [local, research-ftps]
   endpoints:
     research-pacs: {{type: dicomweb, secrets: {{envPrefix: E2E_PACS}}, rate: 50, maxBatchInstances: 3}}
     research-ftps: {{type: ftps, secrets: {{file: secrets/ftps.env}}, caFile: {ca}, rate: 50}}
@@ -79,12 +84,16 @@ secret: {{env: {SECRET_ENV}}}
                      timeout=120, what="the study's export recorded")
         except TimeoutError as exc:
             raise AssertionError(diagnostics(stack)) from exc
-    [row] = records.studies("e2e")
-    records.dispose()
+        [row] = records.studies("e2e")
+        # then the project's Parquet extract (dicomflow-export parquet), uploaded to the same FTPS server
+        project = load_project(projects / "e2e.yaml")
+        extract = write_extract(project, records, settings_from_config(ExtractSettings, stack.env, "extracts"),
+                                config=stack.env, connection=connection)
+        records.dispose()
     assert row["status"] == "done", row
     assert row["instances"] == COUNT
     # what the engine makes of the study, here, is what the worker made and sent (same bytes)
-    deid = Deidentifier.for_project(load_project(projects / "e2e.yaml"), environ={SECRET_ENV: SECRET})
+    deid = Deidentifier.for_project(project, environ={SECRET_ENV: SECRET})
     expected: dict[str, bytes] = {}
     for source in sources:
         ds = deid.dataset(pydicom.dcmread(source))
@@ -100,8 +109,12 @@ secret: {{env: {SECRET_ENV}}}
         arrived[f"{tags['SeriesInstanceUID']}/{tags['SOPInstanceUID']}.dcm"] = pacs.session.get(
             f"{pacs.url}/instances/{instance}/file", timeout=30).content
     assert arrived == expected
-    # FTPS: one zip per study in PIXL's layout, its members the same files
+    # FTPS: one zip per study and the Parquet extract, in PIXL's layout
     files = ftp.files()
-    assert list(files) == [f"e2e/{study_id}.zip"]
+    parquet = f"e2e/{extract.path.name}/parquet/radiology/radiology.parquet"
+    assert set(files) == {parquet, f"e2e/{study_id}.zip"}
     with zipfile.ZipFile(io.BytesIO(files[f"e2e/{study_id}.zip"])) as archive:
         assert {name: archive.read(name) for name in archive.namelist()} == expected
+    assert files[parquet] == (extract.path / "radiology" / "radiology.parquet").read_bytes()
+    assert extract.destinations["research-ftps"] == {"sent": 1, "failed": {}}
+    assert pq.read_table(io.BytesIO(files[parquet])).num_rows >= 1

@@ -38,8 +38,11 @@ BLOCK = 1 << 16
 
 
 def extract_slug(extract_time: datetime) -> str:
-    """The remote folder name of an extract's time, as PIXL's (a slug of the ISO time, seconds)."""
-    return extract_time.strftime("%Y-%m-%dt%H-%M-%S")
+    """The remote folder name of an extract's time: the local extract folder's name (PIXL-like,
+    ``2026-12-02t16-55-03``, UTC), so both sides read the same."""
+    from dicomflow.extracts.parquet import extract_name  # pyarrow: only Parquet uploads need it
+
+    return extract_name(extract_time)
 
 
 def write_zip(files: list[Path], root: Path, target: Path) -> None:
