@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import orthanc
@@ -36,18 +35,14 @@ if _HERE not in sys.path:
 from dicomflow_builder import BuilderError, BuilderProcess  # noqa: E402 - beside this script
 from dicomflow_delivery import Delivery, DeliveryError, batch_body  # noqa: E402
 from dicomflow_events import EventBuilder, computed_ids, instance_event, select_headers, to_json  # noqa: E402
-
-#: Tags every built-in service reads; the "Tags" setting replaces this list.
-DEFAULT_TAGS = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientAge", "PatientSex",
-    "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber", "StudyID",
-    "ReferringPhysicianName", "InstitutionName", "StationName", "Manufacturer",
-    "Modality", "ProtocolName", "BodyPartExamined", "PerformedStationAETitle",
-    "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
-    "SeriesDate", "SeriesTime", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
-    "AcquisitionNumber", "ImageType", "NumberOfSeriesRelatedInstances",
-    "NumberOfStudyRelatedInstances", "NumberOfFrames", "Rows", "Columns",
-)
+from dicomflow_settings import CHANGES as _CHANGES  # noqa: E402
+from dicomflow_settings import JSON as _JSON  # noqa: E402
+from dicomflow_settings import LUA as _LUA  # noqa: E402
+from dicomflow_settings import OFF as _OFF  # noqa: E402
+from dicomflow_settings import RAW as _RAW  # noqa: E402
+from dicomflow_settings import STABLE_SOURCES as _STABLE_SOURCES  # noqa: E402
+from dicomflow_settings import PluginSettings  # noqa: E402
+from dicomflow_spool import Spool  # noqa: E402
 
 #: Answers that will not improve by sending the same batch again: dead letters.
 REJECTED = frozenset({400, 401, 403, 404, 405, 413, 422})
@@ -66,19 +61,6 @@ _NOT_YET = 2038
 #: At start: how long after its change is logged an on-stored callback (run by Orthanc right
 #: after the commit, in the same thread) has surely queued its event (s).
 START_GRACE = 1.0
-#: How the callback captured an instance's headers: the file's bytes, or Orthanc's JSON.
-_RAW, _JSON = "raw", "json"
-#: The Lua script (beside this one) that hands Orthanc's stable series/studies to the plugin.
-STABLE_SCRIPT = "dicomflow_stable.lua"
-#: Where stable series/studies come from: that script (`_LUA`), or the change log read every
-#: ChangePollInterval (`_CHANGES`, when Orthanc's "LuaScripts" does not list the script).
-_LUA, _CHANGES = "lua", "changes"
-#: No stable series/studies from Orthanc (the default): the scheduler completes pushes itself
-#: (scheduler/pushes.py), since Orthanc forgets unstable resources at shutdown and stays
-#: silent for instances it already holds.
-_OFF = "off"
-_STABLE_SOURCES = {_LUA: "the Lua script", _CHANGES: "the change log",
-                   _OFF: "none from Orthanc (the scheduler completes pushes)"}
 #: An Orthanc resource id (a SHA-1 in five dash-separated groups of 8 hex digits).
 _ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
@@ -100,301 +82,6 @@ def load_header_reader() -> Any:
         return None
     return dicomheader
 
-
-@dataclass(frozen=True)
-class PluginSettings:
-    """The "Dicomflow" section of Orthanc's configuration, validated once at start."""
-
-    scheduler_url: str
-    token: str
-    spool_path: str
-    tags: tuple[str, ...] = DEFAULT_TAGS
-    #: Fewer, larger batches cost Orthanc's ingest less: every batch wakes the sender, the
-    #: builder process, the scheduler and Redis. 0.5 s measured ~4 % more small-instance ingest
-    #: than 0.05 s, for ~0.35 s more stored -> enqueued latency (README).
-    batch_size: int = 1000
-    max_batch_delay: float = 0.5
-    queue_size: int = 20000
-    connect_timeout: float = 3.0
-    request_timeout: float = 30.0
-    retry_min_delay: float = 0.5
-    retry_max_delay: float = 30.0
-    max_string_length: int = 256
-    #: Python's GIL switch interval in Orthanc's interpreter (None: Python's 5 ms). It bounds how
-    #: long an on-stored callback (Orthanc's ingest thread) may wait for the GIL while the sender
-    #: thread builds a batch. 0.2 and 1 ms measured within this machine's noise of 5 ms (README).
-    gil_switch_interval: float | None = None
-    #: How often the sender records how far Orthanc's change log has been handed over (s):
-    #: after a crash, about this much plus CallbackGrace is read back from Orthanc.
-    checkpoint_interval: float = 5.0
-    #: How long after noting a change every on-stored callback up to it has surely queued its
-    #: item (s): they run right after Orthanc's commit, in the same thread; the margin is for a
-    #: machine under load.
-    callback_grace: float = 10.0
-    #: How often the sender reads Orthanc's change log for stable series and studies (s),
-    #: when they do not come from the Lua script (``stable_events``).
-    change_poll_interval: float = 1.0
-    #: "lua": Orthanc's Lua engine calls STABLE_SCRIPT once per stable series/study, which
-    #: queues its event through the plugin's REST route; nothing is read per instance (reading
-    #: every change of the log cost ~6 µs of Orthanc's time per instance; an on-change callback
-    #: in Python ~6 % of small-instance ingest, README). "changes": the change log is read.
-    #: "off" (the default, "StableEvents"): none; the scheduler owns series/study completion.
-    stable_events: str = _OFF
-    #: With "lua": how long after a change its Lua callback has surely queued its event (s).
-    #: The catch-up after a crash reads stable series/studies back from this far before the
-    #: checkpoint (Orthanc's Lua engine runs its events in a queue of its own, after the commit).
-    stable_grace: float = 120.0
-    #: "raw": take the file's bytes in the callback and read the tags in the sender thread
-    #: (Orthanc's JSON conversion is the callback's main cost); "json": Orthanc's JSON.
-    header_reader: str = _RAW
-    #: Build events in a child process (``BuilderPython``), not in Orthanc's interpreter: the
-    #: sender thread then barely holds the GIL that Orthanc's ingest threads wait for.
-    builder_process: bool = True
-    #: The builder process also POSTs the batches it builds (false: it hands the events back
-    #: and the sender thread POSTs them, as before; kept to measure the difference side by side).
-    builder_delivers: bool = True
-    #: How much lower the builder process's CPU priority is than Orthanc's (added to its nice
-    #: value, 0-19). Its bursts (~70 ms per 1000-instance batch) then wait for Orthanc's ingest
-    #: threads on a machine with few cores instead of taking one from them (README).
-    builder_nice: int = 10
-    builder_python: str = "python3"
-    events_path: str = "/api/v1/events"
-    #: Orthanc's "StorageDirectory" and "IndexDirectory" (absolute): where the disk guard measures.
-    storage_paths: tuple[str, ...] = ()
-    #: The disk guard's watermark (MB): with less free space than this on Orthanc's storage, new
-    #: instances are refused (C-STORE: 0xA700 Out of Resources; REST uploads: 403). 0: no guard.
-    #: 1 GB: a few large studies of headroom for the index, the spool and the sampling delay.
-    min_free_space_mb: float = 1024.0
-    #: How often the disk guard measures the free space (s); between two measures it subtracts
-    #: the size of each accepted instance (no disk access per instance).
-    disk_check_interval: float = 1.0
-    #: Retention (opt-in): delete studies from Orthanc this many days (fractions allowed) after
-    #: their last update, once none of their events waits in the spool or queue. 0: keep all.
-    retention_days: float = 0.0
-    #: Seconds between two retention passes.
-    retention_interval: float = 3600.0
-    #: Retention deletes a study only once the scheduler says every job of its events finished.
-    retention_wait_for_jobs: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_configuration(cls, configuration: dict[str, Any]) -> PluginSettings:
-        """Build the settings from Orthanc's whole configuration.
-
-        Raises:
-            ValueError: a setting is missing or has the wrong form.
-        """
-        section = configuration.get("Dicomflow")
-        if not isinstance(section, dict):
-            raise TypeError('the configuration has no "Dicomflow" section (an object)')
-        token = str(section.get("Token") or "")
-        token_file = section.get("TokenFile")
-        if not token and token_file:
-            with open(token_file, encoding="utf-8") as handle:
-                token = handle.read().strip()
-        url = str(section.get("SchedulerUrl") or "")
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"Dicomflow.SchedulerUrl must be an http(s) URL, got {url!r}")
-        spool = str(section.get("SpoolPath") or "")
-        if not spool:
-            raise ValueError("Dicomflow.SpoolPath is required")
-        tags = section.get("Tags") or DEFAULT_TAGS
-        if isinstance(tags, str):
-            tags = [t.strip() for t in tags.split(",") if t.strip()]
-        numbers = {
-            "batch_size": ("BatchSize", int), "max_batch_delay": ("MaxBatchDelay", float),
-            "queue_size": ("QueueSize", int), "connect_timeout": ("ConnectTimeout", float),
-            "request_timeout": ("RequestTimeout", float),
-            "retry_min_delay": ("RetryMinDelay", float), "retry_max_delay": ("RetryMaxDelay", float),
-            "max_string_length": ("MaxStringLength", int),
-            "gil_switch_interval": ("GilSwitchInterval", float),
-            "checkpoint_interval": ("CheckpointInterval", float),
-            "callback_grace": ("CallbackGrace", float),
-            "change_poll_interval": ("ChangePollInterval", float),
-            "stable_grace": ("StableGrace", float),
-        }
-        values: dict[str, Any] = {}
-        for attr, (key, kind) in numbers.items():
-            if key in section:
-                values[attr] = kind(section[key])
-                if values[attr] <= 0:
-                    raise ValueError(f"Dicomflow.{key} must be positive")
-        for key, attr in (("BuilderProcess", "builder_process"), ("BuilderDelivers", "builder_delivers")):
-            if key in section:
-                if not isinstance(section[key], bool):
-                    raise ValueError(f"Dicomflow.{key} must be true or false, got {section[key]!r}")
-                values[attr] = section[key]
-        if "BuilderNice" in section:
-            nice = section["BuilderNice"]
-            if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
-                raise ValueError(f"Dicomflow.BuilderNice must be a whole number 0-19, got {nice!r}")
-            values["builder_nice"] = nice
-        if "BuilderPython" in section:
-            values["builder_python"] = str(section["BuilderPython"])
-        if "EventsPath" in section:
-            values["events_path"] = str(section["EventsPath"])
-        if "HeaderReader" in section:
-            values["header_reader"] = str(section["HeaderReader"]).lower()
-            if values["header_reader"] not in (_RAW, _JSON):
-                raise ValueError(f'Dicomflow.HeaderReader must be "raw" or "json", got {section["HeaderReader"]!r}')
-        scripts = configuration.get("LuaScripts") or []
-        if isinstance(scripts, str):
-            scripts = [scripts]
-        if any(os.path.basename(str(script)) == STABLE_SCRIPT for script in scripts):
-            values["stable_events"] = _LUA
-        if "StableEvents" in section:
-            mode = str(section["StableEvents"]).lower()
-            if mode not in (_OFF, _LUA, _CHANGES):
-                raise ValueError(f'Dicomflow.StableEvents must be "off", "lua" or "changes", '
-                                 f'got {section["StableEvents"]!r}')
-            if mode == _LUA and values.get("stable_events") != _LUA:
-                raise ValueError(f'Dicomflow.StableEvents "lua" needs {STABLE_SCRIPT} in "LuaScripts"')
-            values["stable_events"] = mode
-        # The disk guard and retention (dicomflow_disk.py): 0 turns MinFreeSpaceMB or RetentionDays off.
-        for key, attr, zero_is_off in (("MinFreeSpaceMB", "min_free_space_mb", True),
-                                       ("DiskCheckInterval", "disk_check_interval", False),
-                                       ("RetentionDays", "retention_days", True),
-                                       ("RetentionInterval", "retention_interval", False)):
-            if key not in section:
-                continue
-            given = section[key]
-            try:
-                if isinstance(given, bool):
-                    raise TypeError(given)
-                values[attr] = float(given)
-            except (TypeError, ValueError):
-                raise ValueError(f"Dicomflow.{key} must be a number, got {given!r}") from None
-            if not 0.0 <= values[attr] < float("inf") or (values[attr] == 0.0 and not zero_is_off):
-                raise ValueError(f"Dicomflow.{key} must be {'0 (off) or ' if zero_is_off else ''}positive, "
-                                 f"got {given!r}")
-        if "RetentionWaitForJobs" in section:
-            if not isinstance(section["RetentionWaitForJobs"], bool):
-                raise ValueError(f"Dicomflow.RetentionWaitForJobs must be true or false, "
-                                 f"got {section['RetentionWaitForJobs']!r}")
-            values["retention_wait_for_jobs"] = section["RetentionWaitForJobs"]
-        from dicomflow_disk import storage_paths  # beside this script
-        values["storage_paths"] = storage_paths(configuration)
-        return cls(scheduler_url=url, token=token, spool_path=spool, tags=tuple(tags), **values)
-
-
-class Spool:
-    """Durable, ordered store of undelivered events (``spool``) and refused ones (``dead``).
-
-    Rows are keyed by the event's reception sequence number, so events written later by a
-    different path (queue overflow, a failed batch, the in-memory queue at shutdown)
-    still come out in the order Orthanc received them.
-    """
-
-    def __init__(self, path: str):
-        self._lock = threading.Lock()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY, event TEXT NOT NULL)")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY, event TEXT NOT NULL,"
-            " status INTEGER, reason TEXT, at REAL)"
-        )
-        self._db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self.length = self._count("spool")
-        self.dead_length = self._count("dead")
-
-    def _count(self, table: str) -> int:
-        return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-
-    def last_seq(self) -> int:
-        """The highest sequence number stored (spool or dead), -1 when empty."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT MAX(m) FROM (SELECT MAX(seq) AS m FROM spool UNION ALL SELECT MAX(seq) FROM dead)"
-            ).fetchone()
-        return -1 if row[0] is None else int(row[0])
-
-    def append(self, rows: list[tuple[int, str]]) -> None:
-        """Store events (seq, JSON text); an event already spooled is kept once."""
-        if not rows:
-            return
-        with self._lock:
-            self._db.execute("BEGIN")
-            added = self._db.executemany("INSERT OR IGNORE INTO spool (seq, event) VALUES (?, ?)", rows).rowcount
-            self._db.execute("COMMIT")
-            self.length += added  # no COUNT(*): this runs every MaxBatchDelay during an outage
-
-    def head(self, limit: int, below: int) -> list[tuple[int, str]]:
-        """The oldest `limit` spooled events numbered below `below`, in reception order."""
-        with self._lock:
-            return self._db.execute("SELECT seq, event FROM spool WHERE seq < ? ORDER BY seq LIMIT ?",
-                                    (below, limit)).fetchall()
-
-    def remove(self, seqs: list[int]) -> None:
-        """Forget delivered events."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            removed = self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs]).rowcount
-            self._db.execute("COMMIT")
-            self.length -= removed
-
-    def bury(self, rows: list[tuple[int, str]], status: int, reason: str) -> None:
-        """Move refused events to the dead letters (removing them from the spool if there)."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO dead (seq, event, status, reason, at) VALUES (?, ?, ?, ?, ?)",
-                [(seq, text, status, reason, now) for seq, text in rows],
-            )
-            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(seq,) for seq, _ in rows])
-            self._db.execute("COMMIT")
-            self.length = self._count("spool")
-            self.dead_length = self._count("dead")
-
-    def resurrect(self) -> int:
-        """Move every dead letter back to the spool; returns how many."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            moved = self._db.execute("INSERT OR IGNORE INTO spool (seq, event) SELECT seq, event FROM dead").rowcount
-            self._db.execute("DELETE FROM dead")
-            self._db.execute("COMMIT")
-            self.length = self._count("spool")
-            self.dead_length = 0
-        return moved
-
-    def dead_letters(self, limit: int) -> list[dict[str, Any]]:
-        """The oldest `limit` dead letters with why they were refused."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, status, reason, at, event FROM dead ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
-        return [{"seq": s, "status": st, "reason": r, "at": at, "event": json.loads(e)}
-                for s, st, r, at, e in rows]
-
-    def instance_ids(self) -> set[str]:
-        """Orthanc ids of the instances whose events are spooled or dead letters (read at start only)."""
-        with self._lock:
-            texts = self._db.execute("SELECT event FROM spool UNION ALL SELECT event FROM dead").fetchall()
-        ids = set()
-        for (text,) in texts:
-            try:
-                ids.add(json.loads(text)["orthanc"]["instance"])
-            except (ValueError, KeyError, TypeError):  # a series/study event, or an unprocessed item
-                pass
-        return ids
-
-    def get_state(self, key: str) -> str | None:
-        """A value of the plugin's own state (e.g. the change-log checkpoint), None if unset."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def set_state(self, key: str, value: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
-
-    def close(self) -> None:
-        """Close the database (the WAL is checkpointed)."""
-        with self._lock:
-            self._db.close()
 
 
 class Relay:

@@ -12,7 +12,6 @@ each character set, UN and mismatched VRs) and every pydicom test file Orthanc a
 
 from __future__ import annotations
 
-import ast
 import io
 import struct
 import sys
@@ -32,16 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "orthanc"))
 
 from dicomflow_events import EventBuilder, computed_ids  # noqa: E402
+from dicomflow_settings import DEFAULT_TAGS  # noqa: E402 - the plugin's settings (no `orthanc` import)
 
 
-def _default_tags() -> tuple[str, ...]:
-    """The plugin's DEFAULT_TAGS (its module imports `orthanc`, which exists only inside Orthanc)."""
-    tree = ast.parse((REPO / "orthanc" / "dicomflow_plugin.py").read_text())
-    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                and getattr(node.targets[0], "id", None) == "DEFAULT_TAGS")
-
-
-TAGS = _default_tags()
+TAGS = DEFAULT_TAGS
 MAX_STRING_LENGTH = 256
 
 #: For the character-set files: every 8-bit byte, and every 7-bit one from the space on but the

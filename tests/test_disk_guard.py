@@ -31,6 +31,7 @@ if str(ORTHANC_DIR) not in sys.path:
     sys.path.insert(0, str(ORTHANC_DIR))
 
 import dicomflow_disk as disk  # noqa: E402 - the plugin's folder, put on the path above
+from dicomflow_spool import Spool  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -198,8 +199,8 @@ def test_retention_deletes_old_studies_but_recent_undelivered_or_unfinished_ones
     assert status["keptUndelivered"] == 2 and status["keptUnfinished"] == 1 and status["passes"] == 1
 
 
-def test_spooled_ids_name_the_studies_of_spooled_and_dead_events(tmp_path, plugin_module):
-    spool = plugin_module.Spool(str(tmp_path / "spool.sqlite"))
+def test_spooled_ids_name_the_studies_of_spooled_and_dead_events(tmp_path):
+    spool = Spool(str(tmp_path / "spool.sqlite"))
     spool.append([(1, json.dumps({"level": "instance", "orthanc": {"instance": "i1", "study": "st1"}})),
                   (2, json.dumps({"level": "series", "orthanc": {"series": "se2", "study": "st2"}}))])
     spool.bury([(3, json.dumps({"unprocessed": [3, "instance", "i3", None]}))], 422, "refused")
