@@ -174,8 +174,6 @@ def _store(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
         location = instance_path(tags, pacs)
         pacs = check_pacs_name(location.pacs_name)
         progress = SeriesProgress(connection, pacs, series_uid) if series_uid else None
-        if progress is not None:
-            progress.begin(pacs, location.series_folder, _announced(tags))
         write_file(Path(dcmpath), settings.files_root, location.path)
     except (MissingTagError, ChrisError) as exc:
         if series_uid:
@@ -184,7 +182,7 @@ def _store(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
             notifier.flush()
         raise
     assert progress is not None  # SeriesInstanceUID is required by instance_path
-    count, new, info = progress.stored(key, sop_uid)
+    count, new, info = progress.stored(key, sop_uid, pacs, location.series_folder, _announced(tags))
     notifier.progress(pacs, series_uid, count)
     result: dict[str, Any] = {"path": location.path, "stored": count}
     if new and "registeredCount" in info and count > int(info["registeredCount"]):

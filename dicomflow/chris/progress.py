@@ -78,27 +78,22 @@ class SeriesProgress:
         """The facts hash (pacs_name, path, announced, attempt, state, ...)."""
         return _decode(self.connection.hgetall(self.info_key))
 
-    def begin(self, pacs_name: str, folder: str, announced: int | None) -> str:
-        """Record the series on its first (or a later) instance; returns the current push attempt id."""
-        pipe = self.connection.pipeline()
-        pipe.hsetnx(self.info_key, "attempt", new_attempt_id())
-        pipe.hsetnx(self.info_key, "state", SeriesState.RECEIVING.value)
-        fields: dict[str, Any] = {"pacs_name": pacs_name, "path": folder}
-        if announced is not None:
-            fields["announced"] = announced
-        self._touch(pipe, **fields)
-        pipe.hget(self.info_key, "attempt")
-        return pipe.execute()[-1].decode()
-
-    def stored(self, instance_key: str, sop_uid: str) -> tuple[int, bool, dict[str, str]]:
-        """Count an instance as written; returns (instances stored, whether this SOP is new,
+    def stored(self, instance_key: str, sop_uid: str, pacs_name: str, folder: str,
+               announced: int | None) -> tuple[int, bool, dict[str, str]]:
+        """Count an instance as written into `folder` (recording the series, and its push
+        attempt, on its first instance); returns (instances stored, whether this SOP is new,
         the facts hash after it), in one round trip."""
         pipe = self.connection.pipeline()
         pipe.sadd(self.stored_key, sop_uid)
         pipe.sadd(self.done_key, instance_key)
         pipe.hdel(self.errors_key, instance_key)
         pipe.scard(self.stored_key)
-        self._touch(pipe)
+        pipe.hsetnx(self.info_key, "attempt", new_attempt_id())
+        pipe.hsetnx(self.info_key, "state", SeriesState.RECEIVING.value)
+        fields: dict[str, Any] = {"pacs_name": pacs_name, "path": folder}
+        if announced is not None:
+            fields["announced"] = announced
+        self._touch(pipe, **fields)
         pipe.hgetall(self.info_key)
         replies = pipe.execute()
         added, count = replies[0], replies[3]
