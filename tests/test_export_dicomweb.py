@@ -201,3 +201,49 @@ def test_no_token_in_time_stops_the_send_instead_of_holding_the_worker(study, em
     assert all(reason.startswith("not sent: destination research-pacs: no rate-limit token")
                for reason in result.failed.values())
     assert len(empty_pacs.get("/instances")) == 1
+
+
+
+def test_https_trusts_the_projects_ca_file_and_refuses_other_certificates(tmp_path, study, connection,
+                                                                          monkeypatch):
+    """Debian's Orthanc 1.10 drops every HTTPS connection here, so the TLS peer is a plain HTTPS
+    server of the test with a certificate from the test's CA: enough to show whose certificate is
+    trusted (it answers 404 to STOW-RS once TLS is through)."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.support.ftps import make_certificates
+
+    project, folder, _ = study
+    ca, server_pem = make_certificates(tmp_path / "certs")
+
+    class NotDicomweb(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(404)
+            self.send_header("Content-Length", "9")
+            self.end_headers()
+            self.wfile.write(b"not here\n")
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), NotDicomweb)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server_pem)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("DFTEST_PACS_URL", f"https://127.0.0.1:{port}/dicom-web")
+        start = time.monotonic()
+        with pytest.raises(DestinationConfigError, match="TLS with the server failed .*caFile"):
+            _send(_project(tmp_path, verify=False), folder, connection)    # the system's CAs: refused
+        assert time.monotonic() - start < 5                                  # at once, not retried
+        result = _send(_project(tmp_path, caFile=str(ca), verify=False, maxBatchInstances=12), folder, connection)
+        assert not result.sent and len(result.failed) == 12                  # TLS through; then a 404
+        assert all(reason.startswith("HTTP 404") for reason in result.failed.values())
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -23,9 +23,14 @@ from pathlib import Path
 
 import pydicom
 import requests
+import requests.adapters
 from dicomweb_client.api import DICOMwebClient
 
-from dicomflow.extracts.destinations.errors import DestinationAuthError, DestinationUnavailableError
+from dicomflow.extracts.destinations.errors import (
+    DestinationAuthError,
+    DestinationConfigError,
+    DestinationUnavailableError,
+)
 from dicomflow.extracts.destinations.secrets import Credentials
 from dicomflow.extracts.destinations.settings import DestinationSettings
 from dicomflow.extracts.project import Endpoint
@@ -67,9 +72,23 @@ class _Item:
     size: int
 
 
+class _TrustAdapter(requests.adapters.HTTPAdapter):
+    """Verifies every HTTPS request against the destination's CA file. (A session's `verify`
+    loses to REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment; the adapter's does not.)"""
+
+    def __init__(self, ca_file: str):
+        super().__init__()
+        self._ca_file = ca_file
+
+    def send(self, request, **kwargs):
+        kwargs["verify"] = self._ca_file
+        return super().send(request, **kwargs)
+
+
 def _session(credentials: Credentials) -> requests.Session:
     session = requests.Session()
-    session.verify = str(credentials.ca_file) if credentials.ca_file else True
+    if credentials.ca_file:
+        session.mount("https://", _TrustAdapter(str(credentials.ca_file)))
     if credentials.username:
         session.auth = (credentials.username, credentials.password)
     if credentials.token:
@@ -238,6 +257,10 @@ class StowSender:
                                             study_instance_uid=self.study_uid or None)
             except requests.HTTPError:
                 pass  # the hook kept the answer; read below
+            except requests.exceptions.SSLError as exc:
+                raise DestinationConfigError(self.name, f"TLS with the server failed ({exc}); if its certificate "
+                                                        "is not trusted, give its CA as the destination's caFile"
+                                             ) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 log.warning("destination %s: attempt %d of %d failed: %s", self.name, attempt + 1,
