@@ -79,3 +79,18 @@ def test_a_missing_ca_file_is_named(tmp_path):
         "d": {"type": "dicomweb", "secrets": {"envPrefix": "DFTEST_D"}, "caFile": "nowhere.pem"}}}))
     with pytest.raises(DestinationConfigError, match="nowhere.pem does not exist"):
         read_credentials(project, "d", endpoint_of(project, "d"), environ={"DFTEST_D_URL": "https://pacs"})
+
+
+def test_a_send_result_says_ok_partial_or_failed_and_survives_pickling():
+    import pickle
+
+    from dicomflow.extracts.destinations import SendResult
+
+    assert SendResult("d", ("a", "b")).ok and not SendResult("d", ("a", "b")).partial
+    partial = SendResult("d", ("a",), {"b": "HTTP 409"})
+    assert partial.partial and not partial.ok
+    failed = SendResult("d", (), {"a": "x", "b": "y"})
+    assert not failed.ok and not failed.partial
+    assert pickle.loads(pickle.dumps(partial)) == partial                 # RQ keeps job results pickled
+    assert partial.as_dict() == {"destination": "d", "sent": 1, "failed": {"b": "HTTP 409"}, "ok": False,
+                                 "partial": True}

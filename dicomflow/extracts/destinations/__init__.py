@@ -144,7 +144,8 @@ def _send_study_zip(project: Project, destination: str, credentials: Credentials
         return SendResult(destination)
     uploader = FtpsUploader(destination, credentials, settings, take)
     try:
-        with tempfile.TemporaryDirectory(prefix="dicomflow-zip-") as scratch:
+        # beside the study's files (the same disk as the extract), not in a small /tmp
+        with tempfile.TemporaryDirectory(prefix=".zip-", dir=study_dir.parent) as scratch:
             archive = Path(scratch) / f"{study_id}.zip"
             write_zip(files, study_dir, archive)
             try:

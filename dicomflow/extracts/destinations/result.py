@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class SendResult:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sent", tuple(self.sent))
-        object.__setattr__(self, "failed", MappingProxyType(dict(self.failed)))
+        object.__setattr__(self, "failed", dict(self.failed))   # a copy (and picklable, for RQ results)
 
     @property
     def ok(self) -> bool:
