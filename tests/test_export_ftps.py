@@ -72,6 +72,8 @@ def test_a_study_lands_as_one_zip_in_pixls_layout(project, study, ftps, connecti
     files = ftps.files()
     assert list(files) == ["upload/lung-ct/2.25.1234.zip"]          # nothing else: no temporary file left
     assert _zip_members(files["upload/lung-ct/2.25.1234.zip"]) == {n: (study / n).read_bytes() for n in names}
+    # the data connection resumed the control connection's TLS session (servers may require it)
+    assert ftps.data_sessions_reused == [True]
 
 
 def test_a_parquet_extract_lands_under_its_datetime(project, ftps, connection, tmp_path):

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.handlers import TLS_DTPHandler, TLS_FTPHandler
 from pyftpdlib.servers import FTPServer
@@ -71,6 +72,8 @@ class FtpsServer:
     port: int = field(default_factory=free_port)
     drop_uploads: int = 0
     drop_after: int = 40_000
+    #: For each TLS data connection that received data: did it resume the control connection's session?
+    data_sessions_reused: list = field(default_factory=list)
 
     def start(self) -> FtpsServer:
         server_state = self
@@ -79,6 +82,11 @@ class FtpsServer:
         class Dtp(TLS_DTPHandler):
             def handle_read_event(self) -> None:   # what the IO loop calls (DTPHandler aliases handle_read)
                 super().handle_read_event()
+                if self.tot_bytes_received and not getattr(self, "_noted", False):
+                    self._noted = True
+                    # pyOpenSSL has no public call for it: OpenSSL's own SSL_session_reused
+                    reused = SSL._lib.SSL_session_reused(self.socket._ssl)
+                    server_state.data_sessions_reused.append(bool(reused))
                 if server_state.drop_uploads and self.receive and self.tot_bytes_received >= server_state.drop_after:
                     server_state.drop_uploads -= 1
                     self.cmd_channel.close()    # as a server that goes away mid-file

@@ -57,6 +57,17 @@ def write_zip(files: list[Path], root: Path, target: Path) -> None:
                     dst.write(chunk)
 
 
+class _FtpTls(ftplib.FTP_TLS):
+    """ftplib's FTP_TLS whose data connections resume the control connection's TLS session:
+    servers that require it (vsftpd's require_ssl_reuse, FileZilla Server) refuse them otherwise."""
+
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+
 class FtpsUploader:
     """Uploads files to one FTPS destination over one connection, reopened after a failure."""
 
@@ -87,7 +98,7 @@ class FtpsUploader:
     def _connect(self) -> ftplib.FTP_TLS:
         context = ssl.create_default_context(
             cafile=str(self.credentials.ca_file) if self.credentials.ca_file else None)
-        ftp = ftplib.FTP_TLS(context=context, timeout=self.settings.timeout)
+        ftp = _FtpTls(context=context, timeout=self.settings.timeout)
         try:
             ftp.connect(self.host, self.port)
             ftp.auth()                      # explicit TLS: AUTH TLS before the credentials go
