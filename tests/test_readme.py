@@ -126,7 +126,7 @@ def test_every_api_route_named_exists(make_client):
 
 
 def test_every_plugin_route_named_exists():
-    plugin = (REPO / "orthanc" / "dicomflow_plugin.py").read_text()
+    plugin = "".join(path.read_text() for path in (REPO / "orthanc").glob("dicomflow_*.py"))
     patterns = re.findall(r'RegisterRestCallback\("([^"]+)"', plugin)
     assert patterns
     for page in PAGES:
