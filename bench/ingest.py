@@ -91,7 +91,7 @@ orthanc.RegisterOnStoredInstanceCallback(on_stored)
 CAPTURE_STORED = '''"""Benchmark: an on-stored callback that captures what the dicomflow plugin's does.
 
 The file's bytes, the calling AE title, the remote IP, the called AE title and the time, as
-orthanc/dicomflow_plugin.py's `on_stored` asks Orthanc for them, into a bounded queue under
+orthanc/dicomflow_capture.py's `on_stored` asks Orthanc for them, into a bounded queue under
 a lock that nothing reads (no sender thread, no builder process, no delivery).
 """
 import collections

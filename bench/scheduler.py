@@ -46,8 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "orthanc"))
 from dicomflow_events import EventBuilder, orthanc_id  # noqa: E402 - the plugin's own module, stdlib only
 
-#: The tags of the plugin's default list (orthanc/dicomflow_plugin.py's DEFAULT_TAGS, which
-#: imports Orthanc's module): every keyword the raw reader knows but the character set.
+#: Not the plugin's default list (orthanc/dicomflow_settings.py's DEFAULT_TAGS): every keyword the
+#: raw reader knows but the character set.
 TAGS = tuple(k for k in dicomheader.KEYWORDS if k != "SpecificCharacterSet")
 
 
