@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from flask import Blueprint, current_app, jsonify, request
 
 from dicomflow.chris import progress, ratelimit
@@ -50,7 +52,7 @@ def set_rate():
     """Change the rate at run time: `{"rate": 20}`; `{"rate": null}` goes back to CHRIS_RATE_LIMIT."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or "rate" not in body or not (
-            body["rate"] is None or (isinstance(body["rate"], (int, float)) and body["rate"] >= 0)):
+            body["rate"] is None or (isinstance(body["rate"], (int, float)) and 0 <= body["rate"] < math.inf)):
         return jsonify(error="bad-request", message='expected {"rate": <number >= 0 or null>}'), 400
     state = current_app.extensions["dicomflow"]
     ratelimit.set_rate(state.connection, body["rate"])

@@ -18,7 +18,7 @@ import redis
 from dicomflow.chris.client import ChrisClient
 from dicomflow.chris.jobs import finish_series, store_instance
 from dicomflow.chris.lonk import LonkNotifier, lonk_subject
-from dicomflow.chris.ratelimit import RateLimiter, current_rate, set_rate
+from dicomflow.chris.ratelimit import current_rate, limiter, set_rate
 from dicomflow.chris.settings import ChrisSettings
 from tests.support.chris_env import SAG_SERIES_UID, chris_config, instance_event, orthanc_id, series_event
 from tests.support.procs import free_port, wait_for
@@ -146,9 +146,9 @@ def _burst(redis_url: str, count: int, rate: float, burst: float) -> list[float]
     lock = threading.Lock()
 
     def take(n: int) -> None:
-        limiter = RateLimiter(redis.Redis.from_url(redis_url), rate, burst)
+        bucket = limiter(redis.Redis.from_url(redis_url), rate, burst)
         for _ in range(n):
-            limiter.acquire()
+            bucket.acquire()
             with lock:
                 times.append(time.monotonic())
 

@@ -18,7 +18,7 @@ from dicomflow.chris.errors import (
     PathTooLongError,
     RegistrationBusyError,
 )
-from dicomflow.chris.ratelimit import RateLimiter
+from dicomflow.chris.ratelimit import limiter
 from dicomflow.chris.settings import ChrisSettings, Registration
 from dicomflow.keys import service_key
 
@@ -86,7 +86,7 @@ class ChrisClient:
         self._session = session or requests.Session()
         self._session.headers.update({"Accept": "application/json"})
         self._sleep = sleep
-        self._limiter = RateLimiter(connection, settings.rate_limit, settings.rate_burst)
+        self._limiter = limiter(connection, settings.rate_limit, settings.rate_burst)
         ident = hashlib.sha256(f"{settings.url}|{settings.username}".encode()).hexdigest()[:16]
         self._token_key = f"{_KEYS}token:{ident}"
         self._api_key = f"{_KEYS}api:{hashlib.sha256(settings.url.encode()).hexdigest()[:16]}"
