@@ -18,6 +18,7 @@ Usage: .venv/bin/python -m bench.chris_rate [--rounds 3] [--workers 1,2,4] [--cp
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import shutil
@@ -189,12 +190,31 @@ def series_latency(stack: Pipeline, cube: Cube, pacs: str, series: Path, stable_
     return registered - complete
 
 
+def services_with_batch(tmp_path: Path, size: int | None) -> Path:
+    """The services folder, with chrisStore's batchSize set to `size` (None: as shipped)."""
+    if size is None:
+        return REPO / "services"
+    folder = tmp_path / f"services-b{size}"
+    if not folder.exists():
+        shutil.copytree(REPO / "services", folder, ignore=shutil.ignore_patterns("__pycache__"))
+        settings = folder / "registry" / "chris" / "settings.json"
+        jobs = json.loads(settings.read_text())
+        for job in jobs:
+            if job["jobName"] == "chrisStore":
+                job["batchSize"] = size
+        settings.write_text(json.dumps(jobs, indent=2))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--cpu-ms", type=float, default=16.0)
     parser.add_argument("--verbose", action="store_true", help="print each pipeline run's timeline")
+    parser.add_argument("--batch-sizes", default="",
+                        help="chrisStore's batchSize for the pipeline runs, e.g. 1,8,16 (each side by side "
+                             "with its own direct runs); default: as shipped in services/registry/chris")
     parser.add_argument("--series-workers", type=int, default=2,
                         help="workers of the series-mode stack (0: no series-mode runs)")
     args = parser.parse_args(argv)
@@ -202,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     VERBOSE = args.verbose
     files = sorted(SAG.glob("*.dcm"))
     counts = [int(n) for n in args.workers.split(",")]
+    sizes: list[int | None] = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -211,22 +232,24 @@ def main(argv: list[str] | None = None) -> None:
         cube = Cube(files_root, args.cpu_ms / 1000)
         try:
             for n in counts:
-                connection.flushall()
-                url = f"redis://127.0.0.1:{connection.connection_pool.connection_kwargs['port']}/0"
-                config = {"CHRIS_URL": cube.url, "CHRIS_FILES_ROOT": str(files_root), "CHRIS_USERNAME": "chris",
-                          "CHRIS_PASSWORD": "chris1234", "CHRIS_REGISTRATION": "pacsfiles"}
-                with Pipeline(tmp_path / f"stack{n}", url, REPO / "services", workers=n, stable_age=5,
-                              extra_config=config) as stack:
-                    direct_rates, pipeline_rates = [], []
-                    for round_ in range(args.rounds):
-                        direct_rates.append(direct(cube, files, files_root, f"D{n}R{round_}", n))
-                        series = fresh_series(files, tmp_path / f"series-{n}-{round_}")
-                        pipeline_rates.append(pipeline(stack, cube, f"P{n}R{round_}", series, len(files)))
-                        shutil.rmtree(series)
-                        print(f"N={n} round {round_ + 1}: direct {direct_rates[-1]:.1f}/s, "
-                              f"pipeline {pipeline_rates[-1]:.1f}/s", flush=True)
-                rows.append((n, statistics.median(direct_rates), statistics.median(pipeline_rates),
-                             statistics.median(p / d for p, d in zip(pipeline_rates, direct_rates))))
+                for size in sizes:
+                    connection.flushall()
+                    url = f"redis://127.0.0.1:{connection.connection_pool.connection_kwargs['port']}/0"
+                    config = {"CHRIS_URL": cube.url, "CHRIS_FILES_ROOT": str(files_root), "CHRIS_USERNAME": "chris",
+                              "CHRIS_PASSWORD": "chris1234", "CHRIS_REGISTRATION": "pacsfiles"}
+                    tag = f"{n}" if size is None else f"{n}b{size}"
+                    with Pipeline(tmp_path / f"stack{tag}", url, services_with_batch(tmp_path, size), workers=n,
+                                  stable_age=5, extra_config=config) as stack:
+                        direct_rates, pipeline_rates = [], []
+                        for round_ in range(args.rounds):
+                            direct_rates.append(direct(cube, files, files_root, f"D{tag}R{round_}", n))
+                            series = fresh_series(files, tmp_path / f"series-{tag}-{round_}")
+                            pipeline_rates.append(pipeline(stack, cube, f"P{tag}R{round_}", series, len(files)))
+                            shutil.rmtree(series)
+                            print(f"N={n}{'' if size is None else f' batchSize={size}'} round {round_ + 1}: "
+                                  f"direct {direct_rates[-1]:.1f}/s, pipeline {pipeline_rates[-1]:.1f}/s", flush=True)
+                    rows.append((n, size, statistics.median(direct_rates), statistics.median(pipeline_rates),
+                                 statistics.median(p / d for p, d in zip(pipeline_rates, direct_rates))))
             latencies = []
             if args.series_workers:
                 connection.flushall()
@@ -246,9 +269,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(files_root, ignore_errors=True)
     print(f"\nsag-anon, {len(files)} files; CUBE double in pacsfiles mode burning {args.cpu_ms:g} ms CPU per "
           f"registration under one lock; medians of {args.rounds} rounds, side by side")
-    print(f"{'N':>3} {'CUBE direct /s':>15} {'pipeline /s':>12} {'pipeline/direct':>16}")
-    for n, d, p, ratio in rows:
-        print(f"{n:>3} {d:15.1f} {p:12.1f} {ratio:16.2f}")
+    print(f"{'N':>3} {'batchSize':>9} {'CUBE direct /s':>15} {'pipeline /s':>12} {'pipeline/direct':>16}")
+    for n, size, d, p, ratio in rows:
+        print(f"{n:>3} {'shipped' if size is None else size:>9} {d:15.1f} {p:12.1f} {ratio:16.2f}")
     print("CPU ms per instance in the pipeline runs (median over runs): "
           + ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in CPU.items()))
     if latencies:
