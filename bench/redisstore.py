@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis
 
 from bench.support import private_redis
-from dicomflow.redisstore import RedisStore
+from dicomflow.redisstore import RedisStore, resp
 from dicomflow.redisstore.cli.load import _start_process, _work
 from dicomflow.redisstore.fetch import fetch
 from dicomflow.redisstore.model import read_header
@@ -134,6 +134,25 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
         floor = [bare_get() for _ in range(1000)]
         p50, p99 = _percentiles(floor)
         print(f"{'floor: one bare GET of a 232 KB value':<45} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms", flush=True)
+        bulk = resp.BulkConnection.connect(("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0])))
+
+        def bare_mget():  # the floor of scenario 2's bytes: one MGET of its files' chunks into a buffer
+            found = store.find({"ProtocolName": rng.choice(protocols)},
+                               {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))})[1]
+            keys = [store.keys.chunk(i.sop, i.doc["version"], 0) for i in found]
+            into = memoryview(bytearray(sum(int(i.doc["size"]) for i in found)))
+            t = time.perf_counter()
+            bulk.send(resp.command("MGET", *keys))
+            bulk.array()
+            offset = 0
+            for inst in found:
+                offset += bulk.bulk_into(into[offset:offset + int(inst.doc["size"])])
+            return time.perf_counter() - t
+        floor2 = [bare_mget() for _ in range(1000)]
+        p50, p99 = _percentiles(floor2)
+        print(f"{'floor of 2: one MGET of its files (no search)':<45} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms",
+              flush=True)
+        bulk.close()
         scenarios = {
             "1 file by name": lambda: store.get(file_name=rng.choice(names)),
             "1 file by name, not verified": lambda: store.get(file_name=rng.choice(names), verify=False),
@@ -147,7 +166,10 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
                 {"ProtocolName": rng.choice(protocols)}, {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))}),
             "3 counts per protocol": lambda: store.count("ProtocolName"),
         }
-        rows = []
+        rows = [{"scenario": "floor: one bare GET of a 232 KB value", "p50_ms": round(_percentiles(floor)[0], 3),
+                 "p99_ms": round(_percentiles(floor)[1], 3)},
+                {"scenario": "floor of 2: one MGET of its files", "p50_ms": round(_percentiles(floor2)[0], 3),
+                 "p99_ms": round(_percentiles(floor2)[1], 3)}]
         for name, call in scenarios.items():
             for _ in range(50):
                 call()

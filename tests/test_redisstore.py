@@ -14,7 +14,8 @@ import pydicom.data
 import pytest
 import redis
 
-from dicomflow.redisstore import InvalidInputError, NotFoundError, QueueDatabaseError, RedisStore, StoreFullError
+from dicomflow.redisstore import (InvalidInputError, NotFoundError, QueueDatabaseError, RedisStore, RedisStoreError,
+                                  StoreFullError)
 from dicomflow.redisstore.fetch import fetch
 from dicomflow.redisstore.model import read_header
 from dicomflow.redisstore.store import PENDING_TTL, parse_date_range
@@ -257,6 +258,42 @@ def test_the_parallel_reader_logs_in_and_selects_the_database(tmp_path, sag_anon
         sop = store.store_file(str(big)).sop
         assert fetch(url, sop, str(tmp_path / "back.dcm")).verified
         assert (tmp_path / "back.dcm").read_bytes() == big.read_bytes()
+        assert store.get(sop).data == big.read_bytes()  # the chunk reader logs in and selects 3 too
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_chunk_reads_stay_in_step_when_a_version_is_gone(store, sag_anon):
+    """Chunks are received straight into one buffer per read (resp.BulkConnection): a version deleted
+    between the search and the MGET (a nil among the values) leaves that instance unread, the others
+    byte-identical, and the connection in step for the next read."""
+    files = {p.name: p.read_bytes() for p in sorted(sag_anon.glob("*.dcm"))[:3]}
+    for name in files:
+        store.store_file(str(sag_anon / name))
+    _, found = store.find({"Modality": "MR"})
+    assert len(found) == 3 and all(int(f.doc["chunks"]) == 4 for f in found)  # 232 KB in 64 KiB chunks
+    gone = found[1]
+    store.client.unlink(*(store.keys.chunk(gone.sop, gone.doc["version"], n) for n in range(4)))
+    assert store._read_bytes(found) is False
+    assert gone.data is None
+    assert [found[0].data, found[2].data] == [files[found[0].file_name], files[found[2].file_name]]
+    assert store.get(found[2].sop).data == files[found[2].file_name]
+    with pytest.raises(RedisStoreError, match="replaced faster than it could be read"):
+        store.get(gone.sop)
+
+
+def test_chunks_are_read_over_a_unix_socket(tmp_path, sag_anon):
+    socket_path = tmp_path / "redis.sock"
+    proc, _ = start_redis(tmp_path / "unix", "--unixsocket", str(socket_path))
+    try:
+        store = RedisStore(redis.Redis(unix_socket_path=str(socket_path), db=2), "dicom:", 64 * 1024)
+        assert store._bulk is not None
+        path = _sample(sag_anon)
+        sop = store.store_file(str(path)).sop
+        assert store.get(sop).data == path.read_bytes()
+        assert store.find({"file_name": path.name}, with_bytes=True)[1][0].data == path.read_bytes()
+        store.close()
     finally:
         proc.terminate()
         proc.wait(10)

@@ -125,7 +125,8 @@ return out
 
 #: Search. ARGV: prefix, msgpack({eq = {{field, value}...}, ranges = {{field, min, max}...}}), mode, arg1, arg2.
 #: mode 'find': arg1 = limit (0: all), arg2 = 0 (with documents) or -1 (without).
-#:   Returns {total, {sop, doc}...} sorted by SOPInstanceUID (the bytes: one MGET by the caller).
+#:   Returns msgpack({total, {sop, doc}...}) sorted by SOPInstanceUID (the bytes: one MGET by the caller):
+#:   one string the client unpacks in C, where ~1,700 values in RESP took it ~0.3 ms to decode for 19 documents.
 #: mode 'count': arg1 = the field to group by. Returns {value, count, value, count...}.
 SEARCH = "#!lua flags=no-writes\n" + r"""
 local p = ARGV[1]
@@ -143,15 +144,24 @@ elseif #ranges > 0 then
 else
   cands = redis.call('SMEMBERS', p .. 'all')
 end
-local hits = {}
-for _, sop in ipairs(cands) do
-  local ok = true
-  for _, r in ipairs(ranges) do
-    local s = redis.call('ZSCORE', p .. 'range:' .. r[1], sop)
-    if not s or tonumber(s) < tonumber(r[2]) or tonumber(s) > tonumber(r[3]) then ok = false; break end
+-- The other ranges: one ZMSCORE per range and 4,000 candidates (not a ZSCORE per candidate:
+-- 250 of those took most of the script's time); Lua's unpack takes at most ~8,000 values.
+for _, r in ipairs(ranges) do
+  local kept, lo, hi = {}, tonumber(r[2]), tonumber(r[3])
+  for first = 1, #cands, 4000 do
+    local last = math.min(#cands, first + 3999)
+    local scores = redis.call('ZMSCORE', p .. 'range:' .. r[1], unpack(cands, first, last))
+    for i = first, last do
+      local s = scores[i - first + 1]
+      if s then
+        s = tonumber(s)
+        if s >= lo and s <= hi then kept[#kept + 1] = cands[i] end
+      end
+    end
   end
-  if ok then hits[#hits + 1] = sop end
+  cands = kept
 end
+local hits = cands
 if mode == 'count' then
   local by, counts, order = ARGV[4], {}, {}
   for _, sop in ipairs(hits) do
@@ -176,5 +186,5 @@ for i, sop in ipairs(hits) do
     out[#out + 1] = {sop, redis.call('HGETALL', p .. 'doc:' .. sop)}
   end
 end
-return out
+return cmsgpack.pack(out)
 """

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import msgpack
 import redis
 
-from dicomflow.redisstore import model, scripts
+from dicomflow.redisstore import model, resp, scripts
 from dicomflow.redisstore.errors import (AmbiguousError, IntegrityError, InvalidInputError, NotFoundError,
                                          QueueDatabaseError, RedisStoreError, StoreFullError)
 from dicomflow.redisstore.keys import StoreKeys
@@ -50,7 +50,7 @@ class StoredInstance:
 
     sop: str
     doc: dict[str, str]
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -89,6 +89,7 @@ class RedisStore:
         self._delete = client.register_script(scripts.DELETE)
         self._get = client.register_script(scripts.GET)
         self._search = client.register_script(scripts.SEARCH)
+        self._bulk = resp.BulkPool.for_client(client)
         self._eq = msgpack.packb(list(model.INDEXED))
         self._ranges = msgpack.packb(list(model.RANGED))
 
@@ -96,6 +97,12 @@ class RedisStore:
     def from_settings(cls, settings: StoreSettings, **client_options) -> RedisStore:
         """A store over a new client of `settings.url`."""
         return cls(redis.Redis.from_url(settings.url, **client_options), settings.prefix, settings.chunk_size)
+
+    def close(self) -> None:
+        """Close the connections of the chunk reader and of the client."""
+        if self._bulk is not None:
+            self._bulk.close()
+        self.client.close()
 
     # ---- safety ------------------------------------------------------------------------------
 
@@ -276,24 +283,69 @@ class RedisStore:
             except redis.ResponseError as exc:
                 raise _lookup_error(exc, mode, key) from exc
             found = _decode_doc(reply[0], reply[1])
-            data = b"".join(reply[2:]) if len(reply) > 2 or found.doc["chunks"] == "0" else self._read_chunks(found)
-            if data is None:  # replaced while read: read again
+            if len(reply) > 2:
+                found.data = b"".join(reply[2:])
+            elif not self._read_bytes([found]):  # replaced while read: read again
                 continue
-            found.data = data
             if verify:
                 _verify(found)
             return found
         raise RedisStoreError(f"{key}: replaced faster than it could be read (5 attempts)")
 
-    def _read_chunks(self, found: StoredInstance) -> bytes | None:
-        sop, version, count = found.sop, found.doc["version"], int(found.doc["chunks"])
-        parts: list[bytes] = []
-        for start in range(0, count, 64):
-            values = self.client.mget([self.keys.chunk(sop, version, i) for i in range(start, min(count, start + 64))])
-            if any(v is None for v in values):
-                return None
-            parts.extend(values)
-        return b"".join(parts)
+    def _read_bytes(self, found: list[StoredInstance]) -> bool:
+        """Fill each instance's `data` from its chunks (one MGET per 64 chunks); False when a version was
+        replaced or deleted meanwhile (that instance's `data` stays None; the others are read).
+
+        Over TCP and unix sockets the values are received straight into one buffer per instance
+        (`resp.BulkConnection`; a `bytearray`), half the time of redis-py's copies for 4.4 MB.
+
+        Raises:
+            IntegrityError: a chunk of another size than the document says.
+        """
+        reads = []  # (instance, chunk index, key): in order
+        for inst in found:
+            sop, version = inst.sop, inst.doc["version"]
+            reads.extend((inst, n, self.keys.chunk(sop, version, n)) for n in range(int(inst.doc["chunks"])))
+        # One buffer for all (one allocation: malloc keeps reusing it for the next read of a similar
+        # size, where one per file returned its pages to the system each time, and page faults
+        # then took a fifth of the time); each instance gets its slice.
+        whole = memoryview(bytearray(sum(int(inst.doc["size"]) for inst in found)))
+        buffers, offset = {}, 0
+        for inst in found:
+            size = int(inst.doc["size"])
+            buffers[id(inst)] = whole[offset:offset + size]
+            offset += size
+        missing: set[int] = set()
+        for start in range(0, len(reads), 64):
+            part = reads[start:start + 64]
+            if self._bulk is None:
+                values = self.client.mget([key for _, _, key in part])
+                for (inst, n, _), value in zip(part, values):
+                    cs = int(inst.doc["chunk_size"])
+                    if value is None:
+                        missing.add(id(inst))
+                    elif len(value) != min(cs, len(buffers[id(inst)]) - n * cs):
+                        raise IntegrityError(f"{inst.sop}: chunk {n} holds {len(value)} bytes, not what the "
+                                             "document says")
+                    else:
+                        buffers[id(inst)][n * cs:n * cs + len(value)] = value
+                continue
+            with self._bulk.connection() as conn:
+                conn.send(resp.command("MGET", *(key for _, _, key in part)))
+                if conn.array() != len(part):
+                    raise resp.ProtocolError("MGET answered another number of values than keys")
+                for inst, n, _ in part:
+                    cs = int(inst.doc["chunk_size"])
+                    view = buffers[id(inst)][n * cs:(n + 1) * cs]
+                    got = conn.bulk_into(view)
+                    if got is None:
+                        missing.add(id(inst))
+                    elif got != len(view):
+                        raise IntegrityError(f"{inst.sop}: chunk {n} holds {got} bytes, the document says {len(view)}")
+        for inst in found:
+            if id(inst) not in missing:
+                inst.data = buffers[id(inst)] if len(found) > 1 else whole.obj
+        return not missing
 
     def iter_chunks(self, sop: str) -> Iterator[bytes]:
         """The bytes of an instance chunk by chunk (bounded memory; for the parallel reader see `fetch`)."""
@@ -316,22 +368,17 @@ class RedisStore:
             ValueError: a field that is not indexed.
         """
         query = _query(eq, ranges)
-        reply = self._search(args=[self.keys.prefix, query, "find", limit, 0 if documents or with_bytes else -1])
-        found = [_decode_doc(item[0], item[1] if len(item) > 1 else []) for item in reply[1:]]
+        reply = msgpack.unpackb(self._search(args=[self.keys.prefix, query, "find", limit,
+                                                    0 if documents or with_bytes else -1]))
+        found = [StoredInstance(item[0], dict(zip(item[1][::2], item[1][1::2])) if len(item) > 1 else {})
+                 for item in reply[1:]]
         if with_bytes:
-            # The chunks with one MGET, not through the script: a Lua GET copies each value
+            # The chunks with MGET, not through the script: a Lua GET copies each value
             # twice (into Lua, then into the reply); measured 2x slower for 20 files of 230 KB.
-            keys = [self.keys.chunk(i.sop, i.doc["version"], n) for i in found for n in range(int(i.doc["chunks"]))]
-            values = self.client.mget(keys) if keys else []
-            start = 0
+            self._read_bytes(found)
             for n, inst in enumerate(found):
-                count = int(inst.doc["chunks"])
-                parts = values[start:start + count]
-                start += count
-                if any(v is None for v in parts):  # replaced while read: read it alone
+                if inst.data is None:  # replaced while read: read it alone
                     found[n] = inst = self.get(inst.sop, verify=False)
-                else:
-                    inst.data = b"".join(parts)
                 if verify:
                     _verify(inst)
         return int(reply[0]), found
