@@ -273,10 +273,12 @@ fi
 if [ "$docker_mode" = 1 ]; then
   cd "$here"
   [ -f "$conf" ] || write_config
-  compose() { DICOMFLOW_CONFIG=$conf docker compose --env-file "$conf" "$@"; }
+  # The containers run as this user (files in the state and data folders are theirs, docs/docker.md).
+  compose() { DICOMFLOW_CONFIG=$conf DICOMFLOW_UID=${DICOMFLOW_UID:-$(id -u)} DICOMFLOW_GID=${DICOMFLOW_GID:-$(id -g)} \
+    docker compose --env-file "$conf" "$@"; }
   n=${workers:-${DICOMFLOW_WORKERS:-2}}
   case "$cmd/$target" in
-    start/) compose up -d --scale "worker=$n" ;;  # also scales a running stack
+    start/) compose up -d --build --scale "worker=$n" ;;  # also scales a running stack; --build: installed services' requirements
     status/) compose ps ;;
     stop/) compose down ;;
     restart/)  # the running number of workers, unless --workers says otherwise
