@@ -38,8 +38,8 @@ SETTING = re.compile(r"\b(?:DICOMFLOW|ORTHANC|CHRIS|REPACK|NATS|EXPORT|REDIS_STO
 CODE_DIRS = ("dicomflow", "scheduler", "worker", "orthanc", "services")
 CODE_FILES = ("run.sh", "build.sh", "service.sh", "docker-compose.yml", "Dockerfile")
 #: Names of that shape in the code that are not settings: constants, and Orthanc's Docker image's
-#: own environment variables (ORTHANC__*) that docker-compose.yml sets from ours.
-NOT_SETTINGS = {"ORTHANC_CHARSETS", "ORTHANC_ID", "ORTHANC_TIMEOUT"}
+#: own environment variables (ORTHANC__*, ORTHANC_JSON) that docker-compose.yml sets from ours.
+NOT_SETTINGS = {"ORTHANC_CHARSETS", "ORTHANC_ID", "ORTHANC_TIMEOUT", "ORTHANC_JSON"}
 
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<kind>[a-z]+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
 

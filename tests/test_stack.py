@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from dicomflow.config import load_config, parse_env_file
 from dicomflow.errors import ConfigError
@@ -160,29 +158,6 @@ def test_run_sh_without_a_stack(tmp_path):
     done = run("env")
     assert done.returncode == 1 and "no configuration yet" in done.stderr
     assert run("stop").returncode == 0
-
-
-def test_compose_file_parses_and_uses_the_native_names():
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"redis", "orthanc", "scheduler", "worker", "dashboard"}
-    env = compose["services"]["worker"]["environment"]
-    known = {f.alias for f in Settings.model_fields.values() if f.alias}
-    dicomflow_names = {k for k in env if k.startswith("DICOMFLOW_")}
-    assert dicomflow_names <= known, dicomflow_names - known
-    run_sh = (REPO / "run.sh").read_text()
-    for name in re.findall(r"\$\{([A-Z_]+)", (REPO / "docker-compose.yml").read_text()):
-        assert name in run_sh or name in known or name.startswith(("CHRIS_", "REPACK_", "ORTHANC_")), name
-    for service in compose["services"].values():
-        for port in service.get("ports", []):
-            assert port.startswith("127.0.0.1:"), f"{port} must bind to loopback"
-    assert compose["services"]["orthanc"]["environment"]["ORTHANC__STORAGE_COMPRESSION"] == "false"
-    assert compose["services"]["orthanc"]["environment"]["TCP_NODELAY"] == "1"
-    # The plugin and its Lua script, from the mounted orthanc/ folder (as the native config has them).
-    orthanc_env = compose["services"]["orthanc"]["environment"]
-    mounted = {Path(orthanc_env["ORTHANC__PYTHON_SCRIPT"]).name,
-               *(Path(script).name for script in json.loads(orthanc_env["ORTHANC__LUA_SCRIPTS"]))}
-    assert mounted == {"dicomflow_plugin.py", "dicomflow_stable.lua"}
-    assert all((REPO / "orthanc" / name).is_file() for name in mounted)
 
 
 def test_config_file_and_environment(tmp_path):
