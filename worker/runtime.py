@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from dicomflow.settings import Settings
 from worker.dicomcache import DicomCache
 
 log = logging.getLogger(__name__)
+
+#: How many files of a batched job are fetched from Orthanc at once.
+FETCH_THREADS = 4
 
 
 class WorkerRuntime:
@@ -76,7 +80,15 @@ class WorkerRuntime:
         ids = [str(orthanc.get("instance") or "") for orthanc in orthancs]
         # One Orthanc per batch: the scheduler never puts instances another Orthanc holds together.
         server = orthancs[0].get("server") if orthancs else None
-        folder = self.cache.folder(list(dict.fromkeys(ids)), job_id, server)
+        unique = list(dict.fromkeys(ids))
+        if len(unique) > 1:
+            # Fetched side by side: one after the other, a batch's files were a pause of the
+            # job's whole pipeline (8 x 1-9 ms, by load; bench/chris_rate.py); Orthanc serves
+            # its REST API from a pool of threads.
+            with ThreadPoolExecutor(min(FETCH_THREADS, len(unique)), thread_name_prefix="fetch") as pool:
+                for _ in pool.map(lambda orthanc_id: self.cache.instance(orthanc_id, server), unique):
+                    pass
+        folder = self.cache.folder(unique, job_id, server)
         return [{**item, "dcmpath": str(folder / f"{orthanc_id}.dcm")} for item, orthanc_id in zip(items, ids)], folder
 
 
