@@ -31,7 +31,8 @@ class OrthancSettings(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
     home: Path = Field(default=REPO_ROOT / "state", alias="DICOMFLOW_HOME")
-    name: str = Field(default="dicomflow", alias="ORTHANC_NAME")
+    #: Also the name its events give it (`orthanc.server`), so a name workers can look up.
+    name: str = Field(default="dicomflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", alias="ORTHANC_NAME")
     http_port: int = Field(default=8042, ge=1, le=65535, alias="ORTHANC_HTTP_PORT")
     dicom_port: int = Field(default=4242, ge=1, le=65535, alias="ORTHANC_DICOM_PORT")
     aet: str = Field(default="DICOMFLOW", min_length=1, max_length=16, alias="ORTHANC_AET")

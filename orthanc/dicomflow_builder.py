@@ -9,7 +9,7 @@ thread then only copies bytes in and out (with the GIL released while it waits).
 
 Protocol over the child's stdin and stdout: frames of an 8-byte little-endian length and a
 ``marshal`` payload (plain values only: no objects are built from it). The first frame
-from the plugin is the configuration ``{"root", "tags", "maxStringLength", "nice"}`` (the
+from the plugin is the configuration ``{"root", "tags", "maxStringLength", "nice", "server"}`` (the
 child first adds ``nice`` to its nice value: it yields the CPU to Orthanc); then each
 request is a list of ``(seq, instance_id, data, complete, aet, ip, called, syntax,
 received)`` — `data` the file's bytes, or its first bytes with ``complete`` false — and
@@ -75,12 +75,14 @@ class BuilderProcess:
         timeout: how long one batch may take before the child is given up (s).
         delivery: the scheduler's URL, token, path and timeouts when the child delivers.
         nice: added to the child's nice value (it yields the CPU to Orthanc's ingest).
+        server: this Orthanc's name, in every event's ids ("": none).
     """
 
     def __init__(self, python: str, root: str, tags: tuple[str, ...], max_string_length: int,
-                 timeout: float = 10.0, delivery: dict[str, Any] | None = None, nice: int = 0):
+                 timeout: float = 10.0, delivery: dict[str, Any] | None = None, nice: int = 0, server: str = ""):
         self._command = [python, "-I", "-S", os.path.abspath(__file__)]
-        self._config = {"root": root, "tags": list(tags), "maxStringLength": max_string_length, "nice": nice}
+        self._config = {"root": root, "tags": list(tags), "maxStringLength": max_string_length, "nice": nice,
+                        "server": server}
         if delivery is not None:
             self._config["delivery"] = delivery
         self._timeout = timeout
@@ -310,7 +312,7 @@ def main() -> int:
     from dicomflow_delivery import Delivery
     from dicomflow_events import EventBuilder
 
-    builder = EventBuilder(dicomheader, config["tags"], config["maxStringLength"])
+    builder = EventBuilder(dicomheader, config["tags"], config["maxStringLength"], config.get("server", ""))
     settings = config.get("delivery")
     delivery = None if settings is None else Delivery(
         settings["url"], settings["token"], settings["eventsPath"], settings["connectTimeout"],

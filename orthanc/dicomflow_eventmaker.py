@@ -55,7 +55,7 @@ def event_builder(settings: PluginSettings) -> EventBuilder | None:
         orthanc.LogWarning(f"dicomflow: tags {unknown} are not in the raw reader's table; "
                            "reading headers from Orthanc's JSON")
         return None
-    return EventBuilder(reader, settings.tags, settings.max_string_length)
+    return EventBuilder(reader, settings.tags, settings.max_string_length, settings.server)
 
 
 class EventMaker:
@@ -147,7 +147,7 @@ class EventMaker:
                     "connectTimeout": settings.connect_timeout, "requestTimeout": settings.request_timeout}
         builder = BuilderProcess(python, os.path.dirname(_HERE), settings.tags, settings.max_string_length,
                                  delivery=delivery if settings.builder_delivers else None,
-                                 nice=settings.builder_nice)
+                                 nice=settings.builder_nice, server=settings.server)
         try:
             builder.start()
         except BuilderError as exc:
@@ -185,7 +185,7 @@ class EventMaker:
         else:
             dataset = json.loads(captured)
         return instance_event(select_headers(self.settings.tags, dataset), self._instance_ids(resource_id, dataset),
-                              aet, ip, called, syntax, received)
+                              aet, ip, called, syntax, received, self.settings.server)
 
     def _replayed_event(self, instance_id: str, received: float) -> dict[str, Any] | None:
         """The event of an instance stored before a crash, read back from Orthanc (`"replay": true`)."""
@@ -201,7 +201,7 @@ class EventMaker:
             return None
         event = instance_event(select_headers(self.settings.tags, dataset), self._instance_ids(instance_id, dataset),
                                metadata.get("RemoteAET"), metadata.get("RemoteIP"), metadata.get("CalledAET"),
-                               metadata.get("TransferSyntax"), received)
+                               metadata.get("TransferSyntax"), received, self.settings.server)
         event["replay"] = True
         return event
 
@@ -269,4 +269,6 @@ class EventMaker:
             self.counters.last_error = f"{level} {resource_id} could not be resolved: {exc}"
             orthanc.LogWarning(f"dicomflow: {self.counters.last_error}")
             return None
+        if self.settings.server:
+            ids["server"] = self.settings.server
         return {"level": level, "headers": headers, "orthanc": ids, "receivedAt": received}

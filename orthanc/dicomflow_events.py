@@ -40,8 +40,10 @@ def select_headers(tags: Iterable[str], dataset: dict[str, Any]) -> dict[str, An
 
 
 def instance_event(headers: dict[str, Any], ids: dict[str, str], aet: str | None, ip: str | None,
-                   called: str | None, syntax: str | None, received: float) -> dict[str, Any]:
-    """The event of one stored instance, as docs/CONTRACTS.md gives it."""
+                   called: str | None, syntax: str | None, received: float, server: str = "") -> dict[str, Any]:
+    """The event of one stored instance, as docs/CONTRACTS.md gives it; `server`: this Orthanc's name."""
+    if server:
+        ids = {**ids, "server": server}
     return {
         "level": "instance", "headers": headers, "orthanc": ids,
         "remoteAet": aet, "remoteIp": ip, "calledAet": called,
@@ -61,10 +63,12 @@ class EventBuilder:
         reader: the ``dicomflow.dicomheader`` module.
         tags: DICOM keywords of the event's headers (all in ``reader.KEYWORDS``).
         max_string_length: longer values (in UTF-8 bytes) are None, as Orthanc's JSON has them null.
+        server: this Orthanc's name, put in each event's ids ("": none).
     """
 
-    def __init__(self, reader: Any, tags: Iterable[str], max_string_length: int):
+    def __init__(self, reader: Any, tags: Iterable[str], max_string_length: int, server: str = ""):
         self.reader = reader
+        self.server = server
         self.tags = tuple(tags)
         self.max_string_length = max_string_length
         self._by_tag = {reader.KEYWORDS[t][0]: t for t in self.tags}
@@ -107,4 +111,4 @@ class EventBuilder:
         if ids is None:
             return None
         return to_json(instance_event(select_headers(self.tags, dataset), ids, aet, ip, called,
-                                      syntax or found_syntax, received))
+                                      syntax or found_syntax, received, self.server))

@@ -6,6 +6,7 @@ Standard library only (Orthanc's embedded Python); no `orthanc` import, so tests
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ LUA, CHANGES = "lua", "changes"
 OFF = "off"
 STABLE_SOURCES = {LUA: "the Lua script", CHANGES: "the change log",
                   OFF: "none from Orthanc (the scheduler completes pushes)"}
+#: What an event may name its Orthanc by (`orthanc.server`; the scheduler checks the same form).
+SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ class PluginSettings:
     #: Retention deletes a study only once the scheduler says every job of its events finished.
     retention_wait_for_jobs: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Orthanc's `Name`, which every event carries as `orthanc.server` (workers fetch from the
+    #: Orthanc of that name: several receivers, docs/scaling.md); "" when the Name cannot be one.
+    server: str = ""
 
     @classmethod
     def from_configuration(cls, configuration: dict[str, Any]) -> PluginSettings:
@@ -209,4 +215,6 @@ class PluginSettings:
             values["retention_wait_for_jobs"] = section["RetentionWaitForJobs"]
         from dicomflow_disk import storage_paths  # beside this script
         values["storage_paths"] = storage_paths(configuration)
+        name = str(configuration.get("Name") or "")
+        values["server"] = name if SERVER_NAME.fullmatch(name) else ""
         return cls(scheduler_url=url, token=token, spool_path=spool, tags=tuple(tags), **values)

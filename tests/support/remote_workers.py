@@ -72,6 +72,7 @@ def open_to_hosts(orthanc: OrthancServer, folder: Path) -> None:
     Orthanc 1.10 cannot bind to one address: with RemoteAccessAllowed it answers on every
     address of the main namespace; authentication stays on.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     script = folder / "fetch-logger.lua"
     script.write_text(FETCH_LOGGER)
     orthanc.config["RemoteAccessAllowed"] = True
