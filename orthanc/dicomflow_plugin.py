@@ -61,6 +61,10 @@ def install() -> Relay | None:
         f"{relay.spool.length} events, {relay.spool.dead_length} dead letters; stable series/studies: "
         f"{STABLE_SOURCES[settings.stable_events]}"
     )
+    if not settings.server:
+        orthanc.LogWarning(f"dicomflow: Orthanc's Name {configuration.get('Name')!r} cannot name it in events "
+                           "(letters, digits, '.', '_', '-'): events carry no orthanc.server, so workers fetch "
+                           "their files from their ORTHANC_URL")
     relay.start()
     # Orthanc's plugin 4.0 finalises the interpreter when Orthanc stops: the queue goes to the spool then.
     atexit.register(relay.stop)
