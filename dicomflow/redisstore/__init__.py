@@ -3,7 +3,7 @@
 from dicomflow.redisstore.errors import (InvalidInputError, NotFoundError, QueueDatabaseError, RedisStoreError,
                                          StoreFullError)
 from dicomflow.redisstore.settings import StoreSettings
-from dicomflow.redisstore.store import RedisStore, StoredInstance, StoreResult
+from dicomflow.redisstore.store import FileEntry, RedisStore, StoredInstance, StoreResult
 
-__all__ = ["InvalidInputError", "NotFoundError", "QueueDatabaseError", "RedisStore", "RedisStoreError",
+__all__ = ["FileEntry", "InvalidInputError", "NotFoundError", "QueueDatabaseError", "RedisStore", "RedisStoreError",
            "StoreFullError", "StoreResult", "StoreSettings", "StoredInstance"]

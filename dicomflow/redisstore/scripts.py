@@ -56,33 +56,67 @@ local function drop_chunks(p, sop, d, grace)
 end
 """
 
+_SWITCH = r"""
+-- Whether every chunk of a new document's version exists (written with a TTL beforehand).
+local function chunks_missing(p, sop, new)
+  for i = 0, tonumber(new['chunks']) - 1 do
+    if redis.call('EXISTS', p .. 'chunk:' .. sop .. ':' .. new['version'] .. ':' .. i) == 0 then
+      return 'STALE chunk ' .. i .. ' of version ' .. new['version'] .. ' of ' .. sop .. ' is missing'
+    end
+  end
+  return nil
+end
+-- Make the new version's chunks persistent, un-index the old document, write and index the new one.
+-- Returns the old version ('' if none).
+local function switch(p, sop, flat, new, eqf, rgf, grace)
+  for i = 0, tonumber(new['chunks']) - 1 do
+    redis.call('PERSIST', p .. 'chunk:' .. sop .. ':' .. new['version'] .. ':' .. i)
+  end
+  local dockey = p .. 'doc:' .. sop
+  local old = to_map(redis.call('HGETALL', dockey))
+  local oldver = old['version'] or ''
+  if oldver ~= '' then
+    unindex(p, sop, old, eqf, rgf)
+    if oldver ~= new['version'] then drop_chunks(p, sop, old, grace) end
+    redis.call('DEL', dockey)
+  end
+  redis.call('HSET', dockey, unpack(flat))
+  index(p, sop, new, eqf, rgf)
+  return oldver
+end
+"""
+
 #: ARGV: prefix, sop, msgpack([k, v, ...] new doc), msgpack(eq fields), msgpack(range fields), grace.
 #: The new version's chunks must all exist (written with a TTL): they are made persistent here.
 #: Returns the old version ('' if none).
-STORE = "#!lua\n" + _COMMON + r"""
+STORE = "#!lua\n" + _COMMON + _SWITCH + r"""
 local p, sop = ARGV[1], ARGV[2]
 local flat = cmsgpack.unpack(ARGV[3])
 local eqf, rgf = cmsgpack.unpack(ARGV[4]), cmsgpack.unpack(ARGV[5])
-local grace = tonumber(ARGV[6])
 local new = to_map(flat)
-local n = tonumber(new['chunks'])
-for i = 0, n - 1 do
-  if redis.call('EXISTS', p .. 'chunk:' .. sop .. ':' .. new['version'] .. ':' .. i) == 0 then
-    return redis.error_reply('STALE chunk ' .. i .. ' of version ' .. new['version'] .. ' is missing')
-  end
+local missing = chunks_missing(p, sop, new)
+if missing then return redis.error_reply(missing) end
+return switch(p, sop, flat, new, eqf, rgf, tonumber(ARGV[6]))
+"""
+
+#: Several instances in one atomic step (a `batchSize` job). ARGV: prefix, msgpack(eq fields),
+#: msgpack(range fields), grace, then per instance: sop, msgpack([k, v, ...] new doc). Every chunk of
+#: every instance is checked before the first write, so the batch is switched whole or not at all (and
+#: the ``#!lua`` line makes an over-maxmemory Redis refuse it before that). Returns the old versions.
+STORE_MANY = "#!lua\n" + _COMMON + _SWITCH + r"""
+local p = ARGV[1]
+local eqf, rgf, grace = cmsgpack.unpack(ARGV[2]), cmsgpack.unpack(ARGV[3]), tonumber(ARGV[4])
+local items = {}
+for a = 5, #ARGV, 2 do
+  local flat = cmsgpack.unpack(ARGV[a + 1])
+  local new = to_map(flat)
+  local missing = chunks_missing(p, ARGV[a], new)
+  if missing then return redis.error_reply(missing) end
+  items[#items + 1] = {ARGV[a], flat, new}
 end
-for i = 0, n - 1 do redis.call('PERSIST', p .. 'chunk:' .. sop .. ':' .. new['version'] .. ':' .. i) end
-local dockey = p .. 'doc:' .. sop
-local old = to_map(redis.call('HGETALL', dockey))
-local oldver = old['version'] or ''
-if oldver ~= '' then
-  unindex(p, sop, old, eqf, rgf)
-  if oldver ~= new['version'] then drop_chunks(p, sop, old, grace) end
-  redis.call('DEL', dockey)
-end
-redis.call('HSET', dockey, unpack(flat))
-index(p, sop, new, eqf, rgf)
-return oldver
+local olds = {}
+for i, item in ipairs(items) do olds[i] = switch(p, item[1], item[2], item[3], eqf, rgf, grace) end
+return olds
 """
 
 #: ARGV: prefix, sop, msgpack(eq fields), msgpack(range fields). Returns 1 if it was stored, else 0.

@@ -6,7 +6,7 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -31,6 +31,19 @@ INLINE_CHUNKS = 0
 WRITE_BATCH = 16
 #: Files up to this size are read into memory once; larger ones are streamed (hashed, then written).
 IN_MEMORY_MAX = 64 << 20
+#: Files of a batch (`store_files`) larger than this are stored on their own.
+BATCH_FILE_MAX = 16 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a batch (`RedisStore.store_files`); `tags`/`transfer_syntax` None: read from the file."""
+
+    path: str
+    tags: Mapping[str, object] | None = None
+    file_name: str | None = None
+    transfer_syntax: str | None = None
+    orthanc: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class RedisStore:
         self.keys = StoreKeys(prefix)
         self.chunk_size = chunk_size
         self._store = client.register_script(scripts.STORE)
+        self._store_many = client.register_script(scripts.STORE_MANY)
         self._delete = client.register_script(scripts.DELETE)
         self._get = client.register_script(scripts.GET)
         self._search = client.register_script(scripts.SEARCH)
@@ -168,45 +182,133 @@ class RedisStore:
     def store_bytes(self, data: bytes, tags: Mapping[str, object], *, file_name: str, transfer_syntax: str = "",
                     orthanc: Mapping[str, str] | None = None) -> StoreResult:
         """Store `data` (a whole DICOM file) with the given tags (see `store_file`)."""
-        version = secrets.token_hex(6)
-        doc = model.build_document(tags, file_name=file_name, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                                   transfer_syntax=transfer_syntax, chunk_size=self.chunk_size, version=version,
-                                   stored_at=time.time(), orthanc=orthanc)
+        doc = self._document(data, tags, file_name, transfer_syntax, orthanc)
         sop = doc["SOPInstanceUID"]
         old = self._doc(sop)
         if model.same_content(old, doc):
             return StoreResult(sop, "unchanged", len(data), int(old["chunks"]), old["version"])
+        if len(data) <= self.chunk_size * WRITE_BATCH:
+            return self._write_and_switch([(doc, data)], {sop} if old else set())[0]
         cs = self.chunk_size
-        chunks = [data[i:i + cs] for i in range(0, len(data), cs)] if len(data) <= cs * WRITE_BATCH else None
-        if chunks is not None:
-            return self._write_and_switch(sop, doc, chunks, bool(old))
-        self._write_chunks(sop, version, (data[i:i + cs] for i in range(0, len(data), cs)))
+        self._write_chunks(sop, doc["version"], (data[i:i + cs] for i in range(0, len(data), cs)))
         return self._switch(sop, doc, bool(old))
 
-    def _write_and_switch(self, sop: str, doc: dict[str, str], chunks: list[bytes], had_old: bool) -> StoreResult:
-        """A small file in one round trip: its chunks, then the switch (which refuses if a chunk is missing)."""
-        version = doc["version"]
-        flat = [x for pair in doc.items() for x in pair]
+    def store_files(self, entries: Sequence[FileEntry]) -> list[StoreResult]:
+        """Store several files (a `batchSize` job's instances) with one comparison round trip and one write
+        round trip: their chunks, then one script that switches them all in one atomic step (so an
+        out-of-memory Redis refuses the whole batch: nothing of it is stored).
+
+        Files larger than `BATCH_FILE_MAX` are stored one by one (`store_file`); the others in groups of
+        at most `IN_MEMORY_MAX` bytes. A file that cannot be stored (not DICOM, no SOPInstanceUID) does
+        not stop the others.
+
+        Returns:
+            One result per entry, in their order.
+
+        Raises:
+            StoreFullError: the store's Redis is out of memory (the group being written is not stored).
+            InvalidInputError: after the others were stored, naming every file that could not be.
+        """
+        results: dict[int, StoreResult] = {}
+        refused: list[str] = []
+        group: list[tuple[int, dict[str, str], bytes]] = []
+
+        def flush() -> None:
+            for n, result in zip((n for n, _, _ in group), self._store_group(group)):
+                results[n] = result
+            group.clear()
+        for n, entry in enumerate(entries):
+            try:
+                tags, syntax = entry.tags, entry.transfer_syntax
+                if tags is None or syntax is None:
+                    header = model.read_header(entry.path)
+                    tags = header.tags if tags is None else tags
+                    syntax = header.transfer_syntax if syntax is None else syntax
+                name = entry.file_name or os.path.basename(entry.path)
+                if os.path.getsize(entry.path) > BATCH_FILE_MAX:
+                    results[n] = self.store_file(entry.path, tags, file_name=name, transfer_syntax=syntax,
+                                                 orthanc=entry.orthanc)
+                    continue
+                with open(entry.path, "rb") as file:
+                    data = file.read()
+                doc = self._document(data, tags, name, syntax, entry.orthanc)
+            except InvalidInputError as exc:
+                refused.append(str(exc))
+                continue
+            except OSError as exc:
+                refused.append(f"{entry.path}: cannot read: {exc.strerror or exc}")
+                continue
+            if group and sum(len(d) for _, _, d in group) + len(data) > IN_MEMORY_MAX:
+                flush()
+            group.append((n, doc, data))
+        if group:
+            flush()
+        if refused:
+            raise InvalidInputError(f"{len(refused)} of {len(entries)} files not stored ({len(results)} were): "
+                                    + "; ".join(refused))
+        return [results[n] for n in range(len(entries))]
+
+    def _store_group(self, group: list[tuple[int, dict[str, str], bytes]]) -> list[StoreResult]:
+        """Compare a group's documents with the stored ones (one round trip), then write what changed."""
+        pipe = self.client.pipeline(transaction=False)
+        for _, doc, _ in group:
+            pipe.hgetall(self.keys.doc(doc["SOPInstanceUID"]))
+        olds = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
+        last = {doc["SOPInstanceUID"]: i for i, (_, doc, _) in enumerate(group)}  # a SOP twice: the last one
+        results: list[StoreResult | None] = [None] * len(group)
+        todo = []
+        for i, ((_, doc, data), old) in enumerate(zip(group, olds)):
+            sop = doc["SOPInstanceUID"]
+            if last[sop] != i or model.same_content(old, doc):
+                results[i] = StoreResult(sop, "unchanged", len(data), int(old.get("chunks", 0)),
+                                         old.get("version", ""))
+            else:
+                todo.append((i, doc, data, bool(old)))
+        if todo:
+            written = self._write_and_switch([(doc, data) for _, doc, data, _ in todo],
+                                             {doc["SOPInstanceUID"] for _, doc, _, had in todo if had})
+            for (i, _, _, _), result in zip(todo, written):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _document(self, data: bytes, tags: Mapping[str, object], file_name: str, transfer_syntax: str,
+                  orthanc: Mapping[str, str] | None) -> dict[str, str]:
+        return model.build_document(tags, file_name=file_name, size=len(data),
+                                    sha256=hashlib.sha256(data).hexdigest(), transfer_syntax=transfer_syntax or "",
+                                    chunk_size=self.chunk_size, version=secrets.token_hex(6), stored_at=time.time(),
+                                    orthanc=orthanc)
+
+    def _write_and_switch(self, items: list[tuple[dict[str, str], bytes]], had_old: set[str]) -> list[StoreResult]:
+        """Files held in memory in one round trip: their chunks, then one script switching them all (which
+        refuses the whole step if a chunk is missing, or when Redis is over maxmemory)."""
+        cs = self.chunk_size
+        args: list[str | bytes] = [self.keys.prefix, self._eq, self._ranges, REPLACED_GRACE]
+        for doc, _ in items:
+            args += [doc["SOPInstanceUID"], msgpack.packb([x for pair in doc.items() for x in pair])]
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
-            for index, chunk in enumerate(chunks):
-                pipe.set(self.keys.chunk(sop, version, index), chunk, ex=PENDING_TTL)
+            for doc, data in items:
+                sop, version = doc["SOPInstanceUID"], doc["version"]
+                for index, start in enumerate(range(0, len(data), cs)):
+                    pipe.set(self.keys.chunk(sop, version, index), data[start:start + cs], ex=PENDING_TTL)
             # EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip per execute
-            pipe.evalsha(self._store.sha, 0, self.keys.prefix, sop, msgpack.packb(flat), self._eq, self._ranges,
-                         REPLACED_GRACE)
+            pipe.evalsha(self._store_many.sha, 0, *args)
             replies = pipe.execute(raise_on_error=False)
             if attempt == 0 and isinstance(replies[-1], redis.exceptions.NoScriptError):
-                self.client.script_load(scripts.STORE)  # Redis restarted (or flushed its script cache)
+                self.client.script_load(scripts.STORE_MANY)  # Redis restarted (or flushed its script cache)
                 continue
             break
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
-            self._discard(sop, version, len(chunks))
+            for doc, _ in items:
+                self._discard(doc["SOPInstanceUID"], doc["version"], int(doc["chunks"]))
+            what = items[0][0]["SOPInstanceUID"] if len(items) == 1 else f"{len(items)} instances"
             if any(isinstance(e, redis.OutOfMemoryError) for e in errors):
-                raise StoreFullError(f"{sop}: the store's Redis is out of memory (maxmemory); nothing was stored: "
+                raise StoreFullError(f"{what}: the store's Redis is out of memory (maxmemory); nothing was stored: "
                                      f"{errors[0]}")
             raise errors[0]
-        return StoreResult(sop, "replaced" if had_old else "stored", int(doc["size"]), len(chunks), version)
+        return [StoreResult(doc["SOPInstanceUID"], "replaced" if doc["SOPInstanceUID"] in had_old else "stored",
+                            len(data), int(doc["chunks"]), doc["version"]) for doc, data in items]
 
     def _write_chunks(self, sop: str, version: str, chunks: Iterable[bytes]) -> None:
         """Write the chunks of a new version with a TTL (made persistent by the switch)."""
