@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pydicom
@@ -282,6 +283,29 @@ def test_by_default_orthanc_hands_over_no_stable_series_or_study(tmp_path):
         wait_for(lambda: server.status()["queueLength"] == 0, timeout=10, what="the plugin's queue to drain")
         assert [e["level"] for e in sink.delivered()] == ["instance"] * 3
         assert server.status()["changesRead"] == 0
+    finally:
+        server.stop()
+        sink.stop()
+
+
+def test_the_first_event_after_a_quiet_spell_is_not_held_for_the_batch_delay(tmp_path):
+    """MaxBatchDelay bounds how long a burst's events wait to be batched, not how long a study's
+    first instance waits: after a quiet spell it goes after FIRST_LINGER (50 ms), and the burst
+    behind it in growing batches (issue 23: the first registration in CUBE came up to 0.5 s late)."""
+    sink = EventSink().start()
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, plugin_options={"MaxBatchDelay": 20}).start()
+    try:
+        for n, patient in enumerate(("QUIET1", "QUIET2"), start=1):
+            single = write_series(tmp_path / patient, 1, patient_id=patient)
+            stored = time.time()
+            server.store(single)
+            sink.wait_for_events(n, level="instance", timeout=30)
+            assert sink.delivered_batches()[-1].arrived - stored < 3, "held for MaxBatchDelay (20 s)"
+        burst = write_series(tmp_path / "burst", 40, patient_id="BURST1")
+        server.store(burst)
+        sink.wait_for_events(42, level="instance", timeout=60)
+        batches = [b for b in sink.delivered_batches()[2:] if any(e["level"] == "instance" for e in b.events)]
+        assert 1 <= len(batches) <= 6, f"{len(batches)} POSTs for a burst of 40: not batched"
     finally:
         server.stop()
         sink.stop()
