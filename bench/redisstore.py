@@ -7,7 +7,7 @@
   load       bulk load of a folder (sag-anon) in files/s, next to one SET per file (the limit).
   worker     the service's job function alone (jobs/s in one process).
   pipeline   the service's jobs/s against Orthanc's receive rate: one storescu of --copies copies of the
-             folder (new UIDs), with --workers RQ workers (2).
+             folder (new UIDs), with --workers RQ workers (2), with the service's batchSize 1 and 16 in turn.
 
 Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,worker,pipeline] [--size-mb 512]
        [--instances 10000] [--copies 5] [--data ../shared/data/sag-anon] [--out FILE.json]
@@ -267,36 +267,80 @@ def _copies(files: list[Path], copies: int, folder: Path) -> list[Path]:
     return out
 
 
-def part_pipeline(files: list[Path], copies: int, results: dict, workers: int = 2) -> None:
+def _services_with_batch(folder: Path, batch_size: int) -> Path:
+    """A copy of the built-in services whose redisstore job takes `batch_size` instances (1: one per job)."""
+    services = folder / f"services-batch{batch_size}"
+    shutil.copytree(REPO / "services", services, ignore=shutil.ignore_patterns("__pycache__"))
+    settings = services / "registry" / "redisstore" / "settings.json"
+    spec = json.loads(settings.read_text())
+    spec.pop("batchSize", None)
+    if batch_size > 1:
+        spec["batchSize"] = batch_size
+    settings.write_text(json.dumps(spec, indent=1))
+    return services
+
+
+def _pipeline_run(sent: list[Path], data: Path, work: Path, services: Path, workers: int) -> dict:
+    """One storescu of `data` into a fresh stack; when each file was stored, sampled every 20 ms."""
+    import threading
+
     from tests.support.stack import Pipeline
 
     with private_redis(aof=True) as queue_url, private_redis() as store_url:
         store = RedisStore(redis.Redis.from_url(store_url))
-        work = Path(tempfile.mkdtemp(prefix="redisstore-bench-stack-"))
-        try:
-            (work / "data").mkdir()
-            sent = _copies(files, copies, work / "data")
-            print(f"\n== pipeline: the redisstore service's jobs vs Orthanc's receive rate ({len(sent)} files, "
-                  f"{workers} workers) ==")
-            config = work / "dicomflow.env"
-            config.write_text(f"REDIS_STORE_URL={store_url}\n")
-            with Pipeline(work / "stack", queue_url, REPO / "services", workers=workers,
-                          extra_config={"DICOMFLOW_CONFIG": str(config)}) as stack:
-                t0 = time.perf_counter()
-                stack.orthanc.store([work / "data"], pattern="*.dcm")
-                t1 = time.perf_counter()
-                while store.stats()["instances"] < len(sent):
-                    if time.perf_counter() - t0 > 600:
-                        raise RuntimeError(f"only {store.stats()['instances']} stored after 600 s")
-                    time.sleep(0.02)
-                t2 = time.perf_counter()
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    received, drained = len(sent) / (t1 - t0), len(sent) / (t2 - t0)
-    print(f"Orthanc received {received:.0f} files/s; all stored {t2 - t1:.2f} s after the last was received: "
-          f"{drained:.0f} jobs/s end to end ({drained / received:.2f} of the receive rate)", flush=True)
-    results["pipeline"] = {"files": len(sent), "orthanc_files_s": round(received, 1),
-                           "stored_files_s": round(drained, 1), "lag_s": round(t2 - t1, 2)}
+        config = work / "dicomflow.env"
+        config.write_text(f"REDIS_STORE_URL={store_url}\n")
+        samples: list[tuple[float, int]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append((time.perf_counter(), store.stats()["instances"]))
+                if samples[-1][1] >= len(sent) or samples[-1][0] - t0 > 600:
+                    return
+                time.sleep(0.02)
+        with Pipeline(work / f"stack-{services.name}", queue_url, services, workers=workers,
+                      extra_config={"DICOMFLOW_CONFIG": str(config)}) as stack:
+            t0 = time.perf_counter()
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            stack.orthanc.store([data], pattern="*.dcm")
+            t1 = time.perf_counter()
+            sampler.join(600)
+            done.set()
+        if samples[-1][1] < len(sent):
+            raise RuntimeError(f"only {samples[-1][1]} of {len(sent)} stored after 600 s")
+    t2 = samples[-1][0]
+    # The store's own pace: from 10 % to 90 % of the files stored (the plugin's first delivery and the
+    # last job's tail aside), against Orthanc's average receive rate over the whole send.
+    t10 = next(t for t, n in samples if n >= len(sent) * 0.1)
+    t90 = next(t for t, n in samples if n >= len(sent) * 0.9)
+    received = len(sent) / (t1 - t0)
+    stored_pace = len(sent) * 0.8 / (t90 - t10)
+    return {"files": len(sent), "orthanc_files_s": round(received, 1), "stored_files_s": round(stored_pace, 1),
+            "pace_ratio": round(stored_pace / received, 2), "lag_s": round(t2 - t1, 2),
+            "end_to_end_ratio": round(len(sent) / (t2 - t0) / received, 2)}
+
+
+def part_pipeline(files: list[Path], copies: int, results: dict, workers: int = 2,
+                  batch_sizes: tuple[int, ...] = (1, 16)) -> None:
+    work = Path(tempfile.mkdtemp(prefix="redisstore-bench-stack-"))
+    try:
+        (work / "data").mkdir()
+        sent = _copies(files, copies, work / "data")
+        print(f"\n== pipeline: the redisstore service's jobs vs Orthanc's receive rate ({len(sent)} files, "
+              f"{workers} workers; batchSize {' vs '.join(map(str, batch_sizes))} in turn, each on a fresh stack) ==")
+        rows = {}
+        for batch_size in batch_sizes:
+            row = _pipeline_run(sent, work / "data", work, _services_with_batch(work, batch_size), workers)
+            rows[batch_size] = row
+            print(f"batchSize {batch_size:>2}: Orthanc received {row['orthanc_files_s']:.0f} files/s; stored at "
+                  f"{row['stored_files_s']:.0f} files/s from 10 % to 90 % ({row['pace_ratio']:.2f} of the receive "
+                  f"rate); the last stored {row['lag_s']:.2f} s after the last was received (end to end "
+                  f"{row['end_to_end_ratio']:.2f})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["pipeline"] = rows
 
 
 def main(argv: list[str] | None = None) -> int:
