@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dotenv.parser import parse_stream
 from pydantic import BaseModel, ValidationError
 
 from dicomflow.errors import ConfigError
@@ -18,30 +19,48 @@ Model = TypeVar("Model", bound=BaseModel)
 #: file does not name them (so `CHRIS_URL=... run.sh` works).
 ENV_PREFIXES = ("DICOMFLOW_", "ORTHANC_", "CHRIS_", "REPACK_", "NATS_", "EXPORT_", "REDIS_STORE_")
 
-_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
+def parse_env_file(text: str, source: str = "<config>", *, for_compose: bool = False) -> dict[str, str]:
+    """Parse `KEY=VALUE` lines by python-dotenv's rules: `export` prefix, `#` comments, spaces
+    around `=` and the value trimmed, `=` inside values, quotes, values over several lines in quotes.
 
-def parse_env_file(text: str, source: str = "<config>") -> dict[str, str]:
-    """Parse `KEY=VALUE` lines; `#` comments, blank lines and quotes as in shell.
+    Args:
+        for_compose: the file Docker Compose reads too (run.sh's configuration file): refuse
+            what Compose reads differently, or differently from one of its versions to the
+            next, so that the file means the same to both (docs/configuration.md).
 
     Raises:
-        ConfigError: a line that is neither blank, a comment nor an assignment.
+        ConfigError: a line that is neither blank, a comment nor an assignment, or (with
+            `for_compose`) a value written in one of those ways; the message names its line
+            and says how to write it, never the value.
     """
     values: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
+    for binding in parse_stream(io.StringIO(text)):
+        line, raw = binding.original.line, binding.original.string.strip()
+        if binding.error or (binding.key is not None and binding.value is None):
+            raise ConfigError(f"{source}:{line}: expected KEY=VALUE, got {raw!r}")
+        if binding.key is None:  # blank or comment
             continue
-        match = _LINE.match(line)
-        if not match:
-            raise ConfigError(f"{source}:{number}: expected KEY=VALUE, got {stripped!r}")
-        key, value = match.groups()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        else:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key] = value
+        if for_compose:
+            problem = _read_differently_by_compose(raw.partition("=")[2].lstrip(), binding.value)
+            if problem:
+                raise ConfigError(f"{source}:{line}: {binding.key}: {problem}")
+        values[binding.key] = binding.value
     return values
+
+
+def _read_differently_by_compose(written: str, value: str) -> str | None:
+    """Why Docker Compose would read `value` (`written` so after the `=`) differently, or None."""
+    quote = written[:1]
+    if "$" in value and quote != "'":
+        return ("Docker Compose expands the '$' in this value and dicomflow would not; "
+                "write the value in single quotes ('...')")
+    if "#" in value and quote not in ("'", '"'):
+        return "Docker Compose cuts this value at its '#' (some versions); write the value in quotes"
+    if "\\" in written and quote in ("'", '"'):
+        return ("Docker Compose versions differ on backslashes in quotes; write the value without "
+                "quotes (a backslash is then kept as it is)")
+    return None
 
 
 def load_config(path: str | os.PathLike | None = None,
@@ -58,7 +77,7 @@ def load_config(path: str | os.PathLike | None = None,
     if path:
         file = Path(path)
         try:
-            values = parse_env_file(file.read_text(), str(file))
+            values = parse_env_file(file.read_text(), str(file), for_compose=True)
         except FileNotFoundError as exc:
             raise ConfigError(f"configuration file {file} does not exist") from exc
     for key, value in environ.items():
