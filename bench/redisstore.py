@@ -16,6 +16,7 @@ Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,work
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -35,7 +36,7 @@ import redis
 from bench.support import private_redis
 from dicomflow.redisstore import RedisStore, resp
 from dicomflow.redisstore.cli.load import _start_process, _work
-from dicomflow.redisstore.fetch import fetch
+from dicomflow.redisstore.fetch import fetch, transfer
 from dicomflow.redisstore.model import read_header
 from dicomflow.redisstore.store import parse_date_range
 
@@ -57,10 +58,38 @@ def redis_benchmark_mb_s(url: str, size: int, connections: int, total_bytes: int
     raise RuntimeError(f"no GET line in redis-benchmark's output: {out}")
 
 
+def _to_null(url: str, sop: str, connections: int, raw: bool | None = None) -> float:
+    """MB/s of the parallel reader writing into /dev/null: the transfer alone, what redis-benchmark does."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        t = time.perf_counter()
+        doc = asyncio.run(transfer(url, sop, fd, connections=connections, raw=raw))
+        return int(doc["size"]) / 1e6 / (time.perf_counter() - t)
+    finally:
+        os.close(fd)
+
+
+def _write_rate(folder: Path, size: int, chunk: int) -> float:
+    """MB/s of writing `size` bytes into a new file in `folder`, `chunk` bytes a pwrite (the disk's part)."""
+    block = os.urandom(chunk)
+    path = folder / "write-rate.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t = time.perf_counter()
+        os.ftruncate(fd, size)
+        for offset in range(0, size, chunk):
+            os.pwrite(fd, block, offset)
+        return size / 1e6 / (time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def part_retrieval(size_mb: int, sample: Path, results: dict) -> None:
-    print(f"\n== retrieval: one {size_mb} MB file, MB/s (reader / redis-benchmark GET, same run) ==")
-    scratch = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
-    work = Path(tempfile.mkdtemp(prefix="redisstore-bench-", dir=scratch))
+    work = Path(tempfile.mkdtemp(prefix="redisstore-bench-"))
+    print(f"\n== retrieval: one {size_mb} MB file, MB/s, median of 3, side by side: the reader into a file in "
+          f"{work.parent} / into /dev/null / redis-benchmark GET of the same value size and connections (the "
+          "limit); the ratios file/limit and null/limit ==")
     big = work / "big.dcm"
     with open(big, "wb") as out:
         out.write(sample.read_bytes())
@@ -75,25 +104,33 @@ def part_retrieval(size_mb: int, sample: Path, results: dict) -> None:
                 client.flushall()
                 store = RedisStore(client, "dicom:", chunk_kb * 1024)
                 sop = store.store_file(str(big)).sop
-                line = [f"chunk {chunk_kb:>5} KiB:"]
+                write = _write_rate(work, big.stat().st_size, chunk_kb * 1024)
+                print(f"chunk {chunk_kb:>5} KiB (writing the file alone: {write:.0f} MB/s)", flush=True)
                 for conns in CONNECTIONS:
-                    times = []
+                    to_file, to_null = [], []
                     for _ in range(3):
                         got = fetch(url, sop, str(work / "back.dcm"), connections=conns, verify=False)
-                        times.append(got.mb_per_s)
+                        to_file.append(got.mb_per_s)
                         os.unlink(work / "back.dcm")
-                    reader = statistics.median(times)
+                        to_null.append(_to_null(url, sop, conns))
+                    file_rate, null_rate = statistics.median(to_file), statistics.median(to_null)
                     limit = redis_benchmark_mb_s(url, chunk_kb * 1024, conns, min(big.stat().st_size, 256 << 20))
-                    rows.append({"chunk_kb": chunk_kb, "connections": conns, "reader_mb_s": round(reader),
-                                 "redis_benchmark_mb_s": round(limit), "ratio": round(reader / limit, 2)})
-                    line.append(f"{conns:>2} conn {reader:6.0f} / {limit:6.0f} ({reader / limit:.2f})")
-                print("  ".join(line), flush=True)
+                    rows.append({"chunk_kb": chunk_kb, "connections": conns, "reader_file_mb_s": round(file_rate),
+                                 "reader_null_mb_s": round(null_rate), "redis_benchmark_mb_s": round(limit),
+                                 "file_ratio": round(file_rate / limit, 2), "null_ratio": round(null_rate / limit, 2),
+                                 "write_mb_s": round(write)})
+                    print(f"  {conns} conn: {file_rate:6.0f} / {null_rate:6.0f} / {limit:6.0f}   "
+                          f"({file_rate / limit:.2f}, {null_rate / limit:.2f})", flush=True)
+            pooled = statistics.median(_to_null(url, sop, 4, raw=False) for _ in range(3))
+            raw = statistics.median(_to_null(url, sop, 4) for _ in range(3))
+            print(f"redis-py's asyncio client (hiredis), 1 MiB chunks, 4 connections, into /dev/null: {pooled:.0f} "
+                  f"MB/s (the reader's own sockets: {raw:.0f})", flush=True)
             got = fetch(url, sop, str(work / "back.dcm"), connections=8, verify=True)
             print(f"with SHA-256 verification (1 MiB chunks, 8 connections): {got.size / 1e6 / got.seconds:.0f} MB/s "
                   "transfer, then the hash pass", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["retrieval"] = rows
+    results["retrieval"] = {"rows": rows, "redis_py_asyncio_null_mb_s": round(pooled), "reader_null_mb_s": round(raw)}
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:

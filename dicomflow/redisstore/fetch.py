@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
@@ -138,39 +139,60 @@ async def _raw_transfer(url: str, keys: StoreKeys, sop: str, version: str, count
     await asyncio.gather(*(worker() for _ in range(max(1, min(connections, count or 1)))))
 
 
-async def fetch_to_file(url: str, sop: str, out: str, *, prefix: str = "dicom:", connections: int = 4,
-                        depth: int = 2, verify: bool = True, raw: bool | None = None) -> FetchResult:
-    """Write the stored bytes of `sop` to `out` with `connections` parallel connections.
+async def transfer(url: str, sop: str, fd: int, *, prefix: str = "dicom:", connections: int = 4, depth: int = 2,
+                   raw: bool | None = None) -> dict[str, str]:
+    """Write the stored bytes of `sop` into the open file `fd`, each chunk at its offset, with `connections`
+    parallel connections (`depth` GETs in flight on each).
 
     `raw`: our own RESP sockets (default for ``redis://``), or redis-py's asyncio client.
+
+    Returns:
+        The instance's document (its size and SHA-256 to check the file against).
+
+    Raises:
+        NotFoundError: not stored.
+        RedisStoreError: the instance was replaced or deleted while read.
+    """
+    keys = StoreKeys(prefix)
+    pool = aioredis.ConnectionPool.from_url(url, max_connections=connections)
+    client = aioredis.Redis(connection_pool=pool)
+    try:
+        found = await client.hgetall(keys.doc(sop))
+        if not found:
+            raise NotFoundError(f"no stored instance with SOPInstanceUID {sop}")
+        doc = {k.decode(): v.decode() for k, v in found.items()}
+        version, count, chunk_size = doc["version"], int(doc["chunks"]), int(doc["chunk_size"])
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, int(doc["size"]))
+        if url.startswith("redis://") if raw is None else raw:
+            await _raw_transfer(url, keys, sop, version, count, chunk_size, fd, connections, depth)
+        else:
+            await _pooled_transfer(client, keys, sop, version, count, chunk_size, fd, connections)
+        return doc
+    finally:
+        await client.aclose()
+        await pool.aclose()
+
+
+async def fetch_to_file(url: str, sop: str, out: str, *, prefix: str = "dicom:", connections: int = 4,
+                        depth: int = 2, verify: bool = True, raw: bool | None = None) -> FetchResult:
+    """Write the stored bytes of `sop` to `out` with `connections` parallel connections (see `transfer`).
 
     Raises:
         NotFoundError: not stored.
         IntegrityError: size or SHA-256 differ (the partial file is removed).
         RedisStoreError: the instance was replaced or deleted while read.
     """
-    keys = StoreKeys(prefix)
-    pool = aioredis.ConnectionPool.from_url(url, max_connections=connections)
-    client = aioredis.Redis(connection_pool=pool)
     tmp = f"{out}.part-{os.getpid()}"
     try:
-        raw = await client.hgetall(keys.doc(sop))
-        if not raw:
-            raise NotFoundError(f"no stored instance with SOPInstanceUID {sop}")
-        doc = {k.decode(): v.decode() for k, v in raw.items()}
-        version, count, size = doc["version"], int(doc["chunks"]), int(doc["size"])
-        chunk_size = int(doc["chunk_size"])
         start = time.perf_counter()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, size)
-            if url.startswith("redis://") if raw is None else raw:
-                await _raw_transfer(url, keys, sop, version, count, chunk_size, fd, connections, depth)
-            else:
-                await _pooled_transfer(client, keys, sop, version, count, chunk_size, fd, connections)
+            doc = await transfer(url, sop, fd, prefix=prefix, connections=connections, depth=depth, raw=raw)
         finally:
             os.close(fd)
         seconds = time.perf_counter() - start
+        size = int(doc["size"])
         if verify:
             digest = hashlib.sha256()
             with open(tmp, "rb") as file:
@@ -183,8 +205,6 @@ async def fetch_to_file(url: str, sop: str, out: str, *, prefix: str = "dicom:",
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        await client.aclose()
-        await pool.aclose()
 
 
 async def _pooled_transfer(client: aioredis.Redis, keys: StoreKeys, sop: str, version: str, count: int,
