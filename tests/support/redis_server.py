@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,9 +15,10 @@ from tests.support.procs import free_port, wait_for
 def start_redis_server(folder: Path, *extra: str, what: str = "redis-server") -> tuple[subprocess.Popen, str]:
     """A redis-server keeping nothing on disk, its files in `folder`; `extra` are more options.
 
-    Returns the process and its URL once it answers PING.
+    The server is `$TEST_REDIS_SERVER` when set (another build: a Valkey or Redis 8 `*-server`),
+    else the `redis-server` on the PATH. Returns the process and its URL once it answers PING.
     """
-    exe = shutil.which("redis-server")
+    exe = os.environ.get("TEST_REDIS_SERVER") or shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed: run .ci/run or build.sh first")
     port = free_port()
