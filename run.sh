@@ -160,6 +160,8 @@ ORTHANC_AET=${ORTHANC_AET:-DICOMFLOW}
 ORTHANC_DICOM_PORT=${ORTHANC_DICOM_PORT:-4244}
 ORTHANC_HTTP_PORT=$orthanc_http
 ORTHANC_URL=http://127.0.0.1:$orthanc_http
+# Where the browser reaches Orthanc Explorer (the status page's link; in Docker ORTHANC_URL is another).
+DICOMFLOW_ORTHANC_EXPLORER_URL=http://127.0.0.1:$orthanc_http/app/explorer.html
 ORTHANC_USERNAME=dicomflow
 ORTHANC_PASSWORD=$(secret)
 ORTHANC_STORAGE_DIR=$home/orthanc-storage
@@ -275,7 +277,7 @@ if [ "$docker_mode" = 1 ]; then
   [ -f "$conf" ] || write_config
   # The containers run as this user (files in the state and data folders are theirs, docs/docker.md).
   compose() { DICOMFLOW_CONFIG=$conf DICOMFLOW_UID=${DICOMFLOW_UID:-$(id -u)} DICOMFLOW_GID=${DICOMFLOW_GID:-$(id -g)} \
-    docker compose --env-file "$conf" "$@"; }
+    docker compose -p dicomflow --env-file "$conf" "$@"; }
   n=${workers:-${DICOMFLOW_WORKERS:-2}}
   case "$cmd/$target" in
     start/) compose up -d --build --scale "worker=$n" ;;  # also scales a running stack; --build: installed services' requirements
