@@ -59,7 +59,7 @@ while [ $# -gt 0 ]; do
 done
 compose() {
   DICOMFLOW_UID=${DICOMFLOW_UID:-$(id -u)} DICOMFLOW_GID=${DICOMFLOW_GID:-$(id -g)} \
-    docker compose --project-directory "$here" -f "$here/docker-compose.yml" --env-file "$conf" "$@"
+    docker compose -p dicomflow --project-directory "$here" -f "$here/docker-compose.yml" --env-file "$conf" "$@"
 }
 # As the user who runs this (the services folder is theirs); the installer reaches the running
 # scheduler at its container's name. Its last step, pip-installing the requirements into the

@@ -32,18 +32,13 @@ COMPOSE = REPO / "docker-compose.yml"
 DICOMFLOW_SERVICES = ("scheduler", "worker", "dashboard")
 
 #: Settings the containers do not take from the file, and why: where the other containers are,
-#: and the addresses a container listens on (its published ports are the host's).
+#: and the address a container listens on (its port is published on the host's loopback).
 CONTAINER_OVERRIDES = {
     "DICOMFLOW_CONFIG": "the configuration file at its host path, in the mounted state folder",
     "DICOMFLOW_REDIS_URL": "the redis container (the file names the host's Redis)",
-    "DICOMFLOW_SCHEDULER_HOST": "listens on the container's network",
-    "DICOMFLOW_SCHEDULER_PORT": "the container's port (the host's is published to it)",
-    "DICOMFLOW_DASHBOARD_HOST": "listens on the container's network",
-    "DICOMFLOW_DASHBOARD_PORT": "the container's port (the host's is published to it)",
-    "DICOMFLOW_DASHBOARD_URL": "what the browser reaches: the published port (the file's value when set)",
-    "DICOMFLOW_ORTHANC_EXPLORER_URL": "what the browser reaches: the published port (the file's value when set)",
     "ORTHANC_URL": "the orthanc container",
 }
+LISTENS = {"scheduler": "DICOMFLOW_SCHEDULER_HOST", "dashboard": "DICOMFLOW_DASHBOARD_HOST"}
 #: Orthanc settings the native stack renders into Orthanc's configuration that Compose handles
 #: its own way (docs/docker.md says so); every other one is in the orthanc service's ORTHANC_JSON.
 ORTHANC_IN_DOCKER = {
@@ -164,7 +159,10 @@ def test_every_setting_the_code_reads_reaches_the_containers(compose):
     assert {"CHRIS_TOKEN", "NATS_URL", "CHRIS_RATE_LIMIT", "REPACK_DATADIR"} <= code  # the issue's examples
     for name in DICOMFLOW_SERVICES:
         overridden = {k for k in compose["services"][name]["environment"] if SETTING.fullmatch(k)}
-        assert overridden == set(CONTAINER_OVERRIDES), (name, overridden ^ set(CONTAINER_OVERRIDES))
+        expected = set(CONTAINER_OVERRIDES) | ({LISTENS[name]} if name in LISTENS else set())
+        assert overridden == expected, (name, overridden ^ expected)
+        if name in LISTENS:
+            assert compose["services"][name]["environment"][LISTENS[name]] == "0.0.0.0"
     # Everything else the code reads comes from the file, as natively.
     assert code - set(CONTAINER_OVERRIDES)
 
@@ -175,14 +173,18 @@ def test_orthanc_gets_the_configuration_the_native_stack_renders(compose, config
               "ORTHANC_MIN_FREE_SPACE_MB": "0", "ORTHANC_RETENTION_DAYS": "1.5", "ORTHANC_ALWAYS_ALLOW_STORE": "false"}
     orthanc = compose["services"]["orthanc"]
     docker = json.loads(resolved(orthanc["environment"]["ORTHANC_JSON"], config))
-    native = render_orthanc_config(OrthancSettings.from_config(config), scheduler_url="http://scheduler:8642",
+    native = render_orthanc_config(OrthancSettings.from_config(config), scheduler_url="http://127.0.0.1:8642",
                                    token=config["DICOMFLOW_SCHEDULER_TOKEN"])
     for key in ("Name", "DicomAet", "StorageCompression", "AuthenticationEnabled", "RegisteredUsers",
                 "DicomAlwaysAllowStore", "StableAge", "HttpDescribeErrors", "PythonVerbose"):
         assert docker[key] == native[key], key
     assert Path(docker["PythonScript"]).name == Path(native["PythonScript"]).name == "dicomflow_plugin.py"
     assert "LuaScripts" not in docker and "LuaScripts" not in native  # series/study completion: the scheduler's
-    assert set(docker["Dicomflow"]) == set(native["Dicomflow"])
+    # StatusPageUrl: the scheduler's page as the browser reaches it (natively, the SchedulerUrl's).
+    assert set(docker["Dicomflow"]) == set(native["Dicomflow"]) | {"StatusPageUrl"}
+    port = config["DICOMFLOW_SCHEDULER_PORT"]
+    assert docker["Dicomflow"]["StatusPageUrl"] == f"http://127.0.0.1:{port}/"
+    native["Dicomflow"]["SchedulerUrl"] = f"http://scheduler:{port}"  # the scheduler container, on its port
     for key in set(native["Dicomflow"]) - {"SpoolPath", "Tags"}:
         assert docker["Dicomflow"][key] == native["Dicomflow"][key], key
     # The plugin reads both alike (the tags as a comma-separated string there), but for where
@@ -239,9 +241,41 @@ def test_ports_bind_to_loopback_and_the_dicom_port_where_configured(compose, con
     published = {name: resolved(service.get("ports", []), config) for name, service in compose["services"].items()}
     assert all(port.startswith("127.0.0.1:") for ports in published.values() for port in ports), published
     assert f"127.0.0.1:{config['ORTHANC_DICOM_PORT']}:4242" in published["orthanc"]
+    # The scheduler and the dashboard listen on the file's ports inside their containers too.
+    for name, setting in (("scheduler", "DICOMFLOW_SCHEDULER_PORT"), ("dashboard", "DICOMFLOW_DASHBOARD_PORT")):
+        assert published[name] == [f"127.0.0.1:{config[setting]}:{config[setting]}"]
+        assert f":{config[setting]}/" in " ".join(resolved(compose["services"][name]["healthcheck"]["test"], config))
     opened = resolved(compose["services"]["orthanc"]["ports"], {**config, "ORTHANC_DICOM_BIND": "0.0.0.0"})
     assert f"0.0.0.0:{config['ORTHANC_DICOM_PORT']}:4242" in opened
     assert f"127.0.0.1:{config['ORTHANC_HTTP_PORT']}:8042" in opened  # Orthanc's HTTP stays on loopback
+
+
+def test_compose_itself_reads_the_file_so(config, tmp_path):
+    """Debian's docker-compose (1.29, .ci/run installs it; `config` needs no engine) reads the
+    file with the configuration run.sh writes: every setting reaches every container."""
+    home = Path(config["DICOMFLOW_HOME"])
+    home.mkdir(parents=True)
+    lines = [f"{key}='{value}'" for key, value in config.items()] + ["CHRIS_TOKEN='t0ken'", "NATS_URL='nats://n:4222'"]
+    (home / "dicomflow.env").write_text("\n".join(lines) + "\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DICOMFLOW_UID": "1234", "DICOMFLOW_GID": "99"}
+    done = subprocess.run(["docker-compose", "-p", "dicomflow", "--env-file", str(home / "dicomflow.env"),
+                           "-f", str(COMPOSE), "config"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = yaml.safe_load(done.stdout)
+    expected = {**parse_env_file((home / "dicomflow.env").read_text())}
+    for name, service in seen["services"].items():
+        environment = service["environment"]
+        overridden = set(CONTAINER_OVERRIDES) | {LISTENS.get(name)} if name in DICOMFLOW_SERVICES else set()
+        for key, value in expected.items():
+            assert key in overridden or str(environment[key]) == value, (name, key)
+    assert seen["services"]["worker"]["environment"]["DICOMFLOW_REDIS_URL"] == \
+        f"redis://:{config['DICOMFLOW_REDIS_PASSWORD']}@redis:6379/0"
+    assert seen["services"]["worker"]["user"] == "1234:99"
+    orthanc = json.loads(seen["services"]["orthanc"]["environment"]["ORTHANC_JSON"])
+    assert orthanc["Dicomflow"]["Token"] == config["DICOMFLOW_SCHEDULER_TOKEN"]
+    assert orthanc["RegisteredUsers"] == {config["ORTHANC_USERNAME"]: config["ORTHANC_PASSWORD"]}
+    assert seen["services"]["scheduler"]["ports"] == [
+        f"127.0.0.1:{config['DICOMFLOW_SCHEDULER_PORT']}:{config['DICOMFLOW_SCHEDULER_PORT']}/tcp"]
 
 
 # ---- service.sh in Docker mode ------------------------------------------------------------------
@@ -290,7 +324,8 @@ def test_service_sh_in_docker_mode_runs_the_installer_in_the_stacks_image(docker
     done, calls = docker_mode("install", "temp", "-p", str(source))
     assert done.returncode == 0, done.stderr
     run = calls[0]
-    assert run[:2] == ["compose", "--project-directory"] and f"{docker_mode.home}/dicomflow.env" in run
+    assert run[:3] == ["compose", "-p", "dicomflow"] and f"{docker_mode.home}/dicomflow.env" in run
+    assert run[run.index("--project-directory") + 1] == str(REPO)
     tail = run[run.index("run"):]
     assert tail[:4] == ["run", "--rm", "--no-deps", "-T"]
     assert f"{source}:/incoming/service:ro" in tail and "DICOMFLOW_SCHEDULER_HOST=scheduler" in tail
