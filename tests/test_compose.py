@@ -211,6 +211,8 @@ def test_images_are_pinned_and_every_service_has_a_healthcheck(compose):
             assert re.fullmatch(r"\d+\.\d+\.\d+(-[a-z0-9]+)?", tag), f"{name}: {image}"
         test = service["healthcheck"]["test"]
         assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+        if test[1:3] == ["python", "-c"]:
+            compile(interpolate(test[3], {}), f"{name} healthcheck", "exec")  # raises on a syntax error
     assert compose["services"]["orthanc"]["image"].startswith("orthancteam/orthanc:")
 
 
@@ -248,6 +250,24 @@ def test_ports_bind_to_loopback_and_the_dicom_port_where_configured(compose, con
     opened = resolved(compose["services"]["orthanc"]["ports"], {**config, "ORTHANC_DICOM_BIND": "0.0.0.0"})
     assert f"0.0.0.0:{config['ORTHANC_DICOM_PORT']}:4242" in opened
     assert f"127.0.0.1:{config['ORTHANC_HTTP_PORT']}:8042" in opened  # Orthanc's HTTP stays on loopback
+
+
+def test_the_worker_healthcheck_sees_its_own_worker(compose, connection, redis_url):
+    """Run as written, against a real Redis: healthy once a worker of this host is registered."""
+    import rq
+
+    test = compose["services"]["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    check = lambda: subprocess.run([sys.executable, *test[2:]], env={**os.environ, "DICOMFLOW_REDIS_URL": redis_url},  # noqa: E731
+                                   capture_output=True, timeout=30).returncode
+    assert test[1] == "python" and check() == 1
+    worker = rq.Worker(["default"], connection=connection)
+    worker.register_birth()
+    try:
+        assert check() == 0
+    finally:
+        worker.register_death()
+    assert check() == 1
 
 
 def test_compose_itself_reads_the_file_so(config, tmp_path):
