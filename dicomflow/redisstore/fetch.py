@@ -1,21 +1,23 @@
 """Parallel chunked retrieval of one large instance to a file: N connections, bounded memory.
 
-Each of `connections` asyncio tasks takes the next chunk index, GETs it and writes it at its
-offset (`os.pwrite`), so at most `connections` x `depth` chunks are in flight whatever the
-file's size. The file is written beside the target and renamed into place once complete (and
-verified).
+Each of `connections` asyncio tasks takes the next chunk indexes, GETs them (`depth` in flight,
+refilled half a window at a time in one send) and writes each at its offset (`os.pwrite`). The
+process holds one chunk per connection whatever the file's size (the replies in flight wait in
+the kernel's socket buffers). The file is written beside the target and renamed into place once
+complete (and verified).
 
 For ``redis://`` URLs the tasks speak RESP on their own sockets and receive each chunk straight
-into a per-connection buffer (`loop.sock_recv_into`), with `depth` GETs pipelined per
-connection: through redis-py's asyncio client the same transfer ran at about half the speed
-(bench/redisstore.py; its parser copies every reply, in 64 KiB reads). ``rediss://`` and
-``unix://`` go through redis-py.
+into a per-connection buffer (`loop.sock_recv_into`): through redis-py's asyncio client (with
+hiredis) the same transfer ran at a quarter of the speed (bench/redisstore.py; its parser copies
+every reply, in 64 KiB reads). ``rediss://`` and ``unix://`` go through redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
+import itertools
 import os
 import socket
 import stat
@@ -27,6 +29,11 @@ import redis.asyncio as aioredis
 
 from dicomflow.redisstore.errors import IntegrityError, NotFoundError, RedisStoreError
 from dicomflow.redisstore.keys import StoreKeys
+
+
+#: GETs in flight per connection when not given: this many bytes' worth of chunks, at least 2 (the
+#: values wait in the kernel's socket buffer, not in this process: its memory stays one chunk a connection).
+PIPELINE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -113,34 +120,35 @@ class _RawConnection:
 
 
 async def _raw_transfer(url: str, keys: StoreKeys, sop: str, version: str, count: int, chunk_size: int, fd: int,
-                        connections: int, depth: int) -> None:
+                        connections: int, depth: int | None) -> None:
     indexes = iter(range(count))
+    depth = depth or max(2, PIPELINE_BYTES // chunk_size)
 
     async def worker() -> None:
         conn = await _RawConnection.open(url, chunk_size)
         try:
-            inflight: list[int] = []
-
-            async def complete() -> None:
-                index = inflight.pop(0)
+            inflight: collections.deque[int] = collections.deque()
+            while True:
+                if len(inflight) <= depth // 2:  # refill in one send, not one GET a syscall
+                    # one shared iterator: each index is taken once
+                    more = list(itertools.islice(indexes, depth - len(inflight)))
+                    if more:
+                        await conn.send(b"".join(_command("GET", keys.chunk(sop, version, i)) for i in more))
+                        inflight.extend(more)
+                if not inflight:
+                    return
+                index = inflight.popleft()
                 size = await conn.reply()
                 if size is None:
                     raise RedisStoreError(f"{sop}: replaced or deleted while read (chunk {index})")
                 os.pwrite(fd, conn.view[:size], index * chunk_size)
-            for index in indexes:  # one shared iterator: each index is taken once
-                await conn.send(_command("GET", keys.chunk(sop, version, index)))
-                inflight.append(index)
-                if len(inflight) >= depth:
-                    await complete()
-            while inflight:
-                await complete()
         finally:
             conn.close()
     await asyncio.gather(*(worker() for _ in range(max(1, min(connections, count or 1)))))
 
 
-async def transfer(url: str, sop: str, fd: int, *, prefix: str = "dicom:", connections: int = 4, depth: int = 2,
-                   raw: bool | None = None) -> dict[str, str]:
+async def transfer(url: str, sop: str, fd: int, *, prefix: str = "dicom:", connections: int = 4,
+                   depth: int | None = None, raw: bool | None = None) -> dict[str, str]:
     """Write the stored bytes of `sop` into the open file `fd`, each chunk at its offset, with `connections`
     parallel connections (`depth` GETs in flight on each).
 
@@ -175,7 +183,7 @@ async def transfer(url: str, sop: str, fd: int, *, prefix: str = "dicom:", conne
 
 
 async def fetch_to_file(url: str, sop: str, out: str, *, prefix: str = "dicom:", connections: int = 4,
-                        depth: int = 2, verify: bool = True, raw: bool | None = None) -> FetchResult:
+                        depth: int | None = None, verify: bool = True, raw: bool | None = None) -> FetchResult:
     """Write the stored bytes of `sop` to `out` with `connections` parallel connections (see `transfer`).
 
     Raises:
