@@ -140,11 +140,19 @@ def config(tmp_path):
 
 
 def test_every_container_reads_the_configuration_file_run_sh_writes(compose, config):
+    """Those running dicomflow's code; Redis and Orthanc get only what they use, not every secret."""
     env_file = f"{config['DICOMFLOW_HOME']}/dicomflow.env"  # run.sh: $home/dicomflow.env
-    for name, service in compose["services"].items():
-        files = service.get("env_file")
-        files = [files] if isinstance(files, str) else files
-        assert [resolved(f, config) for f in files] == [env_file], name
+    for name in DICOMFLOW_SERVICES:
+        assert resolved(compose["services"][name]["env_file"], config) == env_file, name
+    for name in ("redis", "orthanc"):
+        assert "env_file" not in compose["services"][name], name
+    redis = resolved(compose["services"]["redis"], config)
+    assert redis["environment"] == {"DICOMFLOW_REDIS_PASSWORD": config["DICOMFLOW_REDIS_PASSWORD"],
+                                    "DICOMFLOW_REDIS_MAXMEMORY": "1gb"}
+    # The password goes through a private file, not redis-server's arguments (`ps` shows those).
+    script = redis["command"][-1]
+    assert redis["command"][:2] == ["sh", "-c"] and "requirepass" not in script.partition("redis-server")[2]
+    assert "noeviction" in script
     for name in DICOMFLOW_SERVICES:
         environment = resolved(compose["services"][name]["environment"], config)
         assert environment["DICOMFLOW_CONFIG"] == env_file, name
@@ -272,7 +280,7 @@ def test_the_worker_healthcheck_sees_its_own_worker(compose, connection, redis_u
 
 def test_compose_itself_reads_the_file_so(config, tmp_path):
     """Debian's docker-compose (1.29, .ci/run installs it; `config` needs no engine) reads the
-    file with the configuration run.sh writes: every setting reaches every container."""
+    file with the configuration run.sh writes: every setting reaches every container of dicomflow's."""
     home = Path(config["DICOMFLOW_HOME"])
     home.mkdir(parents=True)
     lines = [f"{key}='{value}'" for key, value in config.items()] + ["CHRIS_TOKEN='t0ken'", "NATS_URL='nats://n:4222'"]
@@ -283,11 +291,12 @@ def test_compose_itself_reads_the_file_so(config, tmp_path):
     assert done.returncode == 0, done.stderr
     seen = yaml.safe_load(done.stdout)
     expected = {**parse_env_file((home / "dicomflow.env").read_text())}
-    for name, service in seen["services"].items():
-        environment = service["environment"]
-        overridden = set(CONTAINER_OVERRIDES) | {LISTENS.get(name)} if name in DICOMFLOW_SERVICES else set()
+    for name in DICOMFLOW_SERVICES:
+        environment = seen["services"][name]["environment"]
+        overridden = set(CONTAINER_OVERRIDES) | {LISTENS.get(name)}
         for key, value in expected.items():
             assert key in overridden or str(environment[key]) == value, (name, key)
+    assert "CHRIS_TOKEN" not in seen["services"]["orthanc"]["environment"]
     assert seen["services"]["worker"]["environment"]["DICOMFLOW_REDIS_URL"] == \
         f"redis://:{config['DICOMFLOW_REDIS_PASSWORD']}@redis:6379/0"
     assert seen["services"]["worker"]["user"] == "1234:99"
