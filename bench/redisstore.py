@@ -8,8 +8,10 @@
   worker     the service's job function alone (jobs/s in one process).
   pipeline   the service's jobs/s against Orthanc's receive rate: one storescu of --copies copies of the
              folder (new UIDs), with --workers RQ workers (2), with the service's batchSize 1 and 16 in turn.
+  drain      the same files sent with no worker running, then the workers started: how fast they drain
+             the jobs against how fast Orthanc received (batchSize 1 and 16 in turn).
 
-Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,worker,pipeline] [--size-mb 512]
+Usage: .venv/bin/python bench/redisstore.py [--parts retrieval,queries,load,worker,pipeline,drain] [--size-mb 512]
        [--instances 10000] [--copies 5] [--data ../shared/data/sag-anon] [--out FILE.json]
 """
 
@@ -170,9 +172,6 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
             t = time.perf_counter()
             client.get(store.keys.chunk(f"1.2.826.0.1.3680043.18.{n}", version, 0))
             return time.perf_counter() - t
-        floor = [bare_get() for _ in range(1000)]
-        p50, p99 = _percentiles(floor)
-        print(f"{'floor: one bare GET of a 232 KB value':<45} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms", flush=True)
         bulk = resp.BulkConnection.connect(("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0])))
 
         def bare_mget():  # the floor of scenario 2's bytes: one MGET of its files' chunks into a buffer
@@ -187,11 +186,6 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
             for inst in found:
                 offset += bulk.bulk_into(into[offset:offset + int(inst.doc["size"])])
             return time.perf_counter() - t
-        floor2 = [bare_mget() for _ in range(1000)]
-        p50, p99 = _percentiles(floor2)
-        print(f"{'floor of 2: one MGET of its files (no search)':<45} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms",
-              flush=True)
-        bulk.close()
         scenarios = {
             "1 file by name": lambda: store.get(file_name=rng.choice(names)),
             "1 file by name, not verified": lambda: store.get(file_name=rng.choice(names), verify=False),
@@ -205,21 +199,30 @@ def part_queries(instances: int, files: list[Path], results: dict) -> None:
                 {"ProtocolName": rng.choice(protocols)}, {"StudyDate": parse_date_range(str(rng.randint(2010, 2024)))}),
             "3 counts per protocol": lambda: store.count("ProtocolName"),
         }
-        rows = [{"scenario": "floor: one bare GET of a 232 KB value", "p50_ms": round(_percentiles(floor)[0], 3),
-                 "p99_ms": round(_percentiles(floor)[1], 3)},
-                {"scenario": "floor of 2: one MGET of its files", "p50_ms": round(_percentiles(floor2)[0], 3),
-                 "p99_ms": round(_percentiles(floor2)[1], 3)}]
-        for name, call in scenarios.items():
-            for _ in range(50):
-                call()
-            samples = []
-            for _ in range(1000):
+
+        def timed(call):
+            def run() -> float:
                 t = time.perf_counter()
                 call()
-                samples.append(time.perf_counter() - t)
-            p50, p99 = _percentiles(samples)
+                return time.perf_counter() - t
+            return run
+        measures = {"floor: one bare GET of a 232 KB value": bare_get,
+                    "floor of 2: one MGET of its files (no search)": bare_mget,
+                    **{name: timed(call) for name, call in scenarios.items()}}
+        # In turn, one call of each per round: the machine's load falls on all of them alike.
+        for _ in range(50):
+            for measure in measures.values():
+                measure()
+        samples: dict[str, list[float]] = {name: [] for name in measures}
+        for _ in range(1000):
+            for name, measure in measures.items():
+                samples[name].append(measure())
+        rows = []
+        for name, taken in samples.items():
+            p50, p99 = _percentiles(taken)
             rows.append({"scenario": name, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)})
             print(f"{name:<45} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms", flush=True)
+        bulk.close()
     results["queries"] = {"instances": instances, "file_bytes": stats["bytes"] // instances,
                           "memory_per_instance": stats["memory_per_instance"], "rows": rows}
 
@@ -361,6 +364,63 @@ def _pipeline_run(sent: list[Path], data: Path, work: Path, services: Path, work
             "end_to_end_ratio": round(len(sent) / (t2 - t0) / received, 2)}
 
 
+def _backlog_run(sent: list[Path], data: Path, work: Path, services: Path, workers: int) -> dict:
+    """Send `data` with no worker running, then start `workers` and time how fast they drain the jobs."""
+    from rq import Queue
+
+    from tests.support.stack import Pipeline
+
+    with private_redis(aof=True) as queue_url, private_redis() as store_url:
+        store = RedisStore(redis.Redis.from_url(store_url))
+        queue = Queue("default", connection=redis.Redis.from_url(queue_url))
+        config = work / "dicomflow.env"
+        config.write_text(f"REDIS_STORE_URL={store_url}\n")
+        with Pipeline(work / f"backlog-{services.name}", queue_url, services, workers=0,
+                      extra_config={"DICOMFLOW_CONFIG": str(config)}) as stack:
+            t0 = time.perf_counter()
+            stack.orthanc.store([data], pattern="*.dcm")
+            received = len(sent) / (time.perf_counter() - t0)
+            seen, stable = -1, time.perf_counter()
+            while time.perf_counter() - stable < 2.0:  # the plugin's last deliveries are planned
+                if queue.count != seen:
+                    seen, stable = queue.count, time.perf_counter()
+                time.sleep(0.1)
+            for n in range(workers):  # as Pipeline.start does
+                log = open(stack.folder / f"worker-{n}.log", "ab")
+                stack.workers.append(subprocess.Popen([sys.executable, "-m", "worker.cli"], env=stack.env, cwd=REPO,
+                                                      stdout=log, stderr=subprocess.STDOUT))
+            first = None
+            while (count := store.stats()["instances"]) < len(sent):
+                if first is None and count:
+                    first = (time.perf_counter(), count)  # the workers are up (their start-up aside)
+                if time.perf_counter() - t0 > 600:
+                    raise RuntimeError(f"only {count} of {len(sent)} stored after 600 s")
+                time.sleep(0.01)
+            drained = (len(sent) - first[1]) / (time.perf_counter() - first[0])
+    return {"files": len(sent), "jobs": seen, "orthanc_files_s": round(received, 1),
+            "drain_files_s": round(drained, 1), "ratio": round(drained / received, 2)}
+
+
+def part_drain(files: list[Path], copies: int, results: dict, workers: int = 2,
+               batch_sizes: tuple[int, ...] = (1, 16)) -> None:
+    work = Path(tempfile.mkdtemp(prefix="redisstore-bench-drain-"))
+    try:
+        (work / "data").mkdir()
+        sent = _copies(files, copies, work / "data")
+        print(f"\n== drain: Orthanc receives {len(sent)} files with no worker running, then {workers} workers drain "
+              f"the redisstore jobs; batchSize {' vs '.join(map(str, batch_sizes))} in turn, each on a fresh stack ==")
+        rows = {}
+        for batch_size in batch_sizes:
+            row = _backlog_run(sent, work / "data", work, _services_with_batch(work, batch_size), workers)
+            rows[batch_size] = row
+            print(f"batchSize {batch_size:>2}: Orthanc received {row['orthanc_files_s']:.0f} files/s; {row['jobs']} "
+                  f"jobs drained at {row['drain_files_s']:.0f} files/s ({row['ratio']:.2f} of the receive rate)",
+                  flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["drain"] = rows
+
+
 def part_pipeline(files: list[Path], copies: int, results: dict, workers: int = 2,
                   batch_sizes: tuple[int, ...] = (1, 16)) -> None:
     work = Path(tempfile.mkdtemp(prefix="redisstore-bench-stack-"))
@@ -384,7 +444,7 @@ def part_pipeline(files: list[Path], copies: int, results: dict, workers: int = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="retrieval,queries,load,worker,pipeline")
+    parser.add_argument("--parts", default="retrieval,queries,load,worker,pipeline,drain")
     parser.add_argument("--size-mb", type=int, default=512)
     parser.add_argument("--instances", type=int, default=10000)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sag-anon")
@@ -409,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         part_worker(files, results)
     if "pipeline" in parts:
         part_pipeline(files, args.copies, results, args.workers)
+    if "drain" in parts:
+        part_drain(files, args.copies, results, args.workers)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return 0
