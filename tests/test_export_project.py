@@ -94,3 +94,18 @@ def test_a_send_result_says_ok_partial_or_failed_and_survives_pickling():
     assert pickle.loads(pickle.dumps(partial)) == partial                 # RQ keeps job results pickled
     assert partial.as_dict() == {"destination": "d", "sent": 1, "failed": {"b": "HTTP 409"}, "ok": False,
                                  "partial": True}
+
+
+def test_a_send_takes_destination_settings_or_a_configuration_not_other_settings(tmp_path, connection):
+    """No fallback to the process's configuration: what is not the caller's configuration is refused."""
+    from dicomflow.extracts.destinations import send_study
+    from dicomflow.extracts.project import ExtractSettings
+
+    project = load_project(_write(tmp_path, {"dicom": ["d"], "endpoints": {
+        "d": {"type": "dicomweb", "secrets": {"envPrefix": "DFTEST_NOWHERE"}}}}))
+    with pytest.raises(TypeError, match="not ExtractSettings"):
+        send_study(project, "d", tmp_path, study_id="S1", extract_time=None, settings=ExtractSettings(),
+                   connection=connection)
+    with pytest.raises(DestinationConfigError, match="DFTEST_NOWHERE_URL"):    # a mapping is read as one
+        send_study(project, "d", tmp_path, study_id="S1", extract_time=None,
+                   settings={"DICOMFLOW_EXPORT_ATTEMPTS": "1"}, connection=connection)

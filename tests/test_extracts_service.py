@@ -12,12 +12,13 @@ import pytest
 from pydicom.data import get_testdata_file
 import sqlalchemy as sa
 
+from dicomflow.errors import ConfigError
 from dicomflow.extracts.deid import Deidentifier, Profile
 from dicomflow.extracts.records import open_records
 from scheduler.registry import load_registry
 from tests.conftest import REPO
 from tests.support.postgres import throwaway_database
-from tests.support.procs import wait_for
+from tests.support.procs import free_port, wait_for
 from tests.support.stack import Pipeline, diagnostics
 
 SECRETS = {"MR_SECRET": "mr-project-secret-0123456789", "ALL_SECRET": "all-project-secret-0123456789"}
@@ -176,6 +177,30 @@ def test_a_failed_destination_is_recorded_retryable_and_its_working_folder_remov
     with pytest.raises(Exception, match="no-such-pacs"):                      # a retried job tries it again
         worker(**kwargs)
     assert records.find("pacs", row["studyId"])["attempts"] == 2
+    records.dispose()
+
+
+def test_the_destinations_get_the_jobs_configuration_not_the_processs(projects, study, tmp_path, monkeypatch,
+                                                                      connection):
+    """DICOMFLOW_EXPORT_* of the job's `config` reach the send (the worker process's own say otherwise)."""
+    monkeypatch.setenv("MR_SECRET", SECRETS["MR_SECRET"])
+    monkeypatch.setenv("DICOMFLOW_CONFIG", "")
+    monkeypatch.setenv("DICOMFLOW_EXPORT_ATTEMPTS", "3")          # the process's: must not be read
+    monkeypatch.setenv("CLOSED_PACS_URL", f"http://127.0.0.1:{free_port()}/dicom-web")   # nothing listens
+    (projects / "pacs.yaml").write_text("slug: pacs\nstudies: {all: true}\nsecret: {env: MR_SECRET}\n"
+                                        "destinations:\n  dicom: [closed-pacs]\n  endpoints:\n"
+                                        "    closed-pacs: {type: dicomweb, secrets: {envPrefix: CLOSED_PACS}}\n")
+    config = {**_config(projects, tmp_path), "DICOMFLOW_EXPORT_ATTEMPTS": "1", "DICOMFLOW_EXPORT_RETRY_BASE": "0"}
+    kwargs = dict(jobName="deid", headers=headers_of(next(study.glob("*.dcm"))), params={},
+                  added_params={"deid": {"projects": ["pacs"]}}, dcmpath=str(study), event={}, connection=connection)
+    with pytest.raises(Exception, match="closed-pacs: STOW-RS failed 1 times"):
+        worker(**kwargs, config=config)
+    # a malformed value in the job's configuration fails the job naming the key, before any claim
+    records = open_records(f"sqlite:///{tmp_path / 'home' / 'exports.db'}")
+    [row] = records.studies("pacs")
+    with pytest.raises(ConfigError, match="DICOMFLOW_EXPORT_ATTEMPTS"):
+        worker(**kwargs, config={**config, "DICOMFLOW_EXPORT_ATTEMPTS": "many"})
+    assert records.find("pacs", row["studyId"])["attempts"] == 1
     records.dispose()
 
 

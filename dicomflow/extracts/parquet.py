@@ -24,6 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dicomflow.errors import DicomflowError
+from dicomflow.extracts.destinations.settings import DestinationSettings
 from dicomflow.extracts.errors import ProjectError
 from dicomflow.extracts.project import ExtractSettings, Project
 from dicomflow.extracts.records import Records
@@ -101,12 +103,20 @@ def write_extract(project: Project, records: Records, settings: ExtractSettings,
     """Write a Parquet extract of every study exported for `project`, switch `latest` to it,
     upload it to the project's Parquet destinations other than "local", and record it.
 
+    `config` is the caller's configuration mapping: the uploads' `DestinationSettings` are built
+    from it (``DICOMFLOW_EXPORT_*``), once, before anything is written; `connection` is the
+    pipeline's Redis (the destinations' rate limits).
+
     Raises:
+        ConfigError: a ``DICOMFLOW_EXPORT_*`` value of `config` has the wrong form (nothing written).
         ProjectError: the project's omopExtract has no ``public/`` folder.
         RecordsError: the records cannot be read or written.
         OSError: the exports folder cannot be written (nothing half-written is left).
     """
     when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
+    uploads = [name for name in project.model.destinations.parquet if name != LOCAL]
+    # the destinations' settings from the caller's configuration, checked before anything is written
+    sending = DestinationSettings.from_config(config or {}) if uploads else None
     studies = records.exported(project.slug)
     omop = _omop_public(project)
     base = settings.parquet_dir / project.slug
@@ -126,10 +136,9 @@ def write_extract(project: Project, records: Records, settings: ExtractSettings,
         raise
     _point_latest(base, final)
     result = ExtractResult(project.slug, when, final, len(studies))
-    uploads = [name for name in project.model.destinations.parquet if name != LOCAL]
     result.destinations = {LOCAL: {"path": str(final)}}
-    if uploads:
-        result.destinations.update(_upload(project, uploads, final, when, config or {}, connection))
+    if sending is not None:
+        result.destinations.update(_upload(project, uploads, final, when, sending, connection))
     result.record_id = records.record_extract(project.slug, when, final, len(studies), result.destinations)
     return result
 
@@ -162,19 +171,14 @@ def _point_latest(base: Path, target: Path) -> None:
 
 
 def _upload(project: Project, names: list[str], extract_dir: Path, when: dt.datetime,
-            config: Mapping[str, str], connection) -> dict[str, Any]:
-    """Send the extract to each Parquet destination (dicomflow.extracts.destinations, issue 20)."""
-    try:
-        from dicomflow.extracts.destinations import send_parquet
-    except ImportError as exc:
-        return {name: {"sent": 0, "failed": {}, "error": f"destinations are not available here: {exc}"}
-                for name in names}
-    from dicomflow.errors import DicomflowError
+            sending: DestinationSettings, connection) -> dict[str, Any]:
+    """Send the extract to each Parquet destination (dicomflow.extracts.destinations, docs/exports.md)."""
+    from dicomflow.extracts.destinations import send_parquet
 
     results: dict[str, Any] = {}
     for name in names:
         try:
-            answer = send_parquet(project, name, extract_dir, extract_time=when, settings=config,
+            answer = send_parquet(project, name, extract_dir, extract_time=when, settings=sending,
                                   connection=connection)
         except DicomflowError as exc:
             results[name] = {"sent": 0, "failed": {}, "error": str(exc)}

@@ -20,11 +20,9 @@ import tempfile
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from dicomflow.config import load_config
 from dicomflow.extracts.destinations.errors import (
     DestinationAuthError,
     DestinationBusyError,
@@ -56,14 +54,13 @@ def endpoint_of(project: Project, destination: str) -> Endpoint:
     return endpoint
 
 
-def _settings(settings: Any) -> DestinationSettings:
+def _settings(settings: DestinationSettings | Mapping[str, str]) -> DestinationSettings:
+    """The settings given, or built from the configuration mapping given (the job's `config`)."""
     if isinstance(settings, DestinationSettings):
         return settings
     if isinstance(settings, Mapping):
         return DestinationSettings.from_config(settings)
-    # e.g. the extracts' settings, which do not carry these keys: the process's configuration
-    # (DICOMFLOW_CONFIG and the environment), which is where the worker's own comes from
-    return DestinationSettings.from_config(load_config())
+    raise TypeError(f"settings: DestinationSettings or a configuration mapping, not {type(settings).__name__}")
 
 
 def _token_taker(connection: redis.Redis, destination: str, endpoint: Endpoint,
@@ -79,11 +76,12 @@ def _token_taker(connection: redis.Redis, destination: str, endpoint: Endpoint,
     return take
 
 
-def _prepare(project: Project, destination: str, settings: Any, connection: redis.Redis
+def _prepare(project: Project, destination: str, settings: DestinationSettings | Mapping[str, str],
+             connection: redis.Redis
              ) -> tuple[Endpoint, Credentials, DestinationSettings, Callable[[int], None]]:
+    settings = _settings(settings)
     endpoint = endpoint_of(project, destination)
     credentials = read_credentials(project, destination, endpoint)
-    settings = _settings(settings)
     return endpoint, credentials, settings, _token_taker(connection, destination, endpoint, settings)
 
 
@@ -97,7 +95,7 @@ def _stopped(destination: str, names: list[str], sent: list[str], failed: dict[s
 
 
 def send_study(project: Project, destination: str, study_dir: Path, *, study_id: str, extract_time: datetime,
-               settings: Any, connection: redis.Redis) -> SendResult:
+               settings: DestinationSettings | Mapping[str, str], connection: redis.Redis) -> SendResult:
     """Send every ``*.dcm`` under `study_dir` (one de-identified study) to a destination of `project`.
 
     Args:
@@ -106,8 +104,8 @@ def send_study(project: Project, destination: str, study_dir: Path, *, study_id:
         study_dir: the study's de-identified files (in sub-folders or not).
         study_id: the pseudonymised study id (the FTPS zip's name).
         extract_time: when the extract was made (unused for DICOM; kept for one signature).
-        settings: `DestinationSettings`, or the configuration mapping to build them from
-            (anything else, e.g. the extracts' settings: built from DICOMFLOW_CONFIG + environment).
+        settings: `DestinationSettings` (the caller builds them once, from its configuration:
+            `DestinationSettings.from_config(config)`), or the configuration mapping itself.
         connection: the pipeline's Redis (the destinations' shared rate limits).
 
     Returns:
@@ -158,7 +156,7 @@ def _send_study_zip(project: Project, destination: str, credentials: Credentials
 
 
 def send_parquet(project: Project, destination: str, extract_dir: Path, *, extract_time: datetime,
-                 settings: Any, connection: redis.Redis) -> SendResult:
+                 settings: DestinationSettings | Mapping[str, str], connection: redis.Redis) -> SendResult:
     """Upload one local Parquet extract folder (its files, e.g. ``radiology/radiology.parquet``,
     ``omop/public/*.parquet``) to ``<project>/<extract-datetime>/parquet/...`` of an FTPS destination.
 

@@ -19,6 +19,7 @@ from rq import get_current_job
 from dicomflow.config import settings_from_config
 from dicomflow.errors import DicomflowError
 from dicomflow.extracts.deid import Deidentifier
+from dicomflow.extracts.destinations import DestinationSettings, send_study
 from dicomflow.extracts.project import ExtractSettings, Project, load_projects
 from dicomflow.extracts.records import ExportStatus, Records, open_records, study_key, utcnow
 
@@ -46,9 +47,12 @@ def worker(jobName: str, headers: Mapping[str, str], params: Mapping, added_para
     ``<extracts dir>/<project>/<study>/<series>/<sop>.dcm`` (that folder is the export and stays).
     A project that fails (or ends partial) is recorded so, reported after the others, and fails
     the job: RQ's retry (and a re-run of any kind) redoes only the projects not recorded done.
+    The destinations' settings (``DICOMFLOW_EXPORT_*``) come from the job's `config`, built once.
     """
     event = event or {}
     settings = settings_from_config(ExtractSettings, config or {}, "extracts")
+    # the destinations' settings, from the job's configuration (not the worker process's), once
+    sending = DestinationSettings.from_config(config or {})
     wanted = (added_params.get(jobName) or {}).get("projects") or []
     loaded = load_projects(settings.projects_dir)
     files = sorted(Path(dcmpath).glob("*.dcm")) if dcmpath else []
@@ -76,7 +80,7 @@ def worker(jobName: str, headers: Mapping[str, str], params: Mapping, added_para
                 if records is None:
                     records = open_records(settings.records_url)
                 outcome = _export(project, series, study_uid, settings, records, job_id, job_record,
-                                  config or {}, connection)
+                                  sending, connection)
             except (DicomflowError, OSError, pydicom.errors.InvalidDicomError) as exc:
                 log.exception("deid: project %s failed", slug)
                 outcome = {"status": "failed", "error": str(exc)}
@@ -126,7 +130,7 @@ def _series(files: list[Path]) -> dict[str, dict]:
 
 
 def _export(project: Project, series: dict[str, dict], study_uid: str, settings: ExtractSettings,
-            records: Records, job_id: str, job_record: dict, config: Mapping[str, str], connection) -> dict:
+            records: Records, job_id: str, job_record: dict, sending: DestinationSettings, connection) -> dict:
     """Claim, de-identify, send and record one project's export of the study; its job-result entry."""
     deid = Deidentifier.for_project(project)
     kept = {uid: entry for uid, entry in series.items()
@@ -157,7 +161,7 @@ def _export(project: Project, series: dict[str, dict], study_uid: str, settings:
         if local:
             sent = {LOCAL: {"sent": written, "failed": {}, "path": str(folder / study_id)}}
         else:
-            sent = _send(project, destinations, folder / study_id, study_id, config, connection)
+            sent = _send(project, destinations, folder / study_id, study_id, sending, connection)
         status, instances, failed_files, reason = _outcome(sent, written)
         records.finish(claim.export_id, job_id, status, started_at=started, destinations=sent,
                        instances=instances, failed_files=failed_files, reason=reason, study=study)
@@ -206,21 +210,15 @@ def _write(deid: Deidentifier, series: dict[str, dict], output: Path) -> tuple[i
 
 
 def _send(project: Project, destinations: tuple[str, ...], study_dir: Path, study_id: str,
-          config: Mapping[str, str], connection) -> dict[str, dict]:
-    """Send the study folder to each DICOM destination (dicomflow.extracts.destinations, issue 20);
-    `config` is the job's configuration (the destinations build their settings from it)."""
+          sending: DestinationSettings, connection) -> dict[str, dict]:
+    """Send the study folder to each DICOM destination (dicomflow.extracts.destinations, docs/exports.md)."""
     when = dt.datetime.now(dt.UTC)
     sent: dict[str, dict] = {}
-    try:
-        from dicomflow.extracts.destinations import send_study   # the destinations (issue 20)
-    except ImportError as exc:
-        return {name: {"sent": 0, "failed": {}, "error": f"DICOM destinations are not available here: {exc}"}
-                for name in destinations}
     for name in destinations:
         try:
             answer = send_study(project, name, study_dir, study_id=study_id, extract_time=when,
-                                     settings=config, connection=connection)
-        except DicomflowError as exc:   # DestinationError: cannot even start (unknown, unreachable...)
+                                settings=sending, connection=connection)
+        except DicomflowError as exc:   # DestinationError: cannot even start (secrets, unreachable, busy...)
             sent[name] = {"sent": 0, "failed": {}, "error": str(exc)}
             continue
         sent[name] = {"sent": len(answer.sent), "failed": dict(answer.failed)}
