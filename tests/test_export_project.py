@@ -9,7 +9,7 @@ import yaml
 from dicomflow.extracts.destinations import DestinationConfigError, endpoint_of
 from dicomflow.extracts.destinations.secrets import read_credentials
 from dicomflow.extracts.errors import ProjectError
-from dicomflow.extracts.project import load_project
+from dicomflow.extracts.project import load_project, load_projects
 
 
 def _write(tmp_path, destinations) -> object:
@@ -34,8 +34,18 @@ def _write(tmp_path, destinations) -> object:
     ({"endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}, "rate": -1}}},
      "destinations.endpoints.pacs.rate", "greater than or equal to 0"),
     ({"parquet": ["pacs"], "endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}}}},
-     "destinations", "takes DICOM, not Parquet"),
-    ({"dicom": ["../etc"]}, "destinations", "not a destination name"),
+     "destinations.parquet", "takes DICOM, not Parquet"),
+    ({"dicom": ["../etc"]}, "destinations.dicom", "not a destination name"),
+    ({"endpoints": {"a b": {"type": "ftps", "secrets": {"envPrefix": "X"}}}}, "destinations.endpoints",
+     "not a destination name"),
+    ({"dicom": ["research-pacs"]}, "destinations.dicom",
+     "'research-pacs' is not defined under destinations.endpoints (defined: none)"),
+    ({"dicom": ["pacs"], "parquet": ["local", "files"], "endpoints": {
+        "pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}}}},
+     "destinations.parquet", "'files' is not defined under destinations.endpoints (defined: pacs)"),
+    ({"dicom": ["local"]}, "destinations.dicom", "local is for parquet only"),
+    ({"endpoints": {"local": {"type": "ftps", "secrets": {"envPrefix": "X"}}}}, "destinations.endpoints",
+     "local is the local extract folder"),
     ({"endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}, "ratee": 3}}},
      "destinations.endpoints.pacs.ratee", "Extra inputs"),
 ])
@@ -43,7 +53,20 @@ def test_broken_destinations_are_refused_naming_the_field(tmp_path, destinations
     with pytest.raises(ProjectError) as caught:
         load_project(_write(tmp_path, destinations))
     assert caught.value.field == field and message in str(caught.value)
+    assert str(caught.value).startswith(f"{tmp_path / 'p.yaml'} [{field}]: ")
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_project_naming_an_undefined_destination_is_refused_and_the_others_load(tmp_path):
+    _write(tmp_path, {"dicom": ["pacs"], "parquet": ["local"],
+                      "endpoints": {"pacs": {"type": "dicomweb", "secrets": {"envPrefix": "X"}}}})
+    (tmp_path / "q.yaml").write_text("slug: q\nstudies: {all: true}\nsecret: {env: Q_SECRET}\n"
+                                     "destinations: {dicom: [pacs]}\n")
+    loaded = load_projects(tmp_path)
+    assert list(loaded.projects) == ["p"]
+    [problem] = loaded.problems
+    assert problem.source == str(tmp_path / "q.yaml") and problem.field == "destinations.dicom"
+    assert "'pacs' is not defined under destinations.endpoints" in str(problem)
 
 
 def test_defaults_and_secrets_from_a_file(tmp_path):

@@ -47,13 +47,14 @@ def study(sag_anon, tmp_path) -> Path:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def env(request, tmp_path, monkeypatch, redis_url):
-    """Projects `mr` (a local export) and `pacs` (a DICOM destination that does not exist), the
+    """Projects `mr` (a local export) and `pacs` (a DICOM destination whose URL is not set), the
     configuration in the environment (as the command reads it), and the records' database."""
     projects = tmp_path / "projects"
     projects.mkdir()
     (projects / "mr.yaml").write_text("slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: CLI_SECRET}\n")
     (projects / "pacs.yaml").write_text("slug: pacs\nstudies: {all: true}\nsecret: {env: CLI_SECRET}\n"
-                                        "destinations: {dicom: [no-such-pacs]}\n")
+                                        "destinations:\n  dicom: [no-such-pacs]\n  endpoints:\n"
+                                        "    no-such-pacs: {type: dicomweb, secrets: {envPrefix: DFTEST_NO_PACS1}}\n")
     config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(tmp_path / "extracts"),
               "DICOMFLOW_HOME": str(tmp_path / "home"), "DICOMFLOW_REDIS_URL": redis_url, "DICOMFLOW_CONFIG": ""}
     if request.param == "postgresql":

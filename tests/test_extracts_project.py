@@ -41,7 +41,10 @@ def projects(tmp_path) -> Path:
           profile: basic
           dateShift: true
           overrides: {SeriesDescription: keep, InstitutionName: {replace: HOSPITAL}}
-        destinations: {dicom: [research-pacs], parquet: [local]}
+        destinations:
+          dicom: [research-pacs]
+          parquet: [local]
+          endpoints: {research-pacs: {type: dicomweb, secrets: {envPrefix: LUNG_PACS}}}
         secret: {env: LUNG_SECRET}
         """)
     write(folder, "everything.yaml", """\

@@ -163,7 +163,8 @@ def test_a_failed_destination_is_recorded_retryable_and_its_working_folder_remov
                                                                                     monkeypatch):
     monkeypatch.setenv("MR_SECRET", SECRETS["MR_SECRET"])
     (projects / "pacs.yaml").write_text("slug: pacs\nstudies: {all: true}\nsecret: {env: MR_SECRET}\n"
-                                        "destinations: {dicom: [no-such-pacs]}\n")
+                                        "destinations:\n  dicom: [no-such-pacs]\n  endpoints:\n"
+                                        "    no-such-pacs: {type: dicomweb, secrets: {envPrefix: DFTEST_NO_PACS2}}\n")
     config = _config(projects, tmp_path)
     kwargs = dict(jobName="deid", headers=headers_of(next(study.glob("*.dcm"))), params={},
                   added_params={"deid": {"projects": ["pacs"]}}, dcmpath=str(study), event={}, config=config)

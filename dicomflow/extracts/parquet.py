@@ -27,11 +27,8 @@ import pyarrow.parquet as pq
 from dicomflow.errors import DicomflowError
 from dicomflow.extracts.destinations.settings import DestinationSettings
 from dicomflow.extracts.errors import ProjectError
-from dicomflow.extracts.project import ExtractSettings, Project
+from dicomflow.extracts.project import LOCAL, ExtractSettings, Project   # LOCAL: no upload, the local layout
 from dicomflow.extracts.records import Records
-
-#: The local layout's name in a project's `destinations.parquet` (no upload).
-LOCAL = "local"
 
 #: radiology.parquet: one row per exported study (every identifier pseudonymised).
 RADIOLOGY_SCHEMA = pa.schema([

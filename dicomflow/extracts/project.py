@@ -18,7 +18,7 @@ A project file (``projects/<slug>.yaml``; the folder is ``DICOMFLOW_PROJECTS_DIR
     destinations:
       dicom: [research-pacs]
       parquet: [research-ftps]
-      endpoints:                  # what the names are (dicomflow.extracts.destinations, docs/exports.md)
+      endpoints:                  # each name above but `local` (docs/exports.md)
         research-pacs: {type: dicomweb, secrets: {envPrefix: LUNG_CT_PACS}, rate: 5}
         research-ftps: {type: ftps, secrets: {file: secrets/ftps.env}, caFile: certs/ca.pem}
     secret: {env: LUNG_CT_SECRET}  # or {file: secrets/lung-ct.key}; never the secret itself
@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from dicomflow.extracts.errors import ProjectError, SecretError
@@ -48,6 +56,8 @@ MAX_PROJECT_BYTES = 1 << 20
 #: Shortest pseudonym secret accepted: a short key makes keyed pseudonyms guessable.
 MIN_SECRET_BYTES = 16
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: The destination name of the local extract folder (a Parquet destination without an endpoint).
+LOCAL = "local"
 #: The actions a project may set for a tag (see dicomflow.extracts.deid).
 ACTIONS = ("keep", "remove", "empty", "replace", "hash", "uid", "shift")
 
@@ -260,24 +270,50 @@ class Endpoint(_Model):
 class Destinations(_Model):
     """Where an extract goes: destination names for DICOM and for Parquet, and what the names are.
 
-    A name without an entry under `endpoints` loads (older project files name destinations
-    only); sending to it fails, naming it.
+    Every name listed under `dicom` or `parquet` must be defined under `endpoints` (but `local`,
+    in `parquet`: the local extract folder only); an undefined one refuses the project on load.
     """
 
+    # endpoints first: the lists' validators read them
+    endpoints: dict[str, Endpoint] = {}
     dicom: tuple[str, ...] = ()
     parquet: tuple[str, ...] = ()
-    endpoints: dict[str, Endpoint] = {}
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Destinations:
-        for name in (*self.dicom, *self.parquet, *self.endpoints):
-            if not DESTINATION_NAME.match(name):
-                raise ValueError(f"{name!r} is not a destination name (letters, digits, '.', '_', '-'; at most 63)")
-        for name in self.parquet:
-            endpoint = self.endpoints.get(name)
-            if endpoint is not None and endpoint.type == "dicomweb":
-                raise ValueError(f"{name} is a DICOMweb destination: it takes DICOM, not Parquet")
-        return self
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_names(cls, value: dict[str, Endpoint]) -> dict[str, Endpoint]:
+        for name in value:
+            _check_name(name)
+            if name == LOCAL:
+                raise ValueError("local is the local extract folder, not a name an endpoint can take")
+        return value
+
+    @field_validator("dicom", "parquet")
+    @classmethod
+    def _defined(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for name in value:
+            _check_name(name)
+        if "endpoints" not in info.data:   # the endpoints are broken: that error is the one to read
+            return value
+        defined = info.data["endpoints"]
+        for name in value:
+            if name in defined or (name == LOCAL and info.field_name == "parquet"):
+                continue
+            if name == LOCAL:
+                raise ValueError("local is for parquet only; a project without dicom destinations writes its "
+                                 "studies to DICOMFLOW_EXTRACTS_DIR")
+            known = ", ".join(sorted(defined)) or "none"
+            raise ValueError(f"{name!r} is not defined under destinations.endpoints (defined: {known})")
+        if info.field_name == "parquet":
+            for name in value:
+                if name != LOCAL and defined[name].type == "dicomweb":
+                    raise ValueError(f"{name} is a DICOMweb destination: it takes DICOM, not Parquet")
+        return value
+
+
+def _check_name(name: str) -> None:
+    if not DESTINATION_NAME.match(name):
+        raise ValueError(f"{name!r} is not a destination name (letters, digits, '.', '_', '-'; at most 63)")
 
 
 class ProjectModel(_Model):

@@ -20,15 +20,14 @@ from dicomflow.config import settings_from_config
 from dicomflow.errors import DicomflowError
 from dicomflow.extracts.deid import Deidentifier
 from dicomflow.extracts.destinations import DestinationSettings, send_study
-from dicomflow.extracts.project import ExtractSettings, Project, load_projects
+# LOCAL: the destination recorded when the export is the local folder (no DICOM destination)
+from dicomflow.extracts.project import LOCAL, ExtractSettings, Project, load_projects
 from dicomflow.extracts.records import ExportStatus, Records, open_records, study_key, utcnow
 
 log = logging.getLogger(__name__)
 
 #: Study-level headers read from the files when the event does not carry them.
 STUDY_TAGS = ("StudyInstanceUID", "PatientID", "AccessionNumber")
-#: The destination name recorded when the export is the local folder (no DICOM destination).
-LOCAL = "local"
 
 
 class ExtractFailed(DicomflowError):
