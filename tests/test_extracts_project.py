@@ -159,3 +159,25 @@ def test_the_projects_folder_setting(tmp_path):
     settings = settings_from_config(ExtractSettings, {"DICOMFLOW_PROJECTS_DIR": str(tmp_path)}, "extracts")
     assert settings.projects_dir == tmp_path
     assert load_projects(tmp_path / "absent").projects == {}
+
+
+def test_the_docs_project_examples_load(tmp_path):
+    """docs/extracts.md's project file and docs/exports.md's destinations block validate as written."""
+    import re
+
+    import yaml
+
+    from dicomflow.extracts.project import Destinations
+    from tests.conftest import REPO
+
+    extracts = (REPO / "docs" / "extracts.md").read_text()
+    example = re.search(r"```yaml\n(.*?)```", extracts[extracts.index("## Projects"):], re.S).group(1)
+    (tmp_path / "lung-ct.yaml").write_text(example)
+    (tmp_path / "cohort.csv").write_text("PatientID\nP1\n")
+    project = load_project(tmp_path / "lung-ct.yaml")
+    assert project.model.destinations.dicom == ("research-pacs",)
+    exports = (REPO / "docs" / "exports.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", exports[exports.index("## Destinations in the project file"):],
+                      re.S).group(1)
+    destinations = Destinations.model_validate(yaml.safe_load(block)["destinations"])
+    assert set(destinations.endpoints) == {"research-pacs", "research-ftps"}
