@@ -118,3 +118,66 @@ secret: {{env: {SECRET_ENV}}}
     assert files[parquet] == (extract.path / "radiology" / "radiology.parquet").read_bytes()
     assert extract.destinations["research-ftps"] == {"sent": 1, "failed": {}}
     assert pq.read_table(io.BytesIO(files[parquet])).num_rows >= 1
+
+
+def _deid_worker():
+    import importlib.util
+    import sys
+
+    name = "deid_module_under_export_test"
+    spec = importlib.util.spec_from_file_location(name, REPO / "services" / "modules" / "deid" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.worker
+
+
+def test_an_instance_the_destination_drops_makes_the_export_partial_and_the_retry_completes_it(
+        tmp_path, connection, sag_anon, monkeypatch):
+    """The deid worker against a DICOMweb Orthanc whose filter drops the 3rd instance it receives, once:
+    the export is recorded partial naming that file (nothing recorded as sent that the server does
+    not hold), the job fails so it is retried, and the retry sends the study again and records it done."""
+    lua = tmp_path / "drop-third.lua"
+    lua.write_text("received = 0\nfunction ReceivedInstanceFilter(dicom, origin, info)\n"
+                   "  received = received + 1\n  return received ~= 3\nend\n")
+    server = OrthancServer(tmp_path / "research-pacs", plugin=False, extra={
+        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "LuaScripts": [str(lua)]})
+    server.start()
+    try:
+        projects = tmp_path / "projects"
+        projects.mkdir()
+        (projects / "p.yaml").write_text(f"slug: p\nstudies: {{all: true}}\nsecret: {{env: {SECRET_ENV}}}\n"
+                                         "destinations:\n  dicom: [pacs]\n  endpoints:\n"
+                                         "    pacs: {type: dicomweb, secrets: {envPrefix: DFTEST_DROP_PACS}, rate: 0,"
+                                         " maxBatchInstances: 4}\n")
+        for key, value in {SECRET_ENV: SECRET, "DFTEST_DROP_PACS_URL": server.url + "/dicom-web",
+                           "DFTEST_DROP_PACS_USERNAME": server.username,
+                           "DFTEST_DROP_PACS_PASSWORD": server.password}.items():
+            monkeypatch.setenv(key, value)
+        study = tmp_path / "study"
+        study.mkdir()
+        for source in sorted(sag_anon.glob("*.dcm"))[:COUNT]:
+            shutil.copy(source, study / source.name)
+        config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_HOME": str(tmp_path / "home"),
+                  "DICOMFLOW_EXPORT_ATTEMPTS": "1"}
+        kwargs = dict(jobName="deid", headers={}, params={}, added_params={"deid": {"projects": ["p"]}},
+                      dcmpath=str(study), event={}, config=config, connection=connection)
+        worker = _deid_worker()
+        with pytest.raises(Exception, match=r"p: partial: \{'pacs:.*does not hold it"):
+            worker(**kwargs)
+        records = open_records(f"sqlite:///{tmp_path / 'home' / 'exports.db'}")
+        [row] = records.studies("p")
+        assert row["status"] == "partial" and row["instances"] == COUNT - 1
+        [(name, reason)] = row["failedFiles"].items()
+        assert name.startswith("pacs:") and name.endswith(".dcm") and "does not hold it" in reason
+        assert len(server.get("/instances")) == COUNT - 1
+        assert not any((tmp_path / "home" / "extracts-work").iterdir())   # made again from the source
+        result = worker(**kwargs)                                           # RQ's retry of the job
+        assert result["projects"]["p"]["status"] == "done"
+        row = records.find("p", row["studyId"])
+        assert row["status"] == "done" and row["instances"] == COUNT and row["failedFiles"] == {}
+        assert len(server.get("/instances")) == COUNT
+        records.dispose()
+    finally:
+        stop_all([server])
