@@ -16,6 +16,7 @@ import redis
 
 from dicomflow.redisstore import (InvalidInputError, NotFoundError, QueueDatabaseError, RedisStore, RedisStoreError,
                                   StoreFullError)
+from dicomflow.redisstore.errors import IntegrityError
 from dicomflow.redisstore.fetch import fetch
 from dicomflow.redisstore.model import read_header
 from dicomflow.redisstore.store import PENDING_TTL, parse_date_range
@@ -297,3 +298,21 @@ def test_chunks_are_read_over_a_unix_socket(tmp_path, sag_anon):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_search_with_bytes_verifies_each_file(store, sag_anon):
+    """Scenario 2 checks each file's SHA-256: a chunk altered in Redis (same size) is caught."""
+    for path in sorted(sag_anon.glob("*.dcm"))[:3]:
+        store.store_file(str(path))
+    _, found = store.find({"Modality": "MR"})
+    bad = found[1]
+    key = store.keys.chunk(bad.sop, bad.doc["version"], 2)
+    value = bytearray(store.client.get(key))
+    value[100] ^= 0xFF
+    store.client.set(key, bytes(value))
+    with pytest.raises(IntegrityError, match=f"{bad.sop}: the bytes read back .* do not match the stored"):
+        store.find({"Modality": "MR"}, with_bytes=True)
+    total, unverified = store.find({"Modality": "MR"}, with_bytes=True, verify=False)
+    assert total == 3 and unverified[1].data[2 * 64 * 1024 + 100] == value[100]
+    with pytest.raises(IntegrityError):
+        store.get(bad.sop)
