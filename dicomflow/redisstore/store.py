@@ -59,11 +59,12 @@ class StoreResult:
 
 @dataclass
 class StoredInstance:
-    """One instance read back: its document and, when asked for, its bytes."""
+    """One instance read back: its document and, when asked for, its bytes (bytes-like: the chunk reader's
+    `bytearray` for one instance, a `memoryview` slice of one buffer for several; `bytes(data)` copies)."""
 
     sop: str
     doc: dict[str, str]
-    data: bytes | bytearray | None = None
+    data: bytes | bytearray | memoryview | None = None
     extra: dict = field(default_factory=dict)
 
     @property
