@@ -49,9 +49,8 @@ def test_metrics_count_what_was_sent(make_client, connection):
         Job.fetch(results[0]["jobs"]["storeJob"], connection=connection), ttl=600, exc_string="boom")
     Worker(["default"], connection=connection, name="metrics-test-worker").register_birth()
     record = SeriesProgress(connection, "PACS1", "1.2.840.5")
-    record.begin("PACS1", "SERVICES/PACS/PACS1/x", 3)
     for n in (1, 2):
-        record.stored(f"i{n}", f"s{n}")
+        record.stored(f"i{n}", f"s{n}", "PACS1", "SERVICES/PACS/PACS1/x", 3)
         record.registered(f"i{n}", f"s{n}")
     record.failed("i3", "CUBE answered 500")
 

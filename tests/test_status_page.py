@@ -158,9 +158,8 @@ def test_services_problems_and_failed_jobs_per_service(client, services, connect
 
 def test_chris_progress_per_series(client, connection):
     record = SeriesProgress(connection, "PACS1", "1.2.840.77")
-    record.begin("PACS1", "SERVICES/PACS/PACS1/x", 3)
     for n in (1, 2):
-        record.stored(f"i{n}", f"1.2.840.77.{n}")
+        record.stored(f"i{n}", f"1.2.840.77.{n}", "PACS1", "SERVICES/PACS/PACS1/x", 3)
         record.registered(f"i{n}", f"1.2.840.77.{n}")
     text = page(client)
     row = re.search(r'<tr class="chris-series">.*?</tr>', text, re.S).group(0)
