@@ -38,7 +38,8 @@ def test_settings_from_config():
               "CHRIS_REGISTRATION": "Series", "CHRIS_RATE_LIMIT": "", "OTHER": "x"}
     settings = ChrisSettings.from_config(config)
     assert settings.url == "http://cube:8000/api/v1/" and settings.registration is Registration.SERIES
-    assert settings.rate_limit == 0 and settings.username == "chris" and settings.http_retries == 2 and settings.retry_cap == 1
+    assert settings.rate_limit == 0 and settings.username == "chris"
+    assert settings.http_retries == 2 and settings.retry_cap == 1
     with pytest.raises(ConfigError, match="CHRIS_HTTP_RETRIES"):
         ChrisSettings.from_config({**config, "CHRIS_HTTP_RETRIES": "0"})
     with pytest.raises(ConfigError, match="CHRIS_REGISTRATION"):
