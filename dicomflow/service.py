@@ -76,7 +76,7 @@ class JobSpec(BaseModel):
     """One job a service offers (one object of its settings.json).
 
     The dcm-processor fields keep their names; ours (`triggerLevel`, `retry`,
-    `runOnDependencyFailure`, `enabled`, `requiresConfig`, `batchSize`) follow the same style.
+    `runOnDependencyFailure`, `enabled`, `requiresConfig`, `batchSize`, `fanOut`) follow the same style.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -98,6 +98,9 @@ class JobSpec(BaseModel):
     #: Instance jobs only: up to this many instances of one series from one sender, planned in
     #: the same delivery, share one job (its worker gets them as `batch`; docs/services.md).
     batchSize: int = Field(default=1, ge=1, le=256)
+    #: The key of the callback's dict that holds a list: one job per item, each given the dict
+    #: with that key narrowed to its one item (e.g. one deid job per project; docs/services.md).
+    fanOut: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_]+$")
 
     @field_validator("worker", "callback")
     @classmethod
@@ -140,6 +143,14 @@ class JobSpec(BaseModel):
         if self.batchSize > 1 and self.triggerLevel is not Level.INSTANCE:
             raise ValueError(f"batchSize applies to instance jobs; {self.jobName} triggers on "
                              f"{self.triggerLevel.value}s")
+        return self
+
+    @model_validator(mode="after")
+    def _fan_out_needs_a_callback(self) -> JobSpec:
+        if self.fanOut is not None and self.callback is None:
+            raise ValueError(f"fanOut needs a callback: {self.jobName}'s callback names the items")
+        if self.fanOut is not None and self.batchSize > 1:
+            raise ValueError(f"{self.jobName}: fanOut and batchSize exclude each other")
         return self
 
     @property

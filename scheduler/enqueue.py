@@ -330,22 +330,38 @@ class Enqueuer:
         if new_members:
             context["newMembers"] = sorted(new_members)
         ids: dict[str, str] = {}
+        written: dict[str, list[str]] = {}   # jobName -> its job ids (several when it fans out)
         run = run_id(event.key, batch)
         description_tail = f"{event.level.value} {event.uid}"
         for planned in plan.jobs:
             spec = planned.job.spec
             used_queues.add(spec.priority)
             job_id = f"{spec.jobName}-{run}"
-            waits_for = [ids[d] for d in planned.waits_for]
+            waits_for = [job for d in planned.waits_for for job in written[d]]
             if spec.batchSize > 1 and event.level is Level.INSTANCE:
                 job_id = batcher.add(planned, event, context, plan.added_params, waits_for, job_id)
+                ids[spec.jobName], written[spec.jobName] = job_id, [job_id]
+            elif planned.items is not None:   # fanOut: one job per item, each sees only its own
+                written[spec.jobName] = []
+                for index, item in enumerate(planned.items):
+                    own = {**plan.added_params, spec.jobName: {**plan.added_params[spec.jobName],
+                                                               spec.fanOut: [item]}}
+                    item_id = f"{job_id}-{index}"
+                    self._write_job(pipe, planned, item_id, now, stamp, waits_for,
+                                    description=f"{spec.jobName} {description_tail} [{item}]",
+                                    kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": event.headers,
+                                            "params": spec.params, "added_params": own, "event": context},
+                                    meta={"event": event.key, "service": planned.job.service, "notes": planned.notes,
+                                          "item": item})
+                    ids[f"{spec.jobName}[{item}]"] = item_id
+                    written[spec.jobName].append(item_id)
             else:
                 self._write_job(pipe, planned, job_id, now, stamp, waits_for,
                                 description=f"{spec.jobName} {description_tail}",
                                 kwargs={"jobName": spec.jobName, "worker": spec.worker, "headers": event.headers,
                                         "params": spec.params, "added_params": plan.added_params, "event": context},
                                 meta={"event": event.key, "service": planned.job.service, "notes": planned.notes})
-            ids[spec.jobName] = job_id
+                ids[spec.jobName], written[spec.jobName] = job_id, [job_id]
             result.notes.extend(f"{spec.jobName}: {note}" for note in planned.notes)
         result.jobs = ids
         pipe.add("SET", keys.event_run(event.key), _run_value(ids, event), "EX", self.settings.failure_ttl)

@@ -26,6 +26,8 @@ class PlannedJob:
     job: LoadedJob
     waits_for: list[str]
     notes: list[str] = field(default_factory=list)
+    #: A `fanOut` job's items, one job each (None: one job, as usual).
+    items: list[Any] | None = None
 
     @property
     def name(self) -> str:
@@ -55,7 +57,8 @@ class Plan:
 
 
 class CallbackResultError(TypeError):
-    """A callback returned a tuple that is not `(bool, dict)`."""
+    """A callback returned a tuple that is not `(bool, dict)`, or a `fanOut` job's dict
+    without its list of items."""
 
 
 def _interpret(result: Any) -> tuple[bool, dict[str, Any] | None]:
@@ -64,6 +67,17 @@ def _interpret(result: Any) -> tuple[bool, dict[str, Any] | None]:
             raise CallbackResultError(f"callback returned {result!r}; expected a bool or (bool, dict)")
         return bool(result[0]), result[1]
     return bool(result), None
+
+
+def fan_out_items(jobName: str, key: str, extra: dict[str, Any] | None) -> list[Any]:
+    """The items a `fanOut` job's callback named under `key`: a list of distinct JSON-like values."""
+    items = (extra or {}).get(key)
+    if not isinstance(items, list):
+        raise CallbackResultError(f"{jobName} fans out over {key!r}: its callback must return "
+                                  f"(True, {{{key!r}: [...]}}), not {extra!r}")
+    if len({repr(item) for item in items}) != len(items):
+        raise CallbackResultError(f"{jobName}: the items of {key!r} must be distinct, not {items!r}")
+    return items
 
 
 def plan_event(event: Event, registry: Registry, config: Mapping[str, str],
@@ -80,6 +94,7 @@ def plan_event(event: Event, registry: Registry, config: Mapping[str, str],
     context = event.context()
     for job in registry.for_level(event.level):
         spec = job.spec
+        items = None
         if job.callback is None:
             wanted, extra = True, None
         elif runner is not None and runner.switched_off(job) is not None:
@@ -94,6 +109,7 @@ def plan_event(event: Event, registry: Registry, config: Mapping[str, str],
                 ))
                 if extra is not None:
                     pickle.dumps(extra)  # it travels in RQ's job data: fail here, not in the batch
+                items = fan_out_items(spec.jobName, spec.fanOut, extra) if wanted and spec.fanOut else None
             except Exception as exc:  # noqa: BLE001 - service code: report, never break the other services
                 plan.failures.append(CallbackFailure(spec.jobName, f"{type(exc).__name__}: {exc}",
                                                      traceback.format_exc(limit=5)))
@@ -101,10 +117,10 @@ def plan_event(event: Event, registry: Registry, config: Mapping[str, str],
                 continue
         if extra is not None:
             plan.added_params[spec.jobName] = extra
-        if not wanted:
+        if not wanted or items == []:   # fanned out over nothing: no job
             plan.declined.append(spec.jobName)
             continue
-        planned = PlannedJob(job, waits_for=[d for d in spec.dependsOn if d in accepted])
+        planned = PlannedJob(job, waits_for=[d for d in spec.dependsOn if d in accepted], items=items)
         for dep in spec.dependsOn:
             if dep not in accepted:
                 planned.notes.append(f"dependency {dep} was not scheduled for this event; not waited for")

@@ -223,13 +223,30 @@ def test_the_service_is_off_until_configured(projects):
 
 
 def _deid_jobs(connection, study_uid: str) -> list:
-    """The deid jobs of a study's events that have finished (or failed)."""
+    """The deid jobs of a study's events, once every one of them has finished (or failed); [] before.
+
+    A push's jobs (one per project: `fanOut`) are enqueued in one atomic write, so none is missing.
+    """
     from rq.job import Job
 
     from dicomflow import keys
 
     jobs = [Job.fetch(j.decode(), connection=connection) for j in connection.smembers(keys.study_jobs(study_uid))]
-    return [j for j in jobs if j.id.startswith("deid-") and j.get_status() in ("finished", "failed")]
+    jobs = [j for j in jobs if j.id.startswith("deid-")]
+    return jobs if all(j.get_status() in ("finished", "failed") for j in jobs) else []
+
+
+def _pushes(jobs: list) -> list[dict[str, str]]:
+    """Per push of the study (in order), each project's outcome, from its own job: exactly one
+    job per project the callback named, each given only that project."""
+    pushes: dict[str, dict[str, str]] = {}
+    for job in sorted(jobs, key=lambda j: j.enqueued_at):
+        [(slug, outcome)] = job.return_value()["projects"].items()
+        assert job.kwargs["added_params"]["deid"]["projects"] == [slug]
+        run = pushes.setdefault(job.id.rsplit("-", 1)[0], {})   # deid-<event>-<batch>-<item>
+        assert slug not in run, f"{slug} had two jobs in one push"
+        run[slug] = outcome["status"]
+    return list(pushes.values())
 
 
 def test_a_study_is_exported_once_per_project_through_the_pipeline(tmp_path, redis_url, connection, projects,
@@ -252,22 +269,28 @@ def test_a_study_is_exported_once_per_project_through_the_pipeline(tmp_path, red
         try:
             wait_for(lambda: len(recorded("mr")) == len(recorded("everything")) == 1, timeout=120,
                      what="the study recorded as exported for mr and everything")
-            wait_for(lambda: len(_deid_jobs(connection, outside_uid)) == 1, timeout=60,
-                     what="the outside study's deid job to finish")
-            # sent again (a new push): its job runs and finds the study exported for both projects
+            wait_for(lambda: _deid_jobs(connection, outside_uid), timeout=60,
+                     what="the outside study's deid jobs to finish")
+            wait_for(lambda: _deid_jobs(connection, source.StudyInstanceUID), timeout=60,
+                     what="the study's deid jobs to finish")
+            pushed = len(_deid_jobs(connection, source.StudyInstanceUID))
+            # sent again (a new push): its jobs run and find the study exported for both projects
             mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.dcm")}
             stack.orthanc.store([study], aet="AGAIN", pattern="*.dcm")
-            wait_for(lambda: len(_deid_jobs(connection, source.StudyInstanceUID)) == 2, timeout=120,
-                     what="the second push's deid job to finish")
+            wait_for(lambda: len(_deid_jobs(connection, source.StudyInstanceUID)) == 2 * pushed, timeout=120,
+                     what="the second push's deid jobs to finish")
         except TimeoutError as exc:
             raise AssertionError(diagnostics(stack)) from exc
-    first, second = sorted(_deid_jobs(connection, source.StudyInstanceUID), key=lambda j: j.enqueued_at)
-    assert {s: first.return_value()["projects"][s]["status"] for s in ("mr", "everything")} == {
-        "mr": "done", "everything": "done"}
-    assert {s: second.return_value()["projects"][s]["status"] for s in ("mr", "everything")} == {
-        "mr": "already-exported", "everything": "already-exported"}
+    jobs = _deid_jobs(connection, source.StudyInstanceUID)
+    first, second = _pushes(jobs)
+    # one job per candidate project (those whose modality the worker checks included), no more
+    assert set(first) == set(second) and {"mr", "everything"} <= set(first) and not {"scanner", "broken"} & set(first)
+    assert {s: first[s] for s in ("mr", "everything")} == {"mr": "done", "everything": "done"}
+    assert {s: second[s] for s in ("mr", "everything")} == {"mr": "already-exported", "everything": "already-exported"}
+    assert {first[s] for s in set(first) - {"mr", "everything"}} <= {"not-selected", "empty"}
+    first_job = min(jobs, key=lambda j: j.enqueued_at)
     # the broken project is reported (the callback's problems) and the others kept working
-    assert any("broken.yaml [secret]" in p for p in first.kwargs["added_params"]["deid"]["problems"])
+    assert any("broken.yaml [secret]" in p for p in first_job.kwargs["added_params"]["deid"]["problems"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.dcm")} == mtimes     # nothing written again
     assert sorted(p.name for p in out.iterdir()) == ["everything", "mr"]     # not ct, scanner, few, broken
     for slug in ("mr", "everything"):
@@ -282,8 +305,8 @@ def test_a_study_is_exported_once_per_project_through_the_pipeline(tmp_path, red
         assert row["studyId"] == deid.uid(source.StudyInstanceUID) and row["attempts"] == 1
         assert row["instances"] == COUNT
     # the outside study: its job ran, and it went nowhere (no files, no record)
-    [outside_job] = _deid_jobs(connection, outside_uid)
-    assert {r["status"] for r in outside_job.return_value()["projects"].values()} <= {"not-selected", "empty"}
+    [outside] = _pushes(_deid_jobs(connection, outside_uid))
+    assert outside and set(outside.values()) <= {"not-selected", "empty"}
     assert all(len(records.studies(s)) == (1 if s in ("mr", "everything") else 0)
                for s in ("mr", "everything", "ct", "scanner", "few"))
     records.dispose()
