@@ -322,6 +322,8 @@ def test_a_batch_stores_and_registers_all_it_can_and_its_retry_does_only_the_res
     SimpleWorker([high], connection=connection).work(burst=True)
     assert job.get_status(refresh=True) == JobStatus.FINISHED
     assert job.return_value()["skipped"] == 7 and job.return_value()["registered"] == 1
+    [entry] = job.return_value()["results"].values()
+    assert entry["registered"] == 8 and entry["created"]    # the series' registered count after it
     posts = [r.body["path"] for r in cube.registrations() if r.body["path"].startswith(SAG_FOLDER + "/")]
     assert len(posts) == 8 and len(set(posts)) == 8, "the retry registered only the instance that had failed"
     progress = series_progress(connection, AET, SAG_SERIES_UID)

@@ -119,7 +119,7 @@ class SeriesProgress:
         pipe.hdel(self.errors_key, instance_key)
         pipe.scard(self.registered_key)
         self._touch(pipe)
-        return int(pipe.execute()[2])
+        return int(pipe.execute()[3])
 
     def series_registered(self, ndicom: int) -> None:
         """Record the series registration (series mode): ndicom files are in CUBE now."""
