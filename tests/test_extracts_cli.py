@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pydicom
@@ -15,48 +12,40 @@ from rq import Queue
 from dicomflow.extracts.cli import main
 from dicomflow.extracts.records import open_records
 from tests.conftest import REPO
-from tests.support.postgres import throwaway_database
+from tests.support.extracts import (
+    DEID_MODULE,
+    copy_study,
+    extracts_config,
+    load_package,
+    pacs_project,
+    postgres_url,  # noqa: F401 - fixture
+    project_folder,
+)
 from tests.support.procs import wait_for
 from tests.support.services import AUTH
 from tests.support.stack import Pipeline, diagnostics
 
 SECRET = "cli-project-secret-0123456789"
 COUNT = 6
+#: Project `mr`: the MR studies.
+MR_PROJECT = "slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: CLI_SECRET}\n"
 
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-deid_module = _load(REPO / "services" / "modules" / "deid", "deid_module_under_cli_test")
+deid_module = load_package(DEID_MODULE, "deid_module_under_cli_test")
 worker = deid_module.worker
 
 
 @pytest.fixture()
 def study(sag_anon, tmp_path) -> Path:
-    folder = tmp_path / "study"
-    folder.mkdir()
-    for source in sorted(sag_anon.glob("*.dcm"))[:COUNT]:
-        shutil.copy(source, folder / source.name)
-    return folder
+    return copy_study(sag_anon, tmp_path / "study", COUNT)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def env(request, tmp_path, monkeypatch, redis_url):
     """Projects `mr` (a local export) and `pacs` (a DICOM destination whose URL is not set), the
     configuration in the environment (as the command reads it), and the records' database."""
-    projects = tmp_path / "projects"
-    projects.mkdir()
-    (projects / "mr.yaml").write_text("slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: CLI_SECRET}\n")
-    (projects / "pacs.yaml").write_text("slug: pacs\nstudies: {all: true}\nsecret: {env: CLI_SECRET}\n"
-                                        "destinations:\n  dicom: [no-such-pacs]\n  endpoints:\n"
-                                        "    no-such-pacs: {type: dicomweb, secrets: {envPrefix: DFTEST_NO_PACS1}}\n")
-    config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(tmp_path / "extracts"),
-              "DICOMFLOW_HOME": str(tmp_path / "home"), "DICOMFLOW_REDIS_URL": redis_url, "DICOMFLOW_CONFIG": ""}
+    projects = project_folder(tmp_path, {"mr": MR_PROJECT,
+                                         "pacs": pacs_project("no-such-pacs", "DFTEST_NO_PACS1", "CLI_SECRET")})
+    config = extracts_config(projects, tmp_path, DICOMFLOW_REDIS_URL=redis_url, DICOMFLOW_CONFIG="")
     if request.param == "postgresql":
         url = request.getfixturevalue("postgres_url")
         config["DICOMFLOW_DB_URL"] = url
@@ -68,12 +57,6 @@ def env(request, tmp_path, monkeypatch, redis_url):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("CLI_SECRET", SECRET)
     return config
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    with throwaway_database() as url:
-        yield url
 
 
 def _export(env, study, projects=("mr", "pacs")):
@@ -175,16 +158,11 @@ def test_the_api_answers_what_the_command_does(env, study, make_client, connecti
 def test_a_failed_export_is_retried_through_the_api_end_to_end(tmp_path, redis_url, connection, sag_anon):
     """A local export that fails (its folder is blocked) is recorded failed; unblocked, POST retry
     queues the deid job again, which fetches the study from Orthanc again and exports it."""
-    projects = tmp_path / "projects"
-    projects.mkdir()
-    (projects / "mr.yaml").write_text("slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: CLI_SECRET}\n")
+    projects = project_folder(tmp_path, {"mr": MR_PROJECT})
     out = tmp_path / "extracts"
     out.mkdir()
     (out / "mr").write_text("in the way")                 # the export cannot make its folder
-    study = tmp_path / "study"
-    study.mkdir()
-    for source in sorted(sag_anon.glob("*.dcm"))[:COUNT]:
-        shutil.copy(source, study / source.name)
+    study = copy_study(sag_anon, tmp_path / "study", COUNT)
     config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(out), "CLI_SECRET": SECRET}
     with Pipeline(tmp_path / "stack", redis_url, REPO / "services", stable_age=2, extra_config=config) as stack:
         records = open_records(f"sqlite:///{tmp_path / 'stack' / 'home' / 'exports.db'}")

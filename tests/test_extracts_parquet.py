@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,22 +18,13 @@ from dicomflow.extracts.cli import main
 from dicomflow.extracts.parquet import RADIOLOGY_SCHEMA, write_extract
 from dicomflow.extracts.project import ExtractSettings, load_project
 from dicomflow.extracts.records import open_records
-from tests.conftest import REPO
+from tests.support.extracts import DEID_MODULE, extracts_config, load_package, project_folder
 from tests.support.services import AUTH
 
 SECRET = "parquet-project-secret-0123456789"
 COUNT = 5
 
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load(REPO / "services" / "modules" / "deid", "deid_module_under_parquet_test").worker
+worker = load_package(DEID_MODULE, "deid_module_under_parquet_test").worker
 
 
 def _study(sag_anon: Path, folder: Path, n: int) -> Path:
@@ -55,19 +44,16 @@ def _study(sag_anon: Path, folder: Path, n: int) -> Path:
 
 @pytest.fixture()
 def setup(tmp_path, sag_anon, monkeypatch):
-    projects = tmp_path / "projects"
+    projects = project_folder(tmp_path, {"mr": (
+        "slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: PQ_SECRET}\nomopExtract: omop-extract\n"
+        "deid: {dateShift: true, overrides: {SeriesDescription: keep}}\n"
+        "destinations: {parquet: [local]}\n")})
     omop = projects / "omop-extract"
     (omop / "public").mkdir(parents=True)
     (omop / "private").mkdir()
     pq.write_table(pa.table({"person_id": [1, 2]}), omop / "public" / "PERSON.parquet")
     pq.write_table(pa.table({"secret": ["x"]}), omop / "private" / "PERSON_LINKS.parquet")
-    (projects / "mr.yaml").write_text(
-        "slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: PQ_SECRET}\nomopExtract: omop-extract\n"
-        "deid: {dateShift: true, overrides: {SeriesDescription: keep}}\n"
-        "destinations: {parquet: [local]}\n")
-    config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(tmp_path / "extracts"),
-              "DICOMFLOW_HOME": str(tmp_path / "home"), "DICOMFLOW_EXPORTS_DIR": str(tmp_path / "exports"),
-              "DICOMFLOW_CONFIG": ""}
+    config = extracts_config(projects, tmp_path, DICOMFLOW_EXPORTS_DIR=str(tmp_path / "exports"), DICOMFLOW_CONFIG="")
     for key, value in config.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PQ_SECRET", SECRET)

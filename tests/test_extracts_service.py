@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-import sys
 from pathlib import Path
 
 import pydicom
@@ -17,50 +14,43 @@ from dicomflow.extracts.deid import Deidentifier, Profile
 from dicomflow.extracts.records import open_records
 from scheduler.registry import load_registry
 from tests.conftest import REPO
-from tests.support.postgres import throwaway_database
+from tests.support.extracts import (
+    DEID_MODULE,
+    DEID_REGISTRY,
+    copy_study,
+    extracts_config,
+    load_package,
+    pacs_project,
+    postgres_url,  # noqa: F401 - fixture
+    project_folder,
+)
 from tests.support.procs import free_port, wait_for
 from tests.support.stack import Pipeline, diagnostics
 
 SECRETS = {"MR_SECRET": "mr-project-secret-0123456789", "ALL_SECRET": "all-project-secret-0123456789"}
 COUNT = 12
 
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-callback = _load(REPO / "services" / "registry" / "deid", "deid_registry_under_test").callback
-worker = _load(REPO / "services" / "modules" / "deid", "deid_module_under_test").worker
+callback = load_package(DEID_REGISTRY, "deid_registry_under_test").callback
+worker = load_package(DEID_MODULE, "deid_module_under_test").worker
 
 
 @pytest.fixture()
 def study(sag_anon, tmp_path) -> Path:
     """COUNT instances of sag-anon (one MR series), as Orthanc would hand them to a study job."""
-    folder = tmp_path / "study"
-    folder.mkdir()
-    for source in sorted(sag_anon.glob("*.dcm"))[:COUNT]:
-        shutil.copy(source, folder / source.name)
-    return folder
+    return copy_study(sag_anon, tmp_path / "study", COUNT)
 
 
 @pytest.fixture()
 def projects(tmp_path) -> Path:
-    folder = tmp_path / "projects"
-    folder.mkdir()
-    (folder / "mr.yaml").write_text("slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: MR_SECRET}\n"
-                                    "series: {dropDescriptions: [localizer]}\n")
-    (folder / "everything.yaml").write_text("slug: everything\nstudies: {all: true}\nsecret: {env: ALL_SECRET}\n")
-    (folder / "ct.yaml").write_text("slug: ct\nstudies: {modalities: [CT]}\nsecret: {env: MR_SECRET}\n")
-    (folder / "scanner.yaml").write_text("slug: scanner\nstudies: {callingAeTitles: [CT_SCANNER]}\n"
-                                         "secret: {env: MR_SECRET}\n")
-    (folder / "few.yaml").write_text("slug: few\nstudies: {all: true}\nseries: {minInstances: 1000}\n"
-                                     "secret: {env: MR_SECRET}\n")
-    (folder / "broken.yaml").write_text("slug: broken\nstudies: {all: true}\nsecret: inline-secret\n")
-    return folder
+    return project_folder(tmp_path, {
+        "mr": "slug: mr\nstudies: {modalities: [MR]}\nsecret: {env: MR_SECRET}\n"
+              "series: {dropDescriptions: [localizer]}\n",
+        "everything": "slug: everything\nstudies: {all: true}\nsecret: {env: ALL_SECRET}\n",
+        "ct": "slug: ct\nstudies: {modalities: [CT]}\nsecret: {env: MR_SECRET}\n",
+        "scanner": "slug: scanner\nstudies: {callingAeTitles: [CT_SCANNER]}\nsecret: {env: MR_SECRET}\n",
+        "few": "slug: few\nstudies: {all: true}\nseries: {minInstances: 1000}\nsecret: {env: MR_SECRET}\n",
+        "broken": "slug: broken\nstudies: {all: true}\nsecret: inline-secret\n",
+    })
 
 
 def headers_of(path: Path) -> dict[str, str]:
@@ -85,14 +75,6 @@ def test_callback_names_the_projects_of_a_study(projects, study):
                         event={"remoteAet": "MODALITY"}, config=config)   # outside every project: nothing
 
 
-def _config(projects: Path, tmp_path: Path, db_url: str | None = None) -> dict[str, str]:
-    config = {"DICOMFLOW_PROJECTS_DIR": str(projects), "DICOMFLOW_EXTRACTS_DIR": str(tmp_path / "extracts"),
-              "DICOMFLOW_HOME": str(tmp_path / "home")}
-    if db_url:
-        config["DICOMFLOW_DB_URL"] = db_url
-    return config
-
-
 def _dump(url: str) -> str:
     """Every value of every table of the export records, as one text."""
     engine = sa.create_engine(url)
@@ -104,12 +86,6 @@ def _dump(url: str) -> str:
         engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    with throwaway_database() as url:
-        yield url
-
-
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_worker_exports_each_project_once_and_records_it(projects, study, tmp_path, monkeypatch, database,
                                                          request):
@@ -117,7 +93,7 @@ def test_worker_exports_each_project_once_and_records_it(projects, study, tmp_pa
         monkeypatch.setenv(name, value)
     out = tmp_path / "extracts"
     db_url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
-    config = _config(projects, tmp_path, db_url)
+    config = extracts_config(projects, tmp_path, db_url)
     records = open_records(db_url or f"sqlite:///{tmp_path / 'home' / 'exports.db'}")
     with records.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM study_exports"))
@@ -162,10 +138,8 @@ def test_worker_exports_each_project_once_and_records_it(projects, study, tmp_pa
 def test_a_failed_destination_is_recorded_retryable_and_its_working_folder_removed(projects, study, tmp_path,
                                                                                     monkeypatch):
     monkeypatch.setenv("MR_SECRET", SECRETS["MR_SECRET"])
-    (projects / "pacs.yaml").write_text("slug: pacs\nstudies: {all: true}\nsecret: {env: MR_SECRET}\n"
-                                        "destinations:\n  dicom: [no-such-pacs]\n  endpoints:\n"
-                                        "    no-such-pacs: {type: dicomweb, secrets: {envPrefix: DFTEST_NO_PACS2}}\n")
-    config = _config(projects, tmp_path)
+    (projects / "pacs.yaml").write_text(pacs_project("no-such-pacs", "DFTEST_NO_PACS2", "MR_SECRET"))
+    config = extracts_config(projects, tmp_path)
     kwargs = dict(jobName="deid", headers=headers_of(next(study.glob("*.dcm"))), params={},
                   added_params={"deid": {"projects": ["pacs"]}}, dcmpath=str(study), event={}, config=config)
     with pytest.raises(Exception, match="pacs: .*no-such-pacs"):
@@ -188,10 +162,8 @@ def test_the_destinations_get_the_jobs_configuration_not_the_processs(projects, 
     monkeypatch.setenv("DICOMFLOW_CONFIG", "")
     monkeypatch.setenv("DICOMFLOW_EXPORT_ATTEMPTS", "3")          # the process's: must not be read
     monkeypatch.setenv("CLOSED_PACS_URL", f"http://127.0.0.1:{free_port()}/dicom-web")   # nothing listens
-    (projects / "pacs.yaml").write_text("slug: pacs\nstudies: {all: true}\nsecret: {env: MR_SECRET}\n"
-                                        "destinations:\n  dicom: [closed-pacs]\n  endpoints:\n"
-                                        "    closed-pacs: {type: dicomweb, secrets: {envPrefix: CLOSED_PACS}}\n")
-    config = {**_config(projects, tmp_path), "DICOMFLOW_EXPORT_ATTEMPTS": "1", "DICOMFLOW_EXPORT_RETRY_BASE": "0"}
+    (projects / "pacs.yaml").write_text(pacs_project("closed-pacs", "CLOSED_PACS", "MR_SECRET"))
+    config = extracts_config(projects, tmp_path, DICOMFLOW_EXPORT_ATTEMPTS="1", DICOMFLOW_EXPORT_RETRY_BASE="0")
     kwargs = dict(jobName="deid", headers=headers_of(next(study.glob("*.dcm"))), params={},
                   added_params={"deid": {"projects": ["pacs"]}}, dcmpath=str(study), event={}, connection=connection)
     with pytest.raises(Exception, match="closed-pacs: STOW-RS failed 1 times"):
@@ -211,7 +183,7 @@ def test_a_project_without_its_secret_fails_the_job_after_the_others(projects, s
     out = tmp_path / "extracts"
     with pytest.raises(Exception, match="mr: .*MR_SECRET is not set"):
         worker(jobName="deid", headers={}, params={}, added_params={"deid": {"projects": ["everything", "mr"]}},
-               dcmpath=str(study), event={}, config=_config(projects, tmp_path))
+               dcmpath=str(study), event={}, config=extracts_config(projects, tmp_path))
     assert len(list((out / "everything").rglob("*.dcm"))) == COUNT
 
 
@@ -315,7 +287,7 @@ def test_a_study_is_exported_once_per_project_through_the_pipeline(tmp_path, red
 def test_the_destinations_answers_make_done_partial_or_failed():
     from dicomflow.extracts.status import ExportStatus
 
-    outcome = _load(REPO / "services" / "modules" / "deid", "deid_module_outcome")._outcome
+    outcome = load_package(DEID_MODULE, "deid_module_outcome")._outcome
     ok = {"sent": 4, "failed": {}}
     assert outcome({"pacs": ok, "ftps": ok}, 4) == (ExportStatus.DONE, 4, {}, None)
     status, instances, failed, reason = outcome({"pacs": {"sent": 3, "failed": {"a/1.dcm": "409 Conflict"}}}, 4)
