@@ -2,7 +2,9 @@
 
 Side by side in one run, for N = 1, 2, 4:
   direct    N client threads POST the 192 sag-anon files to CUBE's pacsfiles/ API themselves
-            (token auth, a keep-alive session each, files already in storage): CUBE's own rate.
+            (token auth, files already in storage), three ways: a plain keep-alive session
+            each, a new connection per request, and dicomflow's keep-alive session that ACKs
+            at once (dicomflow/httpsession.py); CUBE's own rate is the best of the three.
   pipeline  the whole stack with N workers (real Orthanc + plugin, scheduler, worker processes,
             the built-in ChRIS service in pacsfiles mode): storescu sends the series, and the
             rate is 192 / (first instance sent -> last registration seen by CUBE).
@@ -12,12 +14,13 @@ CUBE is the test double (tests/support/cube_double.py) in a process of its own, 
 cost: every registration burns `--cpu-ms` (16) of CPU under one lock, as CUBE 5's single
 Django process does, so CUBE competes with the pipeline for this machine's cores as real CUBE
 did when the issue was measured.
-Usage: .venv/bin/python -m bench.chris_rate [--rounds 3] [--workers 1,2,4] [--cpu-ms 16]
+Usage: .venv/bin/python -m bench.chris_rate [--rounds 3] [--workers 1,2,4] [--cpu-ms 16] [--no-nagle]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -37,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.chris import start_redis  # noqa: E402
+from dicomflow import httpsession  # noqa: E402
 from dicomflow.chris.instance import read_instance_tags  # noqa: E402
 from dicomflow.chris.metadata import registration_fields  # noqa: E402
 from dicomflow.chris.paths import instance_path  # noqa: E402
@@ -51,34 +55,41 @@ VERBOSE = False
 CPU: dict[str, list[float]] = {}
 
 
-def _serve_cube(conn, files_root: str, cpu_cost: float) -> None:
+def _serve_cube(conn, files_root: str, cpu_cost: float, nagle: bool) -> None:
     """The double in this child process; answers (count, first, last) of a pacs' registrations."""
     # cube6 offers both APIs: the stacks choose with CHRIS_REGISTRATION.
-    double = CubeDouble(Path(files_root), mode="cube6", basic_cost=0.0, write_cost=0.0, cpu_cost=cpu_cost).start()
+    double = CubeDouble(Path(files_root), mode="cube6", basic_cost=0.0, write_cost=0.0, cpu_cost=cpu_cost,
+                        nagle=nagle).start()
     conn.send(double.url)
     while True:
         message = conn.recv()
         if message == "stop":
             double.stop()
             return
+        pacs, everything = message if isinstance(message, tuple) else (message, False)
         times = [r.at for r in double.registrations() if r.status == 201 and isinstance(r.body, dict)
-                 and r.body.get("pacs_name") == message]
-        conn.send((len(times), min(times, default=None), max(times, default=None)))
+                 and r.body.get("pacs_name") == pacs]
+        conn.send(sorted(times) if everything else (len(times), min(times, default=None), max(times, default=None)))
 
 
 class Cube:
     """The double in a child process."""
 
-    def __init__(self, files_root: Path, cpu_cost: float):
+    def __init__(self, files_root: Path, cpu_cost: float, nagle: bool = True):
         self._conn, child = multiprocessing.Pipe()
         self._proc = multiprocessing.get_context("spawn").Process(
-            target=_serve_cube, args=(child, str(files_root), cpu_cost), daemon=True)
+            target=_serve_cube, args=(child, str(files_root), cpu_cost, nagle), daemon=True)
         self._proc.start()
         self.pid = self._proc.pid
         self.url = self._conn.recv()
 
     def registered(self, pacs: str) -> tuple[int, float | None, float | None]:
         self._conn.send(pacs)
+        return self._conn.recv()
+
+    def times(self, pacs: str) -> list[float]:
+        """When each of a pacs' registrations was answered, in order."""
+        self._conn.send((pacs, True))
         return self._conn.recv()
 
     def stop(self) -> None:
@@ -91,8 +102,12 @@ def token(url: str) -> str:
                          timeout=30).json()["token"]
 
 
-def direct(cube: Cube, files: list[Path], root: Path, pacs: str, clients: int) -> float:
-    """CUBE's own rate: `clients` threads POST every file's registration; files/s."""
+#: How a direct client talks to CUBE: a session per thread, or a new connection per request.
+CLIENTS = {"keep-alive": requests.Session, "new connection": None, "dicomflow's": httpsession.session}
+
+
+def direct(cube: Cube, files: list[Path], root: Path, pacs: str, clients: int, how: str) -> float:
+    """CUBE's own rate: `clients` threads POST every file's registration, as `how` says; files/s."""
     bodies = []
     for path in files:
         tags = read_instance_tags(path)
@@ -104,7 +119,8 @@ def direct(cube: Cube, files: list[Path], root: Path, pacs: str, clients: int) -
     failures: list[int] = []
 
     def post(chunk: list[dict]) -> None:
-        with requests.Session() as session:
+        make = CLIENTS[how]
+        with (make() if make else contextlib.nullcontext(requests)) as session:
             for body in chunk:
                 status = session.post(cube.url + "pacsfiles/", json=body, headers=headers, timeout=60).status_code
                 if status != 201:
@@ -177,6 +193,15 @@ def pipeline(stack: Pipeline, cube: Cube, pacs: str, series: Path, count: int) -
         print(f"  {pacs}: sent in {sent:.1f} s, first registration after {first - start:.1f} s, "
               f"last after {last - start:.1f} s; CPU ms/instance: "
               + ", ".join(f"{name} {CPU[name][-1]:.1f}" for name in parts), flush=True)
+        times = cube.times(pacs)
+        gaps = sorted((b - a) * 1000 for a, b in zip(times, times[1:]))
+        if gaps:
+            median = statistics.median(gaps)
+            long = [g for g in gaps if g > 2 * median]
+            print(f"    gaps between registrations: p50 {median:.1f} ms, p90 {gaps[len(gaps) * 9 // 10]:.1f} ms, "
+                  f"max {gaps[-1]:.0f} ms; {len(long)} over twice the median, {sum(long) / 1000:.2f} s in all; "
+                  f"registrations before the last instance was sent: {sum(t < start + sent for t in times)}",
+                  flush=True)
     return count / (last - start)
 
 
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--cpu-ms", type=float, default=16.0)
     parser.add_argument("--verbose", action="store_true", help="print each pipeline run's timeline")
+    parser.add_argument("--no-nagle", action="store_true",
+                        help="the double's plain server (Nagle off) instead of runserver's way")
     parser.add_argument("--batch-sizes", default="",
                         help="chrisStore's batchSize for the pipeline runs, e.g. 1,8,16 (each side by side "
                              "with its own direct runs); default: as shipped in services/registry/chris")
@@ -229,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         files_root = tmp_path / "cube-data"
         files_root.mkdir()
         redis_proc, connection = start_redis(tmp_path)
-        cube = Cube(files_root, args.cpu_ms / 1000)
+        cube = Cube(files_root, args.cpu_ms / 1000, nagle=not args.no_nagle)
         try:
             for n in counts:
                 for size in sizes:
@@ -240,15 +267,20 @@ def main(argv: list[str] | None = None) -> None:
                     tag = f"{n}" if size is None else f"{n}b{size}"
                     with Pipeline(tmp_path / f"stack{tag}", url, services_with_batch(tmp_path, size), workers=n,
                                   stable_age=5, extra_config=config) as stack:
+                        ways: dict[str, list[float]] = {how: [] for how in CLIENTS}
                         direct_rates, pipeline_rates = [], []
                         for round_ in range(args.rounds):
-                            direct_rates.append(direct(cube, files, files_root, f"D{tag}R{round_}", n))
+                            for index, how in enumerate(CLIENTS):
+                                ways[how].append(direct(cube, files, files_root, f"D{tag}R{round_}W{index}", n, how))
+                            direct_rates.append(max(rates[-1] for rates in ways.values()))
                             series = fresh_series(files, tmp_path / f"series-{tag}-{round_}")
                             pipeline_rates.append(pipeline(stack, cube, f"P{tag}R{round_}", series, len(files)))
                             shutil.rmtree(series)
-                            print(f"N={n}{'' if size is None else f' batchSize={size}'} round {round_ + 1}: "
-                                  f"direct {direct_rates[-1]:.1f}/s, pipeline {pipeline_rates[-1]:.1f}/s", flush=True)
-                    rows.append((n, size, statistics.median(direct_rates), statistics.median(pipeline_rates),
+                            print(f"N={n}{'' if size is None else f' batchSize={size}'} round {round_ + 1}: direct "
+                                  + ", ".join(f"{how} {rates[-1]:.1f}/s" for how, rates in ways.items())
+                                  + f"; pipeline {pipeline_rates[-1]:.1f}/s", flush=True)
+                    rows.append((n, size, {how: statistics.median(rates) for how, rates in ways.items()},
+                                 statistics.median(direct_rates), statistics.median(pipeline_rates),
                                  statistics.median(p / d for p, d in zip(pipeline_rates, direct_rates))))
             latencies = []
             if args.series_workers:
@@ -268,10 +300,13 @@ def main(argv: list[str] | None = None) -> None:
             redis_proc.wait(10)
             shutil.rmtree(files_root, ignore_errors=True)
     print(f"\nsag-anon, {len(files)} files; CUBE double in pacsfiles mode burning {args.cpu_ms:g} ms CPU per "
-          f"registration under one lock; medians of {args.rounds} rounds, side by side")
-    print(f"{'N':>3} {'batchSize':>9} {'CUBE direct /s':>15} {'pipeline /s':>12} {'pipeline/direct':>16}")
-    for n, size, d, p, ratio in rows:
-        print(f"{n:>3} {'shipped' if size is None else size:>9} {d:15.1f} {p:12.1f} {ratio:16.2f}")
+          f"registration under one lock, {'served as runserver (Nagle on)' if not args.no_nagle else 'Nagle off'}; "
+          f"medians of {args.rounds} rounds, side by side; CUBE's own rate: the best way of the round")
+    print(f"{'N':>3} {'batchSize':>9} " + " ".join(f"{how + ' /s':>17}" for how in CLIENTS)
+          + f" {'CUBE own /s':>12} {'pipeline /s':>12} {'pipeline/own':>13}")
+    for n, size, ways, d, p, ratio in rows:
+        print(f"{n:>3} {'shipped' if size is None else size:>9} " + " ".join(f"{ways[how]:17.1f}" for how in CLIENTS)
+              + f" {d:12.1f} {p:12.1f} {ratio:13.2f}")
     print("CPU ms per instance in the pipeline runs (median over runs): "
           + ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in CPU.items()))
     if latencies:

@@ -12,6 +12,7 @@ from typing import Any, Self
 import redis
 import requests
 
+from dicomflow import httpsession
 from dicomflow.chris.errors import (
     ChrisRequestError,
     ChrisUnavailableError,
@@ -83,7 +84,7 @@ class ChrisClient:
                  sleep: Callable[[float], None] = time.sleep):
         self.settings = settings
         self._connection = connection
-        self._session = session or requests.Session()
+        self._session = session or httpsession.session()
         self._session.headers.update({"Accept": "application/json"})
         self._sleep = sleep
         self._limiter = limiter(connection, settings.rate_limit, settings.rate_burst)

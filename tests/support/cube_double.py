@@ -1,6 +1,7 @@
 """A test double for CUBE (the ChRIS backend), which cannot run here, faithful to cube.md.
 
-It is a real HTTP server on a free loopback port (werkzeug, threaded, TCP_NODELAY) that
+It is a real HTTP server on a free loopback port (werkzeug, threaded, TCP_NODELAY; or, with
+`nagle`, served as CUBE 5's Django runserver serves: wsgiref, keep-alive, Nagle on) that
 answers the way ../shared/docs/cube.md sections 2 and 4 say real CUBE 5 / CUBE 7 answer:
 auth-token/, Basic auth with an artificial password-hash cost, Token auth, 401 without
 credentials, only user `chris` may register (403 else), field formats and limits, the
@@ -18,7 +19,9 @@ import datetime as dt
 import json
 import secrets
 import socket
+import socketserver
 import threading
+import wsgiref.simple_server
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,8 @@ class Recorded:
     body: Any
     status: int
     at: float
+    #: The client's port: requests over one kept-alive connection share it.
+    port: str = ""
 
 
 @dataclass
@@ -67,6 +72,41 @@ class _NoDelayServer(ThreadedWSGIServer):
         conn, addr = super().get_request()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, addr
+
+
+class _RunserverHandler(wsgiref.simple_server.WSGIRequestHandler):
+    """What CUBE 5's `manage.py runserver` serves with (Django's handler over wsgiref): HTTP/1.1
+    keep-alive, Nagle's algorithm on, an answer written in three sends (status line, headers,
+    body). A keep-alive client that delays its ACKs waits ~40 ms for each answer's rest: the
+    stall the issue measured against real CUBE (issue 23)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def get_environ(self) -> dict[str, Any]:
+        return {**super().get_environ(), "REMOTE_PORT": str(self.client_address[1])}
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
+
+    def handle_one_request(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline or not self.parse_request():
+            self.close_connection = True
+            return
+        handler = wsgiref.simple_server.ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ())
+        handler.request_handler = self
+        handler.http_version = "1.1"
+        handler.run(self.server.get_app())
+
+
+class _RunserverServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -98,8 +138,10 @@ class CubeDouble:
 
     def __init__(self, files_root: Path, mode: str = "cube5", basic_cost: float = 0.11,
                  write_cost: float = 0.005, ndicom_timeout: float = 2.0, ndicom_poll: float = 0.2,
-                 users: dict[str, str] | None = None, cpu_cost: float = 0.0):
+                 users: dict[str, str] | None = None, cpu_cost: float = 0.0, nagle: bool = False):
         self.files_root = Path(files_root)
+        #: Serve as CUBE 5's runserver does, Nagle's algorithm on (benchmarks; tests: False).
+        self.nagle = nagle
         self.mode = mode
         self.basic_cost = basic_cost
         self.write_cost = write_cost
@@ -116,7 +158,7 @@ class CubeDouble:
         self._lock = threading.Lock()
         self._faults: list[int] = []
         self.port = free_port()
-        self._server: _NoDelayServer | None = None
+        self._server: _NoDelayServer | _RunserverServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle and faults ---------------------------------------------------------------
@@ -127,7 +169,11 @@ class CubeDouble:
         return f"http://127.0.0.1:{self.port}/api/v1/"
 
     def start(self) -> CubeDouble:
-        self._server = _NoDelayServer("127.0.0.1", self.port, self._wsgi, handler=_QuietHandler)
+        if self.nagle:
+            self._server = _RunserverServer(("127.0.0.1", self.port), _RunserverHandler)
+            self._server.set_app(self._wsgi)
+        else:
+            self._server = _NoDelayServer("127.0.0.1", self.port, self._wsgi, handler=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
@@ -173,7 +219,7 @@ class CubeDouble:
             response = denied or self._route(request, user, body)
         with self._lock:
             self.requests.append(Recorded(request.method, request.path, auth_kind, user, body,
-                                          response.status_code, time.time()))
+                                          response.status_code, time.time(), str(environ.get("REMOTE_PORT", ""))))
         return response(environ, start_response)
 
     @staticmethod
