@@ -355,3 +355,21 @@ def test_a_batch_stops_asking_cube_once_it_is_unavailable_and_its_retry_register
     SimpleWorker([high], connection=connection).work(burst=True)
     assert job.get_status(refresh=True) == JobStatus.FINISHED
     assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER + "/")]) == 8
+
+
+def test_the_jobs_of_a_worker_process_register_over_one_kept_connection(service, connection, make_cube, incoming):
+    """The service keeps one session per CUBE per worker process: a job's registrations do not
+    open a connection of their own (the double served as CUBE 5's runserver, Nagle on)."""
+    cube = make_cube("cube5", nagle=True)
+    config = chris_config(cube)
+    files = instance_files(incoming)[:8]
+    high = Queue("high", connection=connection)
+    for chunk in (files[:4], files[4:]):
+        batch = [{"headers": {}, "added_params": {}, "event": instance_event(p.stem), "dcmpath": str(p)}
+                 for p in chunk]
+        high.enqueue("tests.support.chris_env.run_service", "chris.store", batch=batch,
+                     **job_kwargs("chrisStore", incoming, instance_event(chunk[0].stem), config))
+    SimpleWorker([high], connection=connection).work(burst=True)
+    posts = [r for r in cube.registrations() if r.body["path"].startswith(SAG_FOLDER + "/")]
+    assert len(posts) == 8 and {r.status for r in posts} == {201}
+    assert len({r.port for r in posts}) == 1, "both jobs' registrations went over one connection"

@@ -84,8 +84,10 @@ class ChrisClient:
                  sleep: Callable[[float], None] = time.sleep):
         self.settings = settings
         self._connection = connection
+        #: A session given by the caller is the caller's to close (one kept across jobs).
+        self._own_session = session is None
         self._session = session or httpsession.session()
-        self._session.headers.update({"Accept": "application/json"})
+        self._session.headers["Accept"] = "application/json"
         self._sleep = sleep
         self._limiter = limiter(connection, settings.rate_limit, settings.rate_burst)
         ident = hashlib.sha256(f"{settings.url}|{settings.username}".encode()).hexdigest()[:16]
@@ -94,8 +96,9 @@ class ChrisClient:
         self._token: str | None = settings.token or None
 
     def close(self) -> None:
-        """Close the HTTP connections."""
-        self._session.close()
+        """Close the HTTP connections (unless the session was given: its owner closes it)."""
+        if self._own_session:
+            self._session.close()
 
     def __enter__(self) -> Self:
         return self

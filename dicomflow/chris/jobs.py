@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import requests
 
 from dicomflow.chris.client import ChrisClient
 from dicomflow.chris.errors import (
@@ -81,9 +82,11 @@ def _notifier(settings: ChrisSettings, connection: redis.Redis) -> LonkNotifier:
 
 
 def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,
-                   event: Mapping[str, Any], register: bool = False) -> dict[str, Any]:
+                   event: Mapping[str, Any], register: bool = False,
+                   session: requests.Session | None = None) -> dict[str, Any]:
     """Write one instance under CHRIS_FILES_ROOT at its cube.md path and count it; with
-    `register`, then register it (CUBE 5's pacsfiles API; nothing more in series mode).
+    `register`, then register it (CUBE 5's pacsfiles API; nothing more in series mode), over
+    `session` if given (kept by the caller across jobs: no new connection per job).
 
     One job for both steps, storage first: a file CUBE refuses stays in storage, and a retry
     writes it again (atomically, the same bytes) before registering. As two jobs, every
@@ -98,13 +101,17 @@ def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pa
     """
     result, tags, info = _store(settings, connection, dcmpath, event)
     if register:
-        result.update(register_instance(settings, connection, dcmpath, event, tags=tags, info=info))
+        with ChrisClient(settings, connection, session=session) as client:
+            result.update(register_instance(settings, connection, dcmpath, event, tags=tags, info=info,
+                                            client=client))
     return result
 
 
 def store_batch(settings: ChrisSettings, connection: redis.Redis,
-                items: Sequence[tuple[Path, Mapping[str, Any]]], register: bool = True) -> dict[str, Any]:
-    """Store (and with `register`, register) several instances: a `batchSize` job.
+                items: Sequence[tuple[Path, Mapping[str, Any]]], register: bool = True,
+                session: requests.Session | None = None) -> dict[str, Any]:
+    """Store (and with `register`, register) several instances: a `batchSize` job; CUBE is
+    asked over `session` if given (kept by the caller across jobs: no new connection per job).
 
     The local work for an instance (read its tags, write the file, count it) runs while CUBE
     answers the previous instance's registration, in one thread beside the job: one request in
@@ -134,7 +141,7 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
             unavailable.set()
             raise
 
-    with ChrisClient(settings, connection) as client, \
+    with ChrisClient(settings, connection, session=session) as client, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="chris-register") as registrar:
         pending: list[tuple[str, Future]] = []
         mode = None
