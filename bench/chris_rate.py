@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="",
                         help="chrisStore's batchSize for the pipeline runs, e.g. 1,8,16 (each side by side "
                              "with its own direct runs); default: as shipped in services/registry/chris")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="a variant of the pipeline's configuration, measured side by side with the "
+                             "shipped one (and its own direct runs), e.g. DICOMFLOW_PREFETCH=false; repeatable")
     parser.add_argument("--series-workers", type=int, default=2,
                         help="workers of the series-mode stack (0: no series-mode runs)")
     args = parser.parse_args(argv)
@@ -250,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     files = sorted(SAG.glob("*.dcm"))
     counts = [int(n) for n in args.workers.split(",")]
     sizes: list[int | None] = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
+    configs: list[tuple[str, dict[str, str]]] = [("", {})] + [
+        (text, dict(pair.split("=", 1) for pair in text.split(","))) for text in args.config]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -259,14 +264,15 @@ def main(argv: list[str] | None = None) -> None:
         cube = Cube(files_root, args.cpu_ms / 1000, nagle=not args.no_nagle)
         try:
             for n in counts:
-                for size in sizes:
+                for size, (variant, extra) in [(size, config) for size in sizes for config in configs]:
                     connection.flushall()
                     url = f"redis://127.0.0.1:{connection.connection_pool.connection_kwargs['port']}/0"
                     config = {"CHRIS_URL": cube.url, "CHRIS_FILES_ROOT": str(files_root), "CHRIS_USERNAME": "chris",
                               "CHRIS_PASSWORD": "chris1234", "CHRIS_REGISTRATION": "pacsfiles"}
-                    tag = f"{n}" if size is None else f"{n}b{size}"
+                    label = " ".join(filter(None, ["" if size is None else f"batchSize={size}", variant])) or "shipped"
+                    tag = f"{n}V{len(rows)}"
                     with Pipeline(tmp_path / f"stack{tag}", url, services_with_batch(tmp_path, size), workers=n,
-                                  stable_age=5, extra_config=config) as stack:
+                                  stable_age=5, extra_config={**config, **extra}) as stack:
                         ways: dict[str, list[float]] = {how: [] for how in CLIENTS}
                         direct_rates, pipeline_rates = [], []
                         for round_ in range(args.rounds):
@@ -276,10 +282,10 @@ def main(argv: list[str] | None = None) -> None:
                             series = fresh_series(files, tmp_path / f"series-{tag}-{round_}")
                             pipeline_rates.append(pipeline(stack, cube, f"P{tag}R{round_}", series, len(files)))
                             shutil.rmtree(series)
-                            print(f"N={n}{'' if size is None else f' batchSize={size}'} round {round_ + 1}: direct "
+                            print(f"N={n} {label} round {round_ + 1}: direct "
                                   + ", ".join(f"{how} {rates[-1]:.1f}/s" for how, rates in ways.items())
                                   + f"; pipeline {pipeline_rates[-1]:.1f}/s", flush=True)
-                    rows.append((n, size, {how: statistics.median(rates) for how, rates in ways.items()},
+                    rows.append((n, label, {how: statistics.median(rates) for how, rates in ways.items()},
                                  statistics.median(direct_rates), statistics.median(pipeline_rates),
                                  statistics.median(p / d for p, d in zip(pipeline_rates, direct_rates))))
             latencies = []
@@ -302,10 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nsag-anon, {len(files)} files; CUBE double in pacsfiles mode burning {args.cpu_ms:g} ms CPU per "
           f"registration under one lock, {'served as runserver (Nagle on)' if not args.no_nagle else 'Nagle off'}; "
           f"medians of {args.rounds} rounds, side by side; CUBE's own rate: the best way of the round")
-    print(f"{'N':>3} {'batchSize':>9} " + " ".join(f"{how + ' /s':>17}" for how in CLIENTS)
+    width = max(len(row[1]) for row in rows)
+    print(f"{'N':>3} {'pipeline':<{width}} " + " ".join(f"{how + ' /s':>17}" for how in CLIENTS)
           + f" {'CUBE own /s':>12} {'pipeline /s':>12} {'pipeline/own':>13}")
-    for n, size, ways, d, p, ratio in rows:
-        print(f"{n:>3} {'shipped' if size is None else size:>9} " + " ".join(f"{ways[how]:17.1f}" for how in CLIENTS)
+    for n, label, ways, d, p, ratio in rows:
+        print(f"{n:>3} {label:<{width}} " + " ".join(f"{ways[how]:17.1f}" for how in CLIENTS)
               + f" {d:12.1f} {p:12.1f} {ratio:13.2f}")
     print("CPU ms per instance in the pipeline runs (median over runs): "
           + ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in CPU.items()))

@@ -49,6 +49,9 @@ class Settings(BaseModel):
     cache_dir: Path | None = Field(default=None, alias="DICOMFLOW_CACHE_DIR")
     #: Cached files untouched for this many seconds are removed.
     cache_ttl: int = Field(default=3600, alias="DICOMFLOW_CACHE_TTL")
+    #: Whether a worker fetches the next queued instance job's files while its job runs
+    #: (worker/prefetch.py; `simple` worker class only).
+    prefetch: bool = Field(default=True, alias="DICOMFLOW_PREFETCH")
     result_ttl: int = Field(default=86400, alias="DICOMFLOW_RESULT_TTL")
     failure_ttl: int = Field(default=7 * 86400, alias="DICOMFLOW_FAILURE_TTL")
     #: Seconds without a heartbeat after which a running job's worker counts as dead and the

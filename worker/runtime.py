@@ -16,6 +16,7 @@ from rq import get_current_job
 from dicomflow.config import load_config
 from dicomflow.settings import Settings
 from worker.dicomcache import DicomCache
+from worker.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,14 @@ FETCH_THREADS = 4
 
 
 class WorkerRuntime:
-    """Per-process state of a worker: settings, configuration and the DICOM cache."""
+    """Per-process state of a worker: settings, configuration, the DICOM cache and its prefetcher."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.cache = DicomCache(settings)
+        #: Fetches the next queued job's files while a job runs (None: off, or a fork worker).
+        self.prefetcher = (Prefetcher(self.cache, settings.queues)
+                           if settings.prefetch and settings.worker_class == "simple" else None)
         modules = str(settings.services_dir / "modules")
         if modules not in sys.path:
             sys.path.append(modules)
@@ -106,6 +110,7 @@ def current_runtime() -> WorkerRuntime:
     global _runtime
     if _runtime is None:
         _runtime = WorkerRuntime(Settings.from_config(load_config()))
+        _runtime.prefetcher = None   # RQ's own worker may fork per job: a fetch ahead would die with it
     return _runtime
 
 
@@ -123,6 +128,8 @@ def run_service_job(*, jobName: str, worker: str, headers: dict, params: dict, a
             extra["batch"], dcmpath = runtime.batch(extra["batch"], job_id)
         else:
             dcmpath = runtime.dcmpath(event, job_id)
+        if runtime.prefetcher is not None and job is not None:   # this job has its files: the next one's now
+            runtime.prefetcher.start(connection)
         return func(jobName=jobName, headers=headers, params=params, added_params=added_params,
                     dcmpath=str(dcmpath) if dcmpath else None, event=event,
                     config=runtime.settings.config, connection=connection, **extra)
