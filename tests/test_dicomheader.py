@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from dicomflow import dicomheader
+from dicomflow import dicomheader, part10
 from tests.conftest import REPO
 from tests.support.orthanc import write_series
 
@@ -121,7 +121,7 @@ def test_files_read_in_small_chunks_answer_as_bytes_do(sag_anon, tmp_path, monke
     the answers are those of the whole file as bytes, even in chunks far smaller than a header."""
     path = _variants(sorted(sag_anon.glob("*.dcm"))[0], tmp_path)[0]
     data = path.read_bytes()
-    monkeypatch.setattr(dicomheader, "_CHUNK", 100)
+    monkeypatch.setattr(part10, "_CHUNK", 100)
     cuts = [len(data), 100, 131, 132, 300, 700, 850, 1000, 1500, 2000, 5000, 20000, 100000]
     kinds = set()
     for cut in cuts:
