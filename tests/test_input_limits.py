@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -154,8 +155,11 @@ def test_a_series_event_needs_no_instance_id(make_client, services):
 
 class _FakeOrthanc(BaseHTTPRequestHandler):
     answers: dict[str, tuple[int, bytes]] = {}
+    #: The headers of each request, in order.
+    seen: list[dict[str, str]] = []
 
     def do_GET(self):  # noqa: N802 - http.server's name
+        self.seen.append({k.lower(): v for k, v in self.headers.items()})
         status, body = self.answers.get(self.path, (404, b'{"HttpError": "Not Found", "Message": "Unknown resource"}'))
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -175,6 +179,7 @@ def fake_orthanc():
     server.shutdown()
     server.server_close()
     _FakeOrthanc.answers.clear()
+    _FakeOrthanc.seen.clear()
 
 
 def cache_for(tmp_path, redis_url, services, url: str) -> DicomCache:
@@ -226,6 +231,18 @@ def test_an_orthanc_failure_is_an_orthanc_error_with_its_answer(tmp_path, redis_
     answers[f"/instances/{good}/file"] = (200, b"DICM" * 1000)
     assert cache.instance(good).read_bytes() == b"DICM" * 1000
     assert leftovers(cache) == [f"{good}.dcm"]
+    # Asked for the file as it is: Orthanc gzips for a client that accepts gzip (its CPU, not ours).
+    assert {h.get("accept-encoding") for h in _FakeOrthanc.seen} == {"identity"}
+
+
+def test_the_cache_sends_orthancs_credentials(tmp_path, redis_url, services, fake_orthanc):
+    url, answers = fake_orthanc
+    cache = DicomCache(settings_for(tmp_path, redis_url, services, ORTHANC_URL=url, ORTHANC_USERNAME="worker",
+                                    ORTHANC_PASSWORD="s3cr:et", DICOMFLOW_ORTHANC_RETRY_SECONDS="0"))
+    good = orthanc_id("auth")
+    answers[f"/instances/{good}/file"] = (200, b"DICM")
+    cache.instance(good)
+    assert _FakeOrthanc.seen[-1]["authorization"] == "Basic " + base64.b64encode(b"worker:s3cr:et").decode()
 
 
 def test_an_unreachable_orthanc_is_an_orthanc_error(tmp_path, redis_url, services):

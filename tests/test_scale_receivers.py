@@ -8,6 +8,7 @@ receiver): both are planned, each site's series push completes with the files th
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import Counter
 from pathlib import Path
@@ -66,7 +67,8 @@ def test_a_worker_refuses_an_orthanc_it_does_not_know_by_name(tmp_path):
     settings = Settings.from_config({"DICOMFLOW_HOME": str(tmp_path), "ORTHANC_URL": "http://127.0.0.1:9",
                                      "ORTHANC_URLS": "site-b=http://u:p%40ss@127.0.0.1:9"})
     cache = DicomCache(settings)
-    assert cache.servers["site-b"] == ("http://127.0.0.1:9", ("u", "p@ss"))
+    credentials = base64.b64encode(b"u:p@ss").decode()     # the URL's credentials, unquoted
+    assert cache.servers["site-b"] == ("http://127.0.0.1:9", {"authorization": f"Basic {credentials}"})
     with pytest.raises(OrthancError, match="ORTHANC_URLS"):
         cache.instance(AN_ID, "site-c")
 
