@@ -270,8 +270,12 @@ class Enqueuer:
         if jobs:
             pipe.add("HINCRBY", bucket, "jobs", jobs)
         pipe.add("EXPIRE", bucket, RATE_KEEP)
-        per_job = Counter(f"{planned.job.service}/{planned.name}" for plan, result, _ in plans
-                          if result.status == "scheduled" for planned in plan.jobs)
+        per_job: Counter[str] = Counter()
+        for plan, result, _ in plans:
+            if result.status == "scheduled":
+                for planned in plan.jobs:   # a fanOut job is one job per item
+                    count = 1 if planned.items is None else len(planned.items)
+                    per_job[f"{planned.job.service}/{planned.name}"] += count
         for name, n in per_job.items():
             pipe.add("HINCRBY", keys.JOBS_ENQUEUED, name, n)
         if not self.recent_length or not events:

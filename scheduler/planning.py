@@ -70,13 +70,14 @@ def _interpret(result: Any) -> tuple[bool, dict[str, Any] | None]:
 
 
 def fan_out_items(jobName: str, key: str, extra: dict[str, Any] | None) -> list[Any]:
-    """The items a `fanOut` job's callback named under `key`: a list of distinct JSON-like values."""
+    """The items a `fanOut` job's callback named under `key`: a list of values distinct as text."""
     items = (extra or {}).get(key)
     if not isinstance(items, list):
         raise CallbackResultError(f"{jobName} fans out over {key!r}: its callback must return "
                                   f"(True, {{{key!r}: [...]}}), not {extra!r}")
-    if len({repr(item) for item in items}) != len(items):
-        raise CallbackResultError(f"{jobName}: the items of {key!r} must be distinct, not {items!r}")
+    # The event's run record names each job `jobName[item]`: items must differ as text.
+    if len({str(item) for item in items}) != len(items):
+        raise CallbackResultError(f"{jobName}: the items of {key!r} must be distinct as text, not {items!r}")
     return items
 
 

@@ -204,3 +204,36 @@ def test_the_fast_header_reader_makes_the_same_paths_and_registrations_as_pydico
         assert _derived(read_instance_tags(path)) == expected, path.name
         compared += 1
     assert compared > 100
+
+
+def test_a_person_name_reads_the_same_whatever_the_reader(sag_anon, tmp_path):
+    """Empty trailing component groups go, as pydicom reads them: the storage path does not
+    depend on which reader read the file."""
+    import pydicom
+
+    from dicomflow.chris.instance import read_instance_tags_pydicom
+
+    from pydicom.dataelem import RawDataElement
+
+    ds = pydicom.dcmread(sorted(sag_anon.glob("*.dcm"))[0])
+    raw = b"Yamada^Tarou=\x20\x20"[:14]        # as written by a modality: an empty ideographic group
+    ds._dict[0x00100010] = RawDataElement(pydicom.tag.Tag(0x00100010), "PN", len(raw), raw, 0, False, True)
+    path = tmp_path / "pn.dcm"
+    ds.save_as(path)
+    fast, slow = read_instance_tags(path), read_instance_tags_pydicom(path)
+    assert fast["PatientName"] == "Yamada^Tarou" and _derived(fast) == _derived(slow)
+
+
+def test_a_corrupted_tag_number_sends_the_file_to_pydicom(sag_anon, tmp_path):
+    """The fast reader stops at the first tag past the last it wants; a corrupted group number
+    that looks like one must not make it drop the tags after it (PatientID, the UIDs...)."""
+    from dicomflow.chris.instance import read_instance_tags_pydicom
+
+    data = sorted(sag_anon.glob("*.dcm"))[0].read_bytes()
+    study_date = b"\x08\x00\x20\x00DA"               # (0008,0020) StudyDate, Explicit VR LE
+    assert data.count(study_date) == 1
+    path = tmp_path / "corrupt.dcm"
+    path.write_bytes(data.replace(study_date, b"\x99\x00\x20\x00DA"))   # now (0099,0020)
+    tags = read_instance_tags(path)
+    assert {"PatientID", "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber"} <= set(tags)
+    assert _derived(tags) == _derived(read_instance_tags_pydicom(path))

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 from rq.job import Job
 
+from dicomflow import keys
 from dicomflow.service import JobSpec
 from tests.support.services import job, make_service
 from tests.test_scheduler import instance_event, post
@@ -16,6 +17,8 @@ def callback(jobName, headers, params, added_params, **kwargs):
     text = headers.get("StudyDescription", "")
     if text == "not-a-list":
         return True, {"projects": "a,b"}
+    if text == "same-as-text":
+        return True, {"projects": [1, "1"]}
     return True, {"projects": [p for p in text.split(",") if p], "note": "kept"}
 '''
 
@@ -51,16 +54,23 @@ def test_one_job_per_item_each_seeing_its_own_and_dependents_wait_for_all(make_c
     assert after.kwargs["added_params"]["fan"]["projects"] == ["mr", "ct", "all"]
     assert after.get_status() == "deferred" and sorted(after.dependency_ids) == sorted(fanned.values())
     assert connection.llen("rq:queue:default") == 3
+    # the metrics count every item's job
+    assert int(connection.hget(keys.JOBS_ENQUEUED, "f/fan")) == 3
+    assert int(connection.hget(keys.JOBS_ENQUEUED, "f/after")) == 1
 
 
 def test_no_items_is_declined_and_a_wrong_answer_is_a_callback_failure(make_client, services, connection):
     make_service(services, "f", [job("fan", "f", fanOut="projects")], callback_code=BY_DESCRIPTION)
     make_service(services, "g", job("plain", "g"))
-    empty, wrong = post(make_client(), instance_event("1.7.2", StudyDescription=""),
-                        instance_event("1.7.3", StudyDescription="not-a-list"))
+    empty, wrong, same = post(make_client(), instance_event("1.7.2", StudyDescription=""),
+                              instance_event("1.7.3", StudyDescription="not-a-list"),
+                              instance_event("1.7.4", StudyDescription="same-as-text"))
     assert empty["declined"] == ["fan"] and list(empty["jobs"]) == ["plain"]
     # the other service goes on; the failure names the job and says what was expected
     assert list(wrong["jobs"]) == ["plain"]
     [error] = wrong["errors"]
     assert "fan" in error and "fans out over 'projects'" in error and "'a,b'" in error
-    assert connection.llen("rq:queue:default") == 2
+    # items are named by their text in the event's record (`fan[1]`): 1 and "1" would be one name
+    [error] = same["errors"]
+    assert "distinct as text" in error and list(same["jobs"]) == ["plain"]
+    assert connection.llen("rq:queue:default") == 3

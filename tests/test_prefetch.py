@@ -108,3 +108,19 @@ def test_off_when_configured_or_for_fork_workers(tmp_path, redis_url, services):
     assert runtime.WorkerRuntime(settings_for(tmp_path, redis_url, services)).prefetcher is not None
     for extra in ({"DICOMFLOW_PREFETCH": "false"}, {"DICOMFLOW_WORKER_CLASS": "fork"}):
         assert runtime.WorkerRuntime(settings_for(tmp_path, redis_url, services, **extra)).prefetcher is None
+
+
+def test_an_unreachable_orthanc_is_tried_once_ahead_not_for_the_retry_time(tmp_path, redis_url, services,
+                                                                             connection):
+    """A fetch ahead holds the file's lock while it tries: during an outage it gives up at
+    once and leaves the waiting (DICOMFLOW_ORTHANC_RETRY_SECONDS) to the job that needs it."""
+    from tests.support.procs import free_port
+
+    settings = settings_for(tmp_path, redis_url, services, ORTHANC_URL=f"http://127.0.0.1:{free_port()}",
+                            DICOMFLOW_ORTHANC_RETRY_SECONDS="60")
+    cache_runtime = runtime.WorkerRuntime(settings)
+    prefetcher = Prefetcher(cache_runtime.cache, settings.queues)
+    _enqueue(Queue("default", connection=connection), ["0123abcd-0123abcd-0123abcd-0123abcd-00000001"])
+    prefetcher.start(connection)
+    prefetcher.wait(10)
+    assert not prefetcher._thread.is_alive() and prefetcher.fetched == 0

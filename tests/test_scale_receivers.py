@@ -68,7 +68,8 @@ def test_a_worker_refuses_an_orthanc_it_does_not_know_by_name(tmp_path):
                                      "ORTHANC_URLS": "site-b=http://u:p%40ss@127.0.0.1:9"})
     cache = DicomCache(settings)
     credentials = base64.b64encode(b"u:p@ss").decode()     # the URL's credentials, unquoted
-    assert cache.servers["site-b"] == ("http://127.0.0.1:9", {"authorization": f"Basic {credentials}"})
+    assert cache.servers["site-b"] == ("http://127.0.0.1:9", {"Accept-Encoding": "identity",
+                                                              "authorization": f"Basic {credentials}"})
     with pytest.raises(OrthancError, match="ORTHANC_URLS"):
         cache.instance(AN_ID, "site-c")
 

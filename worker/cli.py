@@ -30,11 +30,14 @@ def main(config_path: str | None, worker_class: str | None, burst: bool, name: s
     """Run one worker process."""
     logformat.configure()
     settings = Settings.from_config(load_config(config_path or None))
+    chosen = worker_class or settings.worker_class
     runtime = WorkerRuntime(settings)
+    if chosen != "simple":   # a forked job's process ends with its job, and a fetch ahead with it
+        runtime.prefetcher = None
     runtime.preload()
     install(runtime)
     connection = redis.Redis.from_url(settings.redis_url)
-    worker = CLASSES[worker_class or settings.worker_class](list(settings.queues), connection=connection, name=name)
+    worker = CLASSES[chosen](list(settings.queues), connection=connection, name=name)
     worker.set_heartbeat_ttl(settings.job_heartbeat_ttl)
     worker.start_reaper(settings.queues)
     ok = worker.work(burst=burst, with_scheduler=True, max_jobs=max_jobs)

@@ -47,7 +47,7 @@ class DicomCache:
         for folder in (self.root, self.instances, self.jobs):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.base_url = settings.orthanc_url.rstrip("/")
-        default = _auth(settings.orthanc_username, settings.orthanc_password) if settings.orthanc_username else {}
+        default = _headers(settings.orthanc_username, settings.orthanc_password)
         #: Orthanc name -> (base URL, request headers with its credentials): the receivers whose
         #: instances this host fetches. An instance's Orthanc id is a hash of its UIDs, the same on
         #: every receiver, so one cached file serves whichever receiver an event names.
@@ -55,7 +55,7 @@ class DicomCache:
         self.servers: dict[str, tuple[str, dict[str, str]]] = {settings.orthanc_name: self._default}
         for name, url in settings.orthanc_urls.items():
             parts = urllib.parse.urlsplit(url)
-            headers = _auth(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")) \
+            headers = _headers(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")) \
                 if parts.username else default
             netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
             self.servers[name] = (urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/"), headers)
@@ -65,17 +65,18 @@ class DicomCache:
         # gzip for (HttpCompressionEnabled): 12-14 ms of its CPU per 232 KB file, against 0.6 ms
         # for the file as it is; DICOM pixel data barely compresses, and this is loopback or LAN.
         # Safe across threads (a batch's fetches, the prefetch): a pool of connections per host.
-        self.http = urllib3.PoolManager(maxsize=8, retries=False, timeout=TIMEOUT,
-                                        headers={"Accept-Encoding": "identity"})
+        self.http = urllib3.PoolManager(maxsize=8, retries=False, timeout=TIMEOUT)
         self._last_sweep = 0.0
         #: How long a fetch keeps trying while Orthanc is unavailable (s).
         self.unavailable_for = settings.orthanc_retry_seconds
 
-    def instance(self, orthanc_id: str, server: str | None = None) -> Path:
+    def instance(self, orthanc_id: str, server: str | None = None, patiently: bool = True) -> Path:
         """The local file of an Orthanc instance, downloading it if this host has none.
 
         `server`: the name of the Orthanc that holds it (the event's `orthanc.server`); None:
-        the one at ORTHANC_URL.
+        the one at ORTHANC_URL. `patiently`: keep trying while Orthanc is unavailable, for up
+        to DICOMFLOW_ORTHANC_RETRY_SECONDS (False: one attempt; a fetch ahead must not hold the
+        file's lock through an outage while the job that needs it waits).
 
         Raises:
             OrthancError: `orthanc_id` is no Orthanc id, `server` is not configured, or Orthanc
@@ -97,8 +98,10 @@ class DicomCache:
             return path
         with os.fdopen(os.open(self.instances / f"{orthanc_id}.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.exists():
+            if not path.exists() and patiently:
                 self._download_patiently(orthanc_id, path, base_url, headers)
+            elif not path.exists():
+                self._download(orthanc_id, path, base_url, headers)
         return path
 
     def _download_patiently(self, orthanc_id: str, path: Path, base_url: str, headers: dict[str, str]) -> None:
@@ -146,7 +149,7 @@ class DicomCache:
     def _download(self, orthanc_id: str, path: Path, base_url: str, headers: dict[str, str]) -> None:
         url = f"{base_url}/instances/{orthanc_id}/file"
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-        response = None
+        response, read = None, False
         try:
             response = self.http.request("GET", url, headers=headers, preload_content=False, redirect=False)
             if response.status == 404:
@@ -159,6 +162,7 @@ class DicomCache:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                 for chunk in response.stream(1 << 20):
                     out.write(chunk)
+            read = True
             os.replace(tmp, path)
         except UNAVAILABLE as exc:
             raise OrthancUnavailableError(f"cannot fetch instance {orthanc_id} from Orthanc at {base_url}: "
@@ -167,7 +171,7 @@ class DicomCache:
             raise OrthancError(f"cannot fetch instance {orthanc_id} from Orthanc at {base_url}: {exc}") from exc
         finally:
             if response is not None:
-                _give_back(response)
+                _give_back(response, read or response.status != 200)
             tmp.unlink(missing_ok=True)
 
     def sweep(self, now: float | None = None) -> int:
@@ -202,17 +206,24 @@ def _said(response: urllib3.BaseHTTPResponse) -> str:
     return text or "(empty body)"
 
 
-def _give_back(response: urllib3.BaseHTTPResponse) -> None:
-    """Return the response's connection to the pool once its body is read to the end (an error
-    answer's rest is read first; it is short); a connection that broke off is closed instead."""
-    try:
-        response.drain_conn()
-    except urllib3.exceptions.HTTPError:
+def _give_back(response: urllib3.BaseHTTPResponse, reusable: bool) -> None:
+    """Return the response's connection to the pool when its body was read to the end or is an
+    error answer's (short: the rest is read first); else (the file's write failed, the answer
+    broke off) close it rather than read on."""
+    if reusable:
+        try:
+            response.drain_conn()
+        except urllib3.exceptions.HTTPError:
+            reusable = False
+    if reusable:
+        response.release_conn()
+    else:
         response.close()
-        return
-    response.release_conn()
 
 
-def _auth(username: str, password: str) -> dict[str, str]:
-    """The Basic authorization header of Orthanc's credentials."""
-    return urllib3.make_headers(basic_auth=f"{username}:{password}")
+def _headers(username: str = "", password: str = "") -> dict[str, str]:
+    """A request's headers: the file as it is, and Orthanc's credentials (Basic) if any."""
+    headers = {"Accept-Encoding": "identity"}
+    if username:
+        headers.update(urllib3.make_headers(basic_auth=f"{username}:{password}"))
+    return headers

@@ -86,7 +86,7 @@ class Prefetcher:
         try:
             job = self.next_job(connection)
             for orthanc_id, server in instances_of(job) if job is not None else []:
-                self.cache.instance(orthanc_id, server)
+                self.cache.instance(orthanc_id, server, patiently=False)
                 self.fetched += 1
         except Exception as exc:  # noqa: BLE001 - a hint only: the job fetches what is missing itself
             log.debug("prefetch failed (the job will fetch its files itself): %s: %s", type(exc).__name__, exc)

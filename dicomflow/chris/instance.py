@@ -39,6 +39,20 @@ def _as_text(value: Any) -> Any:
     return str(value)
 
 
+#: Tags every image has: without one of them, pydicom reads the file again (see below).
+EXPECTED = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SeriesNumber",
+            "InstanceNumber")
+
+
+def _person_name(value: str) -> str:
+    """A PN value without its empty trailing component groups (``Yamada^Tarou=`` is
+    ``Yamada^Tarou``), as pydicom reads it: the storage path must not depend on the reader."""
+    groups = value.rstrip("\x00 ").split("=")
+    while len(groups) > 1 and not groups[-1].strip():
+        groups.pop()
+    return "=".join(groups)
+
+
 #: tag -> keyword, for the fast reader; and the tags whose text the character set decodes.
 _TAGS = {dicomheader.KEYWORDS[keyword][0]: keyword for keyword in KEYWORDS}
 _TEXT_TAGS = frozenset(tag for tag, keyword in _TAGS.items() if dicomheader.KEYWORDS[keyword][1])
@@ -55,7 +69,13 @@ def read_instance_tags(path: Path | str) -> dict[str, Any]:
     try:
         with open(path, "rb") as file:
             _, found = dicomheader.read_elements(file, _TAGS, _LAST_TAG)
-        return {_TAGS[tag]: value for tag, value in dicomheader.decode(found, _TEXT_TAGS).items() if tag in _TAGS}
+        tags = {_TAGS[tag]: value for tag, value in dicomheader.decode(found, _TEXT_TAGS).items() if tag in _TAGS}
+        if all(keyword in tags for keyword in EXPECTED):
+            if "PatientName" in tags:
+                tags["PatientName"] = _person_name(tags["PatientName"])
+            return tags
+        # One of them missing: rare in an image, and what a corrupted tag number also looks like
+        # (the fast reader stops at the first tag past the last it wants): pydicom reads on.
     except dicomheader.HeaderError:
         # Another encoding, or a header the strict reader refuses that pydicom may still read
         # (an Implicit VR data set labelled Explicit, say): pydicom decides, and words the error.
