@@ -237,3 +237,36 @@ def test_a_corrupted_tag_number_sends_the_file_to_pydicom(sag_anon, tmp_path):
     tags = read_instance_tags(path)
     assert {"PatientID", "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber"} <= set(tags)
     assert _derived(tags) == _derived(read_instance_tags_pydicom(path))
+
+
+@pytest.mark.parametrize("cut", [0, 10, 131, 140, 300, 700, 1200])
+def test_a_broken_file_is_a_storage_error_naming_it(sag_anon, tmp_path, cut):
+    """Not DICOM, or cut off inside its header: a StorageWriteError naming the file (the instance
+    fails, its series records why), never another exception that would fail the whole batch."""
+    from dicomflow.chris.errors import StorageWriteError
+
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(sorted(sag_anon.glob("*.dcm"))[0].read_bytes()[:cut])
+    try:
+        tags = read_instance_tags(path)
+    except StorageWriteError as exc:
+        assert str(path) in str(exc)
+    else:   # pydicom reads what there is: then a required tag is missing, and says so
+        with pytest.raises((MissingTagError, InvalidTagError)):
+            instance_path(tags, AET)
+
+
+def test_what_pydicom_cannot_read_either_is_a_storage_error(sag_anon, tmp_path):
+    """A file the fast reader hands to pydicom (no InstanceNumber) with a VR pydicom does not
+    know: pydicom's NotImplementedError becomes the StorageWriteError that fails that instance."""
+    import pydicom
+
+    from dicomflow.chris.errors import StorageWriteError
+
+    ds = pydicom.dcmread(sorted(sag_anon.glob("*.dcm"))[0])
+    del ds.InstanceNumber
+    path = tmp_path / "odd-vr.dcm"
+    ds.save_as(path)
+    path.write_bytes(path.read_bytes().replace(b"\x08\x00\x20\x00DA", b"\x08\x00\x20\x00ZZ"))
+    with pytest.raises(StorageWriteError, match="NotImplementedError.*ZZ"):
+        read_instance_tags(path)

@@ -7,6 +7,7 @@ stores (issue 23); pydicom for whatever that reader does not read.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +92,14 @@ def read_instance_tags_pydicom(path: Path | str) -> dict[str, Any]:
     Raises:
         StorageWriteError: the file is not DICOM or cannot be read.
     """
+    tags: dict[str, Any] = {}
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(KEYWORDS))
-    except (InvalidDicomError, OSError, ValueError) as exc:
-        raise StorageWriteError(f"cannot read DICOM file {path}: {exc}") from exc
-    tags: dict[str, Any] = {}
-    for keyword in KEYWORDS:
-        element = ds.get(keyword)
-        if element is not None:
-            tags[keyword] = _as_text(element)
+        for keyword in KEYWORDS:   # values are converted here, when first read
+            element = ds.get(keyword)
+            if element is not None:
+                tags[keyword] = _as_text(element)
+    except (InvalidDicomError, OSError, EOFError, ValueError, LookupError, struct.error, NotImplementedError) as exc:
+        # pydicom's ways of saying a header is broken, truncated or of an encoding it lacks
+        raise StorageWriteError(f"cannot read DICOM file {path}: {type(exc).__name__}: {exc}") from exc
     return tags
