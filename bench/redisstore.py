@@ -40,7 +40,7 @@ from dicomflow.redisstore import RedisStore, resp
 from dicomflow.redisstore.cli.load import _start_process, _work
 from dicomflow.redisstore.fetch import fetch, transfer
 from dicomflow.redisstore.model import read_header
-from dicomflow.redisstore.store import parse_date_range
+from dicomflow.redisstore.query import parse_date_range
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_KB = (64, 256, 1024)

@@ -15,7 +15,7 @@ from dicomflow.errors import ConfigError
 from dicomflow.redisstore import NotFoundError, RedisStore, RedisStoreError, StoreSettings
 from dicomflow.redisstore.errors import AmbiguousError
 from dicomflow.redisstore.model import RANGED
-from dicomflow.redisstore.store import parse_date_range
+from dicomflow.redisstore.query import parse_date_range
 
 bp = Blueprint("redisstore", __name__, url_prefix="/api/v1/redisstore")
 

@@ -19,7 +19,8 @@ from dicomflow.redisstore import (InvalidInputError, NotFoundError, QueueDatabas
 from dicomflow.redisstore.errors import IntegrityError
 from dicomflow.redisstore.fetch import fetch
 from dicomflow.redisstore.model import read_header
-from dicomflow.redisstore.store import PENDING_TTL, parse_date_range
+from dicomflow.redisstore.query import parse_date_range
+from dicomflow.redisstore.store import PENDING_TTL
 from tests.support.redis_server import start_redis_server
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dicomflow import dicomheader
 from dicomflow.redisstore.errors import InvalidInputError
@@ -128,3 +128,40 @@ def same_content(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
     def strip(doc: Mapping[str, str]) -> dict[str, str]:
         return {k: v for k, v in doc.items() if k not in VOLATILE}
     return bool(old) and strip(old) == strip(new)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a batch (`RedisStore.store_files`); `tags`/`transfer_syntax` None: read from the file."""
+
+    path: str
+    tags: Mapping[str, object] | None = None
+    file_name: str | None = None
+    transfer_syntax: str | None = None
+    orthanc: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What `store` did: ``stored`` (new), ``replaced``, ``unchanged`` (identical, skipped)."""
+
+    sop: str
+    status: str
+    size: int
+    chunks: int
+    version: str
+
+
+@dataclass
+class StoredInstance:
+    """One instance read back: its document and, when asked for, its bytes (bytes-like: the chunk reader's
+    `bytearray` for one instance, a `memoryview` slice of one buffer for several; `bytes(data)` copies)."""
+
+    sop: str
+    doc: dict[str, str]
+    data: bytes | bytearray | memoryview | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def file_name(self) -> str:
+        return self.doc.get("file_name", "")

@@ -7,7 +7,6 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import msgpack
 import redis
@@ -16,6 +15,8 @@ from dicomflow.redisstore import model, resp, scripts
 from dicomflow.redisstore.errors import (AmbiguousError, IntegrityError, InvalidInputError, NotFoundError,
                                          QueueDatabaseError, RedisStoreError, StoreFullError)
 from dicomflow.redisstore.keys import StoreKeys
+from dicomflow.redisstore.model import FileEntry, StoredInstance, StoreResult
+from dicomflow.redisstore.query import encode_query
 from dicomflow.redisstore.settings import DEFAULT_CHUNK_KB, StoreSettings
 
 #: Seconds new chunks live before their document is switched in (a writer that dies leaves
@@ -33,63 +34,6 @@ WRITE_BATCH = 16
 IN_MEMORY_MAX = 64 << 20
 #: Files of a batch (`store_files`) larger than this are stored on their own.
 BATCH_FILE_MAX = 16 << 20
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a batch (`RedisStore.store_files`); `tags`/`transfer_syntax` None: read from the file."""
-
-    path: str
-    tags: Mapping[str, object] | None = None
-    file_name: str | None = None
-    transfer_syntax: str | None = None
-    orthanc: Mapping[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    """What `store` did: ``stored`` (new), ``replaced``, ``unchanged`` (identical, skipped)."""
-
-    sop: str
-    status: str
-    size: int
-    chunks: int
-    version: str
-
-
-@dataclass
-class StoredInstance:
-    """One instance read back: its document and, when asked for, its bytes (bytes-like: the chunk reader's
-    `bytearray` for one instance, a `memoryview` slice of one buffer for several; `bytes(data)` copies)."""
-
-    sop: str
-    doc: dict[str, str]
-    data: bytes | bytearray | memoryview | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def file_name(self) -> str:
-        return self.doc.get("file_name", "")
-
-
-def parse_date_range(text: str) -> tuple[int, int]:
-    """``2013``, ``201303``, ``20130308``, or ``FROM-TO`` of those (either side may be empty) -> YYYYMMDD bounds.
-
-    Raises:
-        ValueError: the text is none of these.
-    """
-    def bound(part: str, upper: bool) -> int:
-        part = part.strip()
-        if not part:
-            return 99991231 if upper else 0
-        if not part.isdigit() or len(part) not in (4, 6, 8):
-            raise ValueError(f"expected YYYY, YYYYMM or YYYYMMDD, not {part!r}")
-        pad = {4: ("0000", "1231"), 6: ("00", "31"), 8: ("", "")}[len(part)]
-        return int(part + (pad[1] if upper else pad[0]))
-    lo, sep, hi = text.partition("-")
-    if not sep:
-        return bound(lo, False), bound(lo, True)
-    return bound(lo, False), bound(hi, True)
 
 
 class RedisStore:
@@ -470,7 +414,7 @@ class RedisStore:
         Raises:
             ValueError: a field that is not indexed.
         """
-        query = _query(eq, ranges)
+        query = encode_query(eq, ranges)
         reply = msgpack.unpackb(self._search(args=[self.keys.prefix, query, "find", limit,
                                                     0 if documents or with_bytes else -1]))
         found = [StoredInstance(item[0], dict(zip(item[1][::2], item[1][1::2])) if len(item) > 1 else {})
@@ -495,7 +439,7 @@ class RedisStore:
                                  "(or give a filter)")
             pairs = self.client.zrange(self.keys.values(by), 0, -1, desc=True, withscores=True)
             return {v.decode(): int(s) for v, s in pairs}
-        reply = self._search(args=[self.keys.prefix, _query(eq, ranges), "count", by])
+        reply = self._search(args=[self.keys.prefix, encode_query(eq, ranges), "count", by])
         counts = {reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)}
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -517,17 +461,6 @@ class RedisStore:
         """Whether `sop` is stored with these bytes (resumable loads skip it)."""
         old_sha, old_size = self.client.hmget(self.keys.doc(sop), ["sha256", "size"])
         return old_sha is not None and old_sha.decode() == sha256 and int(old_size) == size
-
-
-def _query(eq: Mapping[str, str] | None, ranges: Mapping[str, tuple[int, int]] | None) -> bytes:
-    for name in (eq or {}):
-        if name not in model.INDEXED:
-            raise ValueError(f"{name!r} is not indexed; search by one of {', '.join(model.INDEXED)}")
-    for name in (ranges or {}):
-        if name not in model.RANGED:
-            raise ValueError(f"{name!r} has no range index; ranges on {', '.join(model.RANGED)}")
-    return msgpack.packb({"eq": [[k, str(v)] for k, v in (eq or {}).items()],
-                          "ranges": [[k, int(lo), int(hi)] for k, (lo, hi) in (ranges or {}).items()]})
 
 
 def _decode_doc(sop: bytes, flat: list[bytes]) -> StoredInstance:

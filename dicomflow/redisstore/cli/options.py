@@ -10,7 +10,7 @@ import redis
 from dicomflow.config import load_config
 from dicomflow.errors import DicomflowError
 from dicomflow.redisstore import RedisStore, StoreSettings
-from dicomflow.redisstore.store import parse_date_range
+from dicomflow.redisstore.query import parse_date_range
 
 #: Exit status of a failure the message explains (2, a usage error, is click's).
 FAILED = 1
