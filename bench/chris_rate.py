@@ -15,11 +15,13 @@ cost: every registration burns `--cpu-ms` (16) of CPU under one lock, as CUBE 5'
 Django process does, so CUBE competes with the pipeline for this machine's cores as real CUBE
 did when the issue was measured.
 Usage: .venv/bin/python -m bench.chris_rate [--rounds 3] [--workers 1,2,4] [--cpu-ms 16] [--no-nagle]
+       [--pin-cube] [--verbose] [--config KEY=VALUE]
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import json
 import multiprocessing
@@ -33,8 +35,11 @@ import time
 from pathlib import Path
 
 import pydicom
+import redis
 import requests
 from pydicom.uid import generate_uid
+from rq.job import Job
+from rq.registry import FinishedJobRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -149,6 +154,19 @@ def fresh_series(files: list[Path], folder: Path) -> Path:
     return folder
 
 
+def machine_idle() -> tuple[int, int]:
+    """(all, idle + iowait) CPU ticks of the machine so far (/proc/stat)."""
+    with open("/proc/stat") as handle:
+        ticks = [int(v) for v in handle.readline().split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+def busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time that was used between two `machine_idle()` readings."""
+    total = after[0] - before[0]
+    return 1 - (after[1] - before[1]) / total if total else 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its reaped children so far."""
     with open(f"/proc/{pid}/stat") as handle:
@@ -180,19 +198,22 @@ def pipeline(stack: Pipeline, cube: Cube, pacs: str, series: Path, count: int) -
     """The stack's rate: storescu sends the series as AE `pacs`; files/s to the last registration."""
     parts = components(stack, cube)
     cpu_before = cpu_by_component(parts)
+    idle_before = machine_idle()
     start = time.time()
     stack.orthanc.store([series], aet=pacs, pattern="*.dcm")
     sent = time.time() - start
     wait_for(lambda: cube.registered(pacs)[0] >= count, timeout=600, interval=0.1,
              what=f"{count} registrations from {pacs}")
     _, first, last = cube.registered(pacs)
+    idle_after = machine_idle()
     cpu_after = cpu_by_component(parts)
     for name in parts:
         CPU.setdefault(name, []).append((cpu_after[name] - cpu_before[name]) / count * 1000)
     if VERBOSE:
         print(f"  {pacs}: sent in {sent:.1f} s, first registration after {first - start:.1f} s, "
               f"last after {last - start:.1f} s; CPU ms/instance: "
-              + ", ".join(f"{name} {CPU[name][-1]:.1f}" for name in parts), flush=True)
+              + ", ".join(f"{name} {CPU[name][-1]:.1f}" for name in parts)
+              + f"; the machine's cores {busy(idle_before, idle_after):.0%} busy", flush=True)
         times = cube.times(pacs)
         gaps = sorted((b - a) * 1000 for a, b in zip(times, times[1:]))
         if gaps:
@@ -202,7 +223,53 @@ def pipeline(stack: Pipeline, cube: Cube, pacs: str, series: Path, count: int) -
                   f"max {gaps[-1]:.0f} ms; {len(long)} over twice the median, {sum(long) / 1000:.2f} s in all; "
                   f"registrations before the last instance was sent: {sum(t < start + sent for t in times)}",
                   flush=True)
+        print("    " + job_boundaries(stack, times), flush=True)
     return count / (last - start)
+
+
+def pin_cube(pid: int) -> None:
+    """CUBE's process (every thread) on core 0; this process, and so every process it starts
+    from now on, on the others."""
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        raise SystemExit("--pin-cube needs at least two cores")
+    first = min(cores)
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(thread), {first})
+    os.sched_setaffinity(0, cores - {first})
+
+
+def _seconds(moment) -> float:
+    """An RQ timestamp (UTC, naive or aware) as Unix time."""
+    return calendar.timegm(moment.utctimetuple()) + moment.microsecond / 1e6
+
+
+def job_boundaries(stack: Pipeline, times: list[float]) -> str:
+    """Where the time between a job's last registration and the next job's first goes: per
+    worker, the gap from one chrisStore job's end to the next one's start (RQ's cycle) and from
+    a job's start to its first registration (its first instance's fetch and store)."""
+    connection = redis.Redis.from_url(stack.env["DICOMFLOW_REDIS_URL"])
+    registry = FinishedJobRegistry("high", connection=connection)
+    jobs = [job for job in Job.fetch_many(registry.get_job_ids(), connection=connection)
+            if job is not None and job.started_at and job.ended_at and job.worker_name
+            and _seconds(job.ended_at) >= times[0] - 5]
+    cycles, firsts = [], []
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for job in jobs:
+        by_worker.setdefault(job.worker_name, []).append((_seconds(job.started_at), _seconds(job.ended_at)))
+    for spans in by_worker.values():
+        spans.sort()
+        cycles += [(b[0] - a[1]) * 1000 for a, b in zip(spans, spans[1:])]
+        for begin, _ in spans:
+            after = [t for t in times if t >= begin]
+            if after:
+                firsts.append((after[0] - begin) * 1000)
+    connection.close()
+    if not cycles:
+        return f"jobs: {len(jobs)}"
+    return (f"{len(jobs)} jobs; job end -> next job start: p50 {statistics.median(cycles):.1f} ms, "
+            f"max {max(cycles):.0f} ms; job start -> its first registration: p50 "
+            f"{statistics.median(firsts):.1f} ms, max {max(firsts):.0f} ms")
 
 
 def series_latency(stack: Pipeline, cube: Cube, pacs: str, series: Path, stable_age: float) -> float:
@@ -245,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="a variant of the pipeline's configuration, measured side by side with the "
                              "shipped one (and its own direct runs), e.g. DICOMFLOW_PREFETCH=false; repeatable")
+    parser.add_argument("--pin-cube", action="store_true",
+                        help="CUBE on core 0 alone, everything else (the pipeline, the direct clients) on "
+                             "the other cores: as CUBE on a host of its own; shows the pipeline's own cost "
+                             "apart from sharing CPU with CUBE")
     parser.add_argument("--series-workers", type=int, default=2,
                         help="workers of the series-mode stack (0: no series-mode runs)")
     args = parser.parse_args(argv)
@@ -262,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         files_root.mkdir()
         redis_proc, connection = start_redis(tmp_path)
         cube = Cube(files_root, args.cpu_ms / 1000, nagle=not args.no_nagle)
+        if args.pin_cube:
+            pin_cube(cube.pid)
         try:
             for n in counts:
                 for size, (variant, extra) in [(size, config) for size in sizes for config in configs]:
@@ -306,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             redis_proc.wait(10)
             shutil.rmtree(files_root, ignore_errors=True)
     print(f"\nsag-anon, {len(files)} files; CUBE double in pacsfiles mode burning {args.cpu_ms:g} ms CPU per "
-          f"registration under one lock, {'served as runserver (Nagle on)' if not args.no_nagle else 'Nagle off'}; "
+          f"registration under one lock, {'served as runserver (Nagle on)' if not args.no_nagle else 'Nagle off'}"
+          f"{', alone on core 0 (--pin-cube)' if args.pin_cube else ''}; "
           f"medians of {args.rounds} rounds, side by side; CUBE's own rate: the best way of the round")
     width = max(len(row[1]) for row in rows)
     print(f"{'N':>3} {'pipeline':<{width}} " + " ".join(f"{how + ' /s':>17}" for how in CLIENTS)

@@ -330,13 +330,16 @@ def test_a_batch_stores_and_registers_all_it_can_and_its_retry_does_only_the_res
     assert progress["stored"] == 8 and progress["registered"] == 8 and progress["errors"] == {}
 
 
+@pytest.mark.parametrize("in_flight", [1, 2])
 def test_a_batch_stops_asking_cube_once_it_is_unavailable_and_its_retry_registers_the_rest(
-        service, connection, make_cube, incoming, files_root):
+        service, connection, make_cube, incoming, files_root, in_flight):
     """One retry layer: a request is tried CHRIS_HTTP_RETRIES times at once, then the job fails
     (RQ retries it later, waiting in Redis); the batch does not make every other instance wait
-    for CUBE too. The files are stored either way."""
+    for CUBE too, whatever number of registrations it keeps in flight. The files are stored
+    either way."""
     cube = make_cube("cube5")
-    config = chris_config(cube, CHRIS_HTTP_RETRIES="2", CHRIS_REGISTRATION="pacsfiles")
+    config = chris_config(cube, CHRIS_HTTP_RETRIES="2", CHRIS_REGISTRATION="pacsfiles", CHRIS_RETRY_BASE="0.25",
+                          CHRIS_RETRY_CAP="1", CHRIS_REGISTRATIONS_IN_FLIGHT=str(in_flight))
     files = instance_files(incoming)[:8]
     batch = [{"headers": {}, "added_params": {}, "event": instance_event(p.stem), "dcmpath": str(p)} for p in files]
     high = Queue("high", connection=connection)
@@ -344,12 +347,14 @@ def test_a_batch_stops_asking_cube_once_it_is_unavailable_and_its_retry_register
                        **job_kwargs("chrisStore", incoming, instance_event(files[0].stem), config))
     with ChrisClient(ChrisSettings.from_config(config), connection) as client:
         client.token()  # shared through Redis: the faults below are the registrations'
-    cube.fail_next(2, status=503)
+    # Each registration in flight is tried twice; the second tries come half a second after the
+    # first ones (CHRIS_RETRY_BASE 0.25 s * 2), so every try of each meets CUBE's outage.
+    cube.fail_next(2 * in_flight, status=503)
     SimpleWorker([high], connection=connection).work(burst=True)
     assert job.get_status(refresh=True) == JobStatus.FAILED
     error = job.latest_result().exc_string
     assert "8 of 8 instance(s) failed" in error and "HTTP 503" in error
-    assert [r.status for r in cube.registrations()] == [503, 503], "the other 7 were not tried"
+    assert [r.status for r in cube.registrations()] == [503] * (2 * in_flight), "the others were not tried"
     assert len(list((files_root / SAG_FOLDER).glob("*.dcm"))) == 8, "stored all the same"
     FailedJobRegistry(queue=high).requeue(job.id)
     SimpleWorker([high], connection=connection).work(burst=True)
@@ -357,11 +362,14 @@ def test_a_batch_stops_asking_cube_once_it_is_unavailable_and_its_retry_register
     assert len([p for p in cube.state.files if p.startswith(SAG_FOLDER + "/")]) == 8
 
 
-def test_the_jobs_of_a_worker_process_register_over_one_kept_connection(service, connection, make_cube, incoming):
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_the_jobs_of_a_worker_process_register_over_kept_connections(service, connection, make_cube, incoming,
+                                                                     in_flight):
     """The service keeps one session per CUBE per worker process: a job's registrations do not
-    open a connection of their own (the double served as CUBE 5's runserver, Nagle on)."""
+    open connections of their own, one per registration in flight is kept from job to job (the
+    double served as CUBE 5's runserver, Nagle on)."""
     cube = make_cube("cube5", nagle=True)
-    config = chris_config(cube)
+    config = chris_config(cube, CHRIS_REGISTRATIONS_IN_FLIGHT=str(in_flight))
     files = instance_files(incoming)[:8]
     high = Queue("high", connection=connection)
     for chunk in (files[:4], files[4:]):
@@ -372,4 +380,25 @@ def test_the_jobs_of_a_worker_process_register_over_one_kept_connection(service,
     SimpleWorker([high], connection=connection).work(burst=True)
     posts = [r for r in cube.registrations() if r.body["path"].startswith(SAG_FOLDER + "/")]
     assert len(posts) == 8 and {r.status for r in posts} == {201}
-    assert len({r.port for r in posts}) == 1, "both jobs' registrations went over one connection"
+    assert 1 <= len({r.port for r in posts}) <= in_flight, "both jobs' registrations went over the kept connections"
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_a_batch_keeps_its_registrations_in_flight_as_configured(service, connection, make_cube, incoming,
+                                                                 in_flight):
+    """CUBE 5 registers one file at a time: a worker that waited for each answer before sending
+    the next left CUBE idle while it did its own part in between. With two in flight, CUBE
+    holds the next registration while it writes one; never more than configured."""
+    cube = make_cube("cube5", write_cost=0.05)
+    config = chris_config(cube, CHRIS_REGISTRATIONS_IN_FLIGHT=str(in_flight))
+    files = instance_files(incoming)[:8]
+    batch = [{"headers": {}, "added_params": {}, "event": instance_event(p.stem), "dcmpath": str(p)} for p in files]
+    high = Queue("high", connection=connection)
+    job = high.enqueue("tests.support.chris_env.run_service", "chris.store", batch=batch,
+                       **job_kwargs("chrisStore", incoming, instance_event(files[0].stem), config))
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert job.return_value()["registered"] == 8
+    assert cube.state.most_in_flight == in_flight
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
+    assert progress["stored"] == 8 and progress["registered"] == 8 and progress["errors"] == {}

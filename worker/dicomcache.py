@@ -104,6 +104,11 @@ class DicomCache:
                 self._download(orthanc_id, path, base_url, headers)
         return path
 
+    def has(self, orthanc_id: str) -> bool:
+        """Whether this host's cache holds the instance already (a name that is no Orthanc id: False)."""
+        return isinstance(orthanc_id, str) and bool(ORTHANC_ID.fullmatch(orthanc_id)) \
+            and (self.instances / f"{orthanc_id}.dcm").exists()
+
     def _download_patiently(self, orthanc_id: str, path: Path, base_url: str, headers: dict[str, str]) -> None:
         """`_download`, tried again with back-off while Orthanc is unavailable (restarting,
         overloaded) for up to DICOMFLOW_ORTHANC_RETRY_SECONDS: a blip of Orthanc must not

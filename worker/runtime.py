@@ -85,12 +85,15 @@ class WorkerRuntime:
         # One Orthanc per batch: the scheduler never puts instances another Orthanc holds together.
         server = orthancs[0].get("server") if orthancs else None
         unique = list(dict.fromkeys(ids))
-        if len(unique) > 1:
+        # Usually all fetched ahead (worker/prefetch.py): then no threads are started, which cost
+        # a job ~2 ms before its first instance while CUBE waited (bench/chris_rate.py).
+        missing = [orthanc_id for orthanc_id in unique if not self.cache.has(orthanc_id)]
+        if len(missing) > 1:
             # Fetched side by side: one after the other, a batch's files were a pause of the
             # job's whole pipeline (8 x 1-9 ms, by load; bench/chris_rate.py); Orthanc serves
             # its REST API from a pool of threads.
-            with ThreadPoolExecutor(min(FETCH_THREADS, len(unique)), thread_name_prefix="fetch") as pool:
-                for _ in pool.map(lambda orthanc_id: self.cache.instance(orthanc_id, server), unique):
+            with ThreadPoolExecutor(min(FETCH_THREADS, len(missing)), thread_name_prefix="fetch") as pool:
+                for _ in pool.map(lambda orthanc_id: self.cache.instance(orthanc_id, server), missing):
                     pass
         folder = self.cache.folder(unique, job_id, server)
         return [{**item, "dcmpath": str(folder / f"{orthanc_id}.dcm")} for item, orthanc_id in zip(items, ids)], folder

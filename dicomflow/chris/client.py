@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,7 +78,10 @@ def _body(response: requests.Response) -> Any:
 
 
 class ChrisClient:
-    """One client per job: a requests.Session on CUBE's API root, sharing token and rate via Redis."""
+    """One client per job: a requests.Session on CUBE's API root, sharing token and rate via Redis.
+
+    Safe to use from several threads at once (a batch's registrations in flight): the session's
+    pool gives each its own connection."""
 
     def __init__(self, settings: ChrisSettings, connection: redis.Redis,
                  session: requests.Session | None = None,
@@ -94,6 +98,9 @@ class ChrisClient:
         self._token_key = f"{_KEYS}token:{ident}"
         self._api_key = f"{_KEYS}api:{hashlib.sha256(settings.url.encode()).hexdigest()[:16]}"
         self._token: str | None = settings.token or None
+        self._token_lock = threading.Lock()
+        #: The API detected, kept for this client's life (a job): one Redis read, not one per file.
+        self._mode: Registration | None = None
 
     def close(self) -> None:
         """Close the HTTP connections (unless the session was given: its owner closes it)."""
@@ -150,6 +157,10 @@ class ChrisClient:
         """
         if self._token:
             return self._token
+        with self._token_lock:   # registrations in flight at once: one of them asks CUBE
+            return self._token or self._new_token()
+
+    def _new_token(self) -> str:
         cached = self._connection.get(self._token_key)
         if cached:
             self._token = cached.decode()
@@ -184,9 +195,12 @@ class ChrisClient:
         """
         if self.settings.registration is not Registration.AUTO:
             return self.settings.registration
+        if self._mode is not None:
+            return self._mode
         cached = self._connection.get(self._api_key)
         if cached:
-            return Registration(cached.decode())
+            self._mode = Registration(cached.decode())
+            return self._mode
         found = None
         for path, kind in ((SERIES, Registration.SERIES), (PACSFILES, Registration.PACSFILES)):
             response = self.request("GET", path, params={"limit": 1})
@@ -200,6 +214,7 @@ class ChrisClient:
             raise ChrisRequestError("GET", self.settings.url + PACSFILES, 404,
                                     "CUBE offers neither pacs/series/ nor pacsfiles/")
         self._connection.set(self._api_key, found.value, ex=API_CACHE_TTL)
+        self._mode = found
         return found
 
     # -- registration -----------------------------------------------------------------------

@@ -114,9 +114,10 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
     asked over `session` if given (kept by the caller across jobs: no new connection per job).
 
     The local work for an instance (read its tags, write the file, count it) runs while CUBE
-    answers the previous instance's registration, in one thread beside the job: one request in
-    flight per worker, as with one instance per job, but CUBE's round trip no longer adds to
-    the worker's own time (issue 23). Every instance is tried; those that failed are named in
+    answers the registrations before it, which run in threads beside the job, up to
+    CHRIS_REGISTRATIONS_IN_FLIGHT at once: CUBE's round trip no longer adds to the worker's own
+    time, and with two in flight CUBE has the next registration while it answers one (issue 23).
+    Every instance is tried; those that failed are named in
     `BatchItemsError` (the job is retried as a whole; each step is idempotent).
 
     Returns:
@@ -142,7 +143,8 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
             raise
 
     with ChrisClient(settings, connection, session=session) as client, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="chris-register") as registrar:
+            ThreadPoolExecutor(max_workers=settings.registrations_in_flight,
+                               thread_name_prefix="chris-register") as registrar:
         pending: list[tuple[str, Future]] = []
         mode = None
         for dcmpath, event in items:

@@ -51,6 +51,10 @@ class ChrisSettings(BaseModel):
     rate_limit: float = Field(default=0.0, ge=0, alias="CHRIS_RATE_LIMIT")
     #: How many seconds of requests the token bucket lets through at once.
     rate_burst: float = Field(default=1.0, gt=0, alias="CHRIS_RATE_BURST")
+    #: Registrations a batch job keeps in flight at once. CUBE 5 takes one at a time, so with one
+    #: the worker's own work between two of them (Redis, JSON, HTTP) left CUBE idle every time;
+    #: with two the next one waits in CUBE while the last is answered (issue 23, docs/chris.md).
+    registrations_in_flight: int = Field(default=2, ge=1, le=16, alias="CHRIS_REGISTRATIONS_IN_FLIGHT")
     #: How long a series job waits for the store/register jobs of its series.
     series_wait: float = Field(default=300.0, ge=0, alias="CHRIS_SERIES_WAIT")
     nats_url: str = Field(default="", alias="NATS_URL")

@@ -60,6 +60,8 @@ class CubeState:
     series: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (pacs, uid) -> body
     series_paths: dict[str, str] = field(default_factory=dict)  # folder -> SeriesInstanceUID
     in_flight: set[str] = field(default_factory=set)
+    #: The most registrations that were being written at one time.
+    most_in_flight: int = 0
     inserted: set[str] = field(default_factory=set)  # the unique index
 
 
@@ -357,6 +359,7 @@ class CubeDouble:
             if key in self.state.in_flight or key in self.state.inserted:
                 return self._json({"detail": "duplicate key value violates unique constraint"}, 500)
             self.state.in_flight.add(key)
+            self.state.most_in_flight = max(self.state.most_in_flight, len(self.state.in_flight))
         try:
             time.sleep(self.write_cost)
             if self.cpu_cost:
