@@ -133,8 +133,8 @@ if redis.call('SCARD', p .. 'all') == 0 then redis.call('DEL', p .. 'stats') end
 return 1
 """
 
-#: Read one instance in one round trip. ARGV: prefix, mode ('sop' | 'file'), key, max inline chunks.
-#: Returns {sop, doc (flat), chunk, chunk, ...}: the chunks only when there are at most that many;
+#: Read one instance in one round trip. ARGV: prefix, mode ('sop' | 'file'), key, max inline bytes.
+#: Returns {sop, doc (flat), chunk, chunk, ...}: the chunks only when the file is at most that large;
 #: an error 'NOTFOUND' or 'AMBIGUOUS <n>'.
 GET = "#!lua flags=no-writes\n" + r"""
 local p, mode, key, maxinline = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -151,7 +151,7 @@ local d = {}
 for i = 1, #flat, 2 do d[flat[i]] = flat[i + 1] end
 local out = {sop, flat}
 local n = tonumber(d['chunks'])
-if n <= maxinline then
+if n > 0 and tonumber(d['size']) <= maxinline then
   for i = 0, n - 1 do out[#out + 1] = redis.call('GET', p .. 'chunk:' .. sop .. ':' .. d['version'] .. ':' .. i) end
 end
 return out
