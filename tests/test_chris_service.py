@@ -14,6 +14,7 @@ from rq.job import JobStatus
 from rq.registry import FailedJobRegistry
 
 from dicomflow.chris.client import ChrisClient
+from dicomflow.chris.jobs import store_batch
 from dicomflow.chris.progress import recent_series, series_progress
 from dicomflow.chris.settings import ChrisSettings
 from dicomflow.errors import MissingTagError
@@ -402,3 +403,16 @@ def test_a_batch_keeps_its_registrations_in_flight_as_configured(service, connec
     assert cube.state.most_in_flight == in_flight
     progress = series_progress(connection, AET, SAG_SERIES_UID)
     assert progress["stored"] == 8 and progress["registered"] == 8 and progress["errors"] == {}
+
+
+def test_a_batch_told_not_to_register_only_stores(connection, make_cube, incoming):
+    """store_batch(register=False) writes and counts the files and sends CUBE nothing (its
+    registration helper once shadowed the flag, and every batch registered)."""
+    cube = make_cube("cube5")
+    settings = ChrisSettings.from_config(chris_config(cube))
+    files = instance_files(incoming)[:3]
+    result = store_batch(settings, connection, [(p, instance_event(p.stem)) for p in files], register=False)
+    assert (result["stored"], result["registered"]) == (3, 0)
+    assert cube.registrations() == []
+    assert all(Path(settings.files_root, r["path"]).is_file() for r in result["results"].values())
+    assert series_progress(connection, AET, SAG_SERIES_UID)["stored"] == 3

@@ -130,7 +130,7 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
     failures: dict[str, str] = {}
     unavailable = threading.Event()
 
-    def register(dcmpath: Path, event: Mapping[str, Any], tags: Mapping[str, Any], info: dict[str, str]) -> dict:
+    def register_one(dcmpath: Path, event: Mapping[str, Any], tags: Mapping[str, Any], info: dict[str, str]) -> dict:
         # Once CUBE did not answer, the others would each wait CHRIS_HTTP_TIMEOUT for nothing:
         # the job fails, and RQ's retry registers them (their files are stored).
         if unavailable.is_set():
@@ -155,7 +155,7 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
                 if register and mode is None:
                     mode = client.detect_registration()  # cached in Redis: one GET at most
                 if register and mode is Registration.PACSFILES:
-                    pending.append((key, registrar.submit(register, Path(dcmpath), event, tags, info)))
+                    pending.append((key, registrar.submit(register_one, Path(dcmpath), event, tags, info)))
             except (MissingTagError, ChrisError) as exc:
                 failures[key] = str(exc)
         for key, future in pending:
