@@ -6,12 +6,14 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
 import redis
 import requests
+from redis.lock import Lock
 
 from dicomflow import httpsession
 from dicomflow.chris.errors import (
@@ -228,29 +230,39 @@ class ChrisClient:
         lock_name = f"{_KEYS}lock:{hashlib.sha1(key.encode()).hexdigest()}"
         ttl = self._lock_ttl()
         lock = self._connection.lock(lock_name, timeout=ttl, blocking_timeout=ttl, sleep=0.02)
-        if not lock.acquire():
+        token = uuid.uuid4().hex
+        if not lock.acquire(token=token):
             raise RegistrationBusyError(f"registration {key} is locked by another worker for over {ttl:.0f}s")
         kind = "files" if path == PACSFILES else "series"
         try:
             response = self.request("POST", path, json=body)
         except ChrisUnavailableError:
-            self._count(kind, "unavailable")
+            self._release(lock, token, f"{kind}:unavailable")
             raise
-        finally:
-            lock.release()
+        except BaseException:
+            self._release(lock, token, None)
+            raise
         status, answer = response.status_code, _body(response)
-        if status == 201:
-            self._count(kind, "created")
+        outcome = "created" if status == 201 else "already" if is_already_registered(status, answer) else "refused"
+        self._release(lock, token, f"{kind}:{outcome}")
+        if outcome == "created":
             return Registered(True, status, answer)
-        if is_already_registered(status, answer):
-            self._count(kind, "already")
+        if outcome == "already":
             return Registered(False, status, answer)
-        self._count(kind, "refused")
         raise ChrisRequestError("POST", self.settings.url + path, status, answer)
 
-    def _count(self, kind: str, outcome: str) -> None:
-        """Count a registration's outcome for /metrics (`COUNTERS_KEY`, since Redis started)."""
-        self._connection.hincrby(COUNTERS_KEY, f"{kind}:{outcome}", 1)
+    def _release(self, lock: Lock, token: str, counter: str | None) -> None:
+        """Release the lock and count the outcome (`COUNTERS_KEY`, for /metrics) in one round trip:
+        a registration in flight beside the job's other work pays every round trip twice, once
+        in the GIL it hands back and forth (issue 23)."""
+        pipe = self._connection.pipeline(transaction=False)
+        lock.lua_release(keys=[lock.name], args=[token], client=pipe)
+        if counter is not None:
+            pipe.hincrby(COUNTERS_KEY, counter, 1)
+        if not pipe.execute()[0]:
+            # Held past its TTL (longer than every attempt's timeout together): another worker
+            # may have registered the same path meanwhile, which CUBE answers "already".
+            log.warning("the lock %s expired before the registration was answered", lock.name)
 
     def register_file(self, fields: dict[str, Any]) -> Registered:
         """Register one stored file (CUBE 5 pacsfiles API); `fields` include `path`.

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +109,10 @@ def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pa
 
 def store_batch(settings: ChrisSettings, connection: redis.Redis,
                 items: Sequence[tuple[Path, Mapping[str, Any]]], register: bool = True,
-                session: requests.Session | None = None) -> dict[str, Any]:
+                session: requests.Session | None = None, registrar: Executor | None = None) -> dict[str, Any]:
     """Store (and with `register`, register) several instances: a `batchSize` job; CUBE is
-    asked over `session` if given (kept by the caller across jobs: no new connection per job).
+    asked over `session` if given, from the threads of `registrar` if given (both kept by the
+    caller across jobs: no new connection, no new threads per job).
 
     The local work for an instance (read its tags, write the file, count it) runs while CUBE
     answers the registrations before it, which run in threads beside the job, up to
@@ -142,27 +143,34 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
             unavailable.set()
             raise
 
+    own = registrar is None
+    if registrar is None:
+        registrar = ThreadPoolExecutor(settings.registrations_in_flight, thread_name_prefix="chris-register")
     with ChrisClient(settings, connection, session=session) as client, \
-            ThreadPoolExecutor(max_workers=settings.registrations_in_flight,
-                               thread_name_prefix="chris-register") as registrar:
+            (registrar if own else contextlib.nullcontext(registrar)):
         pending: list[tuple[str, Future]] = []
         mode = None
-        for dcmpath, event in items:
-            key = instance_key(event, Path(dcmpath).stem)
-            try:
-                result, tags, info = _store(settings, connection, Path(dcmpath), event)
-                results[key] = result
-                if register and mode is None:
-                    mode = client.detect_registration()  # cached in Redis: one GET at most
-                if register and mode is Registration.PACSFILES:
-                    pending.append((key, registrar.submit(register_one, Path(dcmpath), event, tags, info)))
-            except (MissingTagError, ChrisError) as exc:
-                failures[key] = str(exc)
-        for key, future in pending:
-            try:
-                results[key].update(future.result())
-            except (MissingTagError, ChrisError) as exc:
-                failures[key] = str(exc)
+        try:
+            for dcmpath, event in items:
+                key = instance_key(event, Path(dcmpath).stem)
+                try:
+                    result, tags, info = _store(settings, connection, Path(dcmpath), event)
+                    results[key] = result
+                    if register and mode is None:
+                        mode = client.detect_registration()  # cached in Redis: one GET at most
+                    if register and mode is Registration.PACSFILES:
+                        pending.append((key, registrar.submit(register_one, Path(dcmpath), event, tags, info)))
+                except (MissingTagError, ChrisError) as exc:
+                    failures[key] = str(exc)
+            for key, future in pending:
+                try:
+                    results[key].update(future.result())
+                except (MissingTagError, ChrisError) as exc:
+                    failures[key] = str(exc)
+        finally:
+            # Whatever ends the job (an error of another kind, its timeout), none of its
+            # registrations runs on after it in the kept threads.
+            wait([future for _, future in pending])
     if failures:
         raise BatchItemsError(failures, done=[k for k in results if k not in failures])
     registered = sum(1 for r in results.values() if "registered" in r)

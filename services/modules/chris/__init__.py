@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from dicomflow.errors import EventError
 #: One kept connection to each CUBE per worker process, reused by its jobs: a job's first
 #: registration used to open one (and CUBE a thread for it), ~10 ms a job (issue 23).
 _SESSIONS: dict[str, requests.Session] = {}
+#: The threads that keep a batch's registrations in flight, kept by the worker process too: a
+#: pool per job started its threads at the job's first registration and joined them at its end,
+#: while CUBE waited (issue 23). Keyed by CHRIS_REGISTRATIONS_IN_FLIGHT.
+_REGISTRARS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _session(settings: ChrisSettings) -> requests.Session:
@@ -27,6 +32,15 @@ def _session(settings: ChrisSettings) -> requests.Session:
     if session is None:
         session = _SESSIONS[settings.url] = httpsession.session()
     return session
+
+
+def _registrar(settings: ChrisSettings) -> ThreadPoolExecutor:
+    """This process's registration threads, CHRIS_REGISTRATIONS_IN_FLIGHT of them."""
+    pool = _REGISTRARS.get(settings.registrations_in_flight)
+    if pool is None:
+        pool = _REGISTRARS[settings.registrations_in_flight] = ThreadPoolExecutor(
+            settings.registrations_in_flight, thread_name_prefix="chris-register")
+    return pool
 
 
 def store(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
@@ -45,7 +59,8 @@ def store(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
     items = [(Path(item["dcmpath"]), item["event"]) for item in batch]
     todo = [(path, ev) for path, ev in items if instance_key(ev, path.stem) not in done]
     try:
-        result = store_batch(settings, connection, todo, register=True, session=_session(settings))
+        result = store_batch(settings, connection, todo, register=True, session=_session(settings),
+                             registrar=_registrar(settings))
     except BatchItemsError as exc:
         if job is not None:
             job.meta["chrisDone"] = sorted(done | set(exc.done))
