@@ -72,9 +72,13 @@ def _serve_cube(conn, files_root: str, cpu_cost: float, nagle: bool) -> None:
             double.stop()
             return
         pacs, everything = message if isinstance(message, tuple) else (message, False)
-        times = [r.at for r in double.registrations() if r.status == 201 and isinstance(r.body, dict)
-                 and r.body.get("pacs_name") == pacs]
-        conn.send(sorted(times) if everything else (len(times), min(times, default=None), max(times, default=None)))
+        mine = [r for r in double.registrations() if r.status == 201 and isinstance(r.body, dict)
+                and r.body.get("pacs_name") == pacs]
+        times = [r.at for r in mine]
+        if everything == "arrivals":
+            conn.send(sorted((r.arrived, r.at) for r in mine))
+        else:
+            conn.send(sorted(times) if everything else (len(times), min(times, default=None), max(times, default=None)))
 
 
 class Cube:
@@ -95,6 +99,11 @@ class Cube:
     def times(self, pacs: str) -> list[float]:
         """When each of a pacs' registrations was answered, in order."""
         self._conn.send((pacs, True))
+        return self._conn.recv()
+
+    def arrivals(self, pacs: str) -> list[tuple[float, float]]:
+        """(came in, answered) of each of a pacs' registrations, in order."""
+        self._conn.send((pacs, "arrivals"))
         return self._conn.recv()
 
     def stop(self) -> None:
@@ -223,7 +232,8 @@ def pipeline(stack: Pipeline, cube: Cube, pacs: str, series: Path, count: int) -
                   f"max {gaps[-1]:.0f} ms; {len(long)} over twice the median, {sum(long) / 1000:.2f} s in all; "
                   f"registrations before the last instance was sent: {sum(t < start + sent for t in times)}",
                   flush=True)
-        print("    " + job_boundaries(stack, times), flush=True)
+        print("    " + job_boundaries(stack, cube.arrivals(pacs)), flush=True)
+        print("    " + startup(stack, start, times), flush=True)
     return count / (last - start)
 
 
@@ -244,32 +254,62 @@ def _seconds(moment) -> float:
     return calendar.timegm(moment.utctimetuple()) + moment.microsecond / 1e6
 
 
-def job_boundaries(stack: Pipeline, times: list[float]) -> str:
-    """Where the time between a job's last registration and the next job's first goes: per
-    worker, the gap from one chrisStore job's end to the next one's start (RQ's cycle) and from
-    a job's start to its first registration (its first instance's fetch and store)."""
+def job_boundaries(stack: Pipeline, arrivals: list[tuple[float, float]]) -> str:
+    """Where the time between a job's last registration and the next job's first goes, per
+    worker: from the job's last registration answered to its end (the job's and RQ's
+    bookkeeping), from its end to the next job's start (RQ's cycle), and from that start to
+    the next job's first registration reaching CUBE (its first instance's fetch and store)."""
     connection = redis.Redis.from_url(stack.env["DICOMFLOW_REDIS_URL"])
     registry = FinishedJobRegistry("high", connection=connection)
+    times = sorted(at for _, at in arrivals)
+    came = sorted(arrived for arrived, _ in arrivals)
     jobs = [job for job in Job.fetch_many(registry.get_job_ids(), connection=connection)
             if job is not None and job.started_at and job.ended_at and job.worker_name
             and _seconds(job.ended_at) >= times[0] - 5]
-    cycles, firsts = [], []
+    connection.close()
+    tails, cycles, heads = [], [], []
     by_worker: dict[str, list[tuple[float, float]]] = {}
     for job in jobs:
         by_worker.setdefault(job.worker_name, []).append((_seconds(job.started_at), _seconds(job.ended_at)))
     for spans in by_worker.values():
         spans.sort()
-        cycles += [(b[0] - a[1]) * 1000 for a, b in zip(spans, spans[1:])]
-        for begin, _ in spans:
-            after = [t for t in times if t >= begin]
-            if after:
-                firsts.append((after[0] - begin) * 1000)
-    connection.close()
+        for (begin, end), (after, _) in zip(spans, spans[1:]):
+            answered = [t for t in times if begin <= t <= end]
+            arrived = [t for t in came if t >= after]
+            if answered and arrived:
+                tails.append((end - answered[-1]) * 1000)
+                cycles.append((after - end) * 1000)
+                heads.append((arrived[0] - after) * 1000)
     if not cycles:
         return f"jobs: {len(jobs)}"
-    return (f"{len(jobs)} jobs; job end -> next job start: p50 {statistics.median(cycles):.1f} ms, "
-            f"max {max(cycles):.0f} ms; job start -> its first registration: p50 "
-            f"{statistics.median(firsts):.1f} ms, max {max(firsts):.0f} ms")
+
+    def p50(values: list[float]) -> str:
+        return f"p50 {statistics.median(values):.1f} ms (max {max(values):.0f})"
+    return (f"{len(jobs)} jobs; at a worker's job boundary: last registration answered -> job end "
+            f"{p50(tails)}; -> next job start {p50(cycles)}; -> its first registration at CUBE {p50(heads)}")
+
+
+def startup(stack: Pipeline, start: float, times: list[float]) -> str:
+    """Where the time before CUBE's first registration goes: storescu's start (its first instance
+    received by Orthanc: the earliest `receivedAt` of the jobs' events), the plugin's and the
+    scheduler's hand-over (the first job enqueued), RQ (it started), the job (its first registration)."""
+    connection = redis.Redis.from_url(stack.env["DICOMFLOW_REDIS_URL"])
+    registry = FinishedJobRegistry("high", connection=connection)
+    jobs = [job for job in Job.fetch_many(registry.get_job_ids(), connection=connection)
+            if job is not None and job.enqueued_at and job.started_at and _seconds(job.enqueued_at) >= start - 1]
+    connection.close()
+    received = [item["event"]["receivedAt"] for job in jobs for item in job.kwargs.get("batch") or []
+                if (item.get("event") or {}).get("receivedAt")]
+    if not jobs or not received or not times:
+        return "startup: no jobs of this run found"
+    return (f"startup: first instance received {min(received) - start:.3f} s after storescu started; "
+            f"first job enqueued {min(_seconds(j.enqueued_at) for j in jobs) - start:.3f} s, started "
+            f"{min(_seconds(j.started_at) for j in jobs) - start:.3f} s; first registration {times[0] - start:.3f} s"
+            + "; the first jobs' instances received: " + ", ".join(
+                f"{len(j.kwargs['batch'])} in {min(i['event']['receivedAt'] for i in j.kwargs['batch']) - start:.3f}"
+                f"-{max(i['event']['receivedAt'] for i in j.kwargs['batch']) - start:.3f} s, enqueued "
+                f"{_seconds(j.enqueued_at) - start:.3f} s"
+                for j in sorted(jobs, key=lambda j: j.enqueued_at)[:4] if j.kwargs.get("batch")))
 
 
 def series_latency(stack: Pipeline, cube: Cube, pacs: str, series: Path, stable_age: float) -> float:

@@ -50,6 +50,8 @@ class Recorded:
     at: float
     #: The client's port: requests over one kept-alive connection share it.
     port: str = ""
+    #: When the request came in (`at` is when it was answered).
+    arrived: float = 0.0
 
 
 @dataclass
@@ -208,6 +210,7 @@ class CubeDouble:
     # -- WSGI -------------------------------------------------------------------------------
 
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
+        arrived = time.time()
         request = Request(environ)
         body: Any = None
         auth_kind, user = "none", None
@@ -221,7 +224,8 @@ class CubeDouble:
             response = denied or self._route(request, user, body)
         with self._lock:
             self.requests.append(Recorded(request.method, request.path, auth_kind, user, body,
-                                          response.status_code, time.time(), str(environ.get("REMOTE_PORT", ""))))
+                                          response.status_code, time.time(), str(environ.get("REMOTE_PORT", "")),
+                                          arrived))
         return response(environ, start_response)
 
     @staticmethod
