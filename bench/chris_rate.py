@@ -193,10 +193,14 @@ def with_children(pid: int) -> list[int]:
     return pids
 
 
+#: The benchmark's redis-server (the job queue and the service's counters), whose CPU is counted too.
+REDIS_PIDS: list[int] = []
+
+
 def components(stack: Pipeline, cube: Cube) -> dict[str, list[int]]:
     """The processes of each part of the stack (and CUBE)."""
     return {"orthanc": with_children(stack.orthanc.proc.pid), "scheduler": with_children(stack.scheduler.pid),
-            "workers": [w.pid for w in stack.workers], "cube": [cube.pid]}
+            "workers": [w.pid for w in stack.workers], "redis": REDIS_PIDS, "cube": [cube.pid]}
 
 
 def cpu_by_component(parts: dict[str, list[int]]) -> dict[str, float]:
@@ -233,6 +237,7 @@ def pipeline(stack: Pipeline, cube: Cube, pacs: str, series: Path, count: int) -
                   f"registrations before the last instance was sent: {sum(t < start + sent for t in times)}",
                   flush=True)
         print("    " + job_boundaries(stack, cube.arrivals(pacs)), flush=True)
+        print("    " + long_gaps(stack, times, 2 * median if gaps else 0.0), flush=True)
         print("    " + startup(stack, start, times), flush=True)
     return count / (last - start)
 
@@ -287,6 +292,31 @@ def job_boundaries(stack: Pipeline, arrivals: list[tuple[float, float]]) -> str:
         return f"p50 {statistics.median(values):.1f} ms (max {max(values):.0f})"
     return (f"{len(jobs)} jobs; at a worker's job boundary: last registration answered -> job end "
             f"{p50(tails)}; -> next job start {p50(cycles)}; -> its first registration at CUBE {p50(heads)}")
+
+
+def long_gaps(stack: Pipeline, times: list[float], threshold_ms: float) -> str:
+    """What CUBE waited for in each gap between two registrations longer than `threshold_ms`:
+    a job boundary (a job of the same worker ended and the next started inside the gap), work
+    (the job that ended the gap was enqueued inside it: the workers had nothing queued), or
+    neither (a pause inside a job: the CPU, the GIL, the worker's own steps)."""
+    connection = redis.Redis.from_url(stack.env["DICOMFLOW_REDIS_URL"])
+    registry = FinishedJobRegistry("high", connection=connection)
+    jobs = [job for job in Job.fetch_many(registry.get_job_ids(), connection=connection)
+            if job is not None and job.enqueued_at and job.started_at and job.ended_at]
+    connection.close()
+    spans = [(_seconds(j.enqueued_at), _seconds(j.started_at), _seconds(j.ended_at)) for j in jobs]
+    kinds: dict[str, list[float]] = {"job boundary": [], "waiting for work": [], "inside a job": []}
+    for before, after in zip(times, times[1:]):
+        gap = (after - before) * 1000
+        if gap <= threshold_ms:
+            continue
+        if any(before < started < after and before < enqueued for enqueued, started, _ in spans):
+            kinds["waiting for work"].append(gap)
+        elif any(before < started < after for _, started, _ in spans):
+            kinds["job boundary"].append(gap)
+        else:
+            kinds["inside a job"].append(gap)
+    return "long gaps: " + "; ".join(f"{kind} {len(g)} ({sum(g) / 1000:.2f} s)" for kind, g in kinds.items())
 
 
 def startup(stack: Pipeline, start: float, times: list[float]) -> str:
@@ -372,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         files_root = tmp_path / "cube-data"
         files_root.mkdir()
         redis_proc, connection = start_redis(tmp_path)
+        REDIS_PIDS[:] = [redis_proc.pid]
         cube = Cube(files_root, args.cpu_ms / 1000, nagle=not args.no_nagle)
         if args.pin_cube:
             pin_cube(cube.pid)

@@ -36,6 +36,47 @@ def new_attempt_id(now: float | None = None) -> str:
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+#: What every change of a series' record does too (the end of the scripts below): set the facts
+#: given, list the series as recently updated (the index trimmed to INDEX_LENGTH), note its
+#: sender, and keep each of its keys PROGRESS_TTL more. KEYS: info, done, stored, registered,
+#: errors, regdone, senders, index (SeriesProgress._keys); ARGV: 1 SOPInstanceUID, 2 instance
+#: key, 3 index member, 4 pacs_name, 5 now, 6 TTL, 7 index length, 8 the attempt id a first
+#: instance starts, then field/value pairs. One script, not a MULTI of ~17 commands: the worker
+#: packs and parses one command per step (issue 23).
+_TOUCH = """
+local fields = {'updatedAt', ARGV[5]}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[8], ARGV[5], ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[8], 0, -tonumber(ARGV[7]) - 1)
+redis.call('SADD', KEYS[7], ARGV[4])
+for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+"""
+#: An instance written to storage. Returns {new SOP (0/1), instances stored, the facts hash
+#: as a flat list}.
+_STORED = """
+local added = redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[5], ARGV[2])
+local count = redis.call('SCARD', KEYS[3])
+redis.call('HSETNX', KEYS[1], 'attempt', ARGV[8])
+redis.call('HSETNX', KEYS[1], 'state', 'receiving')
+""" + _TOUCH + """
+return {added, count, redis.call('HGETALL', KEYS[1])}
+"""
+#: Only that (the record's other changes, in a transaction with it).
+_TOUCH_ONLY = _TOUCH + "return 1"
+#: An instance registered (pacsfiles mode). Returns how many of the series' instances are.
+_REGISTERED = """
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[2])
+redis.call('HDEL', KEYS[5], ARGV[2])
+local count = redis.call('SCARD', KEYS[4])
+""" + _TOUCH + """
+return count
+"""
+
+
 def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -65,14 +106,17 @@ class SeriesProgress:
                      self.regdone_key)
 
     def _touch(self, pipe: Any, **fields: Any) -> None:
-        now = time.time()
-        fields["updatedAt"] = now
-        pipe.hset(self.info_key, mapping={k: str(v) for k, v in fields.items()})
-        pipe.zadd(INDEX_KEY, {f"{self.pacs_name}/{self.series_uid}": now})
-        pipe.zremrangebyrank(INDEX_KEY, 0, -INDEX_LENGTH - 1)
-        pipe.sadd(_senders_key(self.series_uid), self.pacs_name)
-        for key in (*self._all, _senders_key(self.series_uid)):
-            pipe.expire(key, PROGRESS_TTL)
+        """Add _TOUCH (with `fields`) to the transaction `pipe`."""
+        self._run(_TOUCH_ONLY, "", "", fields=[item for pair in fields.items() for item in pair], client=pipe)
+
+    def _run(self, script: str, sop_uid: str, instance_key: str, attempt: str = "",
+             fields: list[Any] | None = None, client: Any = None) -> Any:
+        """One of the scripts above on this series' keys (see _TOUCH for its arguments), at
+        once or, with `client` a pipeline, in it."""
+        keys = [*self._all, _senders_key(self.series_uid), INDEX_KEY]
+        args = [sop_uid, instance_key, f"{self.pacs_name}/{self.series_uid}", self.pacs_name, time.time(),
+                PROGRESS_TTL, INDEX_LENGTH, attempt, *(fields or ())]
+        return self.connection.register_script(script)(keys=keys, args=args, client=client)
 
     def info(self) -> dict[str, str]:
         """The facts hash (pacs_name, path, announced, attempt, state, ...)."""
@@ -83,21 +127,11 @@ class SeriesProgress:
         """Count an instance as written into `folder` (recording the series, and its push
         attempt, on its first instance); returns (instances stored, whether this SOP is new,
         the facts hash after it), in one round trip."""
-        pipe = self.connection.pipeline()
-        pipe.sadd(self.stored_key, sop_uid)
-        pipe.sadd(self.done_key, instance_key)
-        pipe.hdel(self.errors_key, instance_key)
-        pipe.scard(self.stored_key)
-        pipe.hsetnx(self.info_key, "attempt", new_attempt_id())
-        pipe.hsetnx(self.info_key, "state", SeriesState.RECEIVING.value)
-        fields: dict[str, Any] = {"pacs_name": pacs_name, "path": folder}
+        fields: list[Any] = ["pacs_name", pacs_name, "path", folder]
         if announced is not None:
-            fields["announced"] = announced
-        self._touch(pipe, **fields)
-        pipe.hgetall(self.info_key)
-        replies = pipe.execute()
-        added, count = replies[0], replies[3]
-        return int(count), bool(added), _decode(replies[-1])
+            fields += ["announced", announced]
+        added, count, facts = self._run(_STORED, sop_uid, instance_key, new_attempt_id(), fields)
+        return int(count), bool(added), _decode(dict(zip(facts[::2], facts[1::2])))
 
     def failed(self, instance_key: str, message: str) -> None:
         """Record an instance that could not be stored or registered.
@@ -113,13 +147,7 @@ class SeriesProgress:
 
     def registered(self, instance_key: str, sop_uid: str) -> int:
         """Count an instance as registered (pacsfiles mode); returns how many are."""
-        pipe = self.connection.pipeline()
-        pipe.sadd(self.registered_key, sop_uid)
-        pipe.sadd(self.regdone_key, instance_key)
-        pipe.hdel(self.errors_key, instance_key)
-        pipe.scard(self.registered_key)
-        self._touch(pipe)
-        return int(pipe.execute()[3])
+        return int(self._run(_REGISTERED, sop_uid, instance_key))
 
     def series_registered(self, ndicom: int) -> None:
         """Record the series registration (series mode): ndicom files are in CUBE now."""
