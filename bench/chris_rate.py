@@ -193,6 +193,8 @@ def with_children(pid: int) -> list[int]:
     return pids
 
 
+#: A --config key with this prefix is an option of the plugin (Orthanc's "Dicomflow" section).
+PLUGIN_PREFIX = "Dicomflow."
 #: The benchmark's redis-server (the job queue and the service's counters), whose CPU is counted too.
 REDIS_PIDS: list[int] = []
 
@@ -381,7 +383,9 @@ def main(argv: list[str] | None = None) -> None:
                              "with its own direct runs); default: as shipped in services/registry/chris")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="a variant of the pipeline's configuration, measured side by side with the "
-                             "shipped one (and its own direct runs), e.g. DICOMFLOW_PREFETCH=false; repeatable")
+                             "shipped one (and its own direct runs), e.g. DICOMFLOW_PREFETCH=false; a key "
+                             "Dicomflow.NAME sets the plugin's option NAME (a number if it reads as one), e.g. "
+                             "Dicomflow.BuilderNice=0; repeatable")
     parser.add_argument("--pin-cube", action="store_true",
                         help="CUBE on core 0 alone, everything else (the pipeline, the direct clients) on "
                              "the other cores: as CUBE on a host of its own; shows the pipeline's own cost "
@@ -415,8 +419,11 @@ def main(argv: list[str] | None = None) -> None:
                               "CHRIS_PASSWORD": "chris1234", "CHRIS_REGISTRATION": "pacsfiles"}
                     label = " ".join(filter(None, ["" if size is None else f"batchSize={size}", variant])) or "shipped"
                     tag = f"{n}V{len(rows)}"
+                    env = {k: v for k, v in extra.items() if not k.startswith(PLUGIN_PREFIX)}
+                    plugin = {k[len(PLUGIN_PREFIX):]: int(v) if v.lstrip("-").isdigit() else v
+                              for k, v in extra.items() if k.startswith(PLUGIN_PREFIX)}
                     with Pipeline(tmp_path / f"stack{tag}", url, services_with_batch(tmp_path, size), workers=n,
-                                  stable_age=5, extra_config={**config, **extra}) as stack:
+                                  stable_age=5, extra_config={**config, **env}, plugin_options=plugin) as stack:
                         ways: dict[str, list[float]] = {how: [] for how in CLIENTS}
                         direct_rates, pipeline_rates = [], []
                         for round_ in range(args.rounds):
