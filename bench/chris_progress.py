@@ -44,12 +44,19 @@ def _multi_touch(record: SeriesProgress, pipe: redis.client.Pipeline, **fields: 
         pipe.expire(key, PROGRESS_TTL)
 
 
+def _multi_count(record: SeriesProgress, pipe: redis.client.Pipeline, members: str, done: str,
+                 key: str, sop: str) -> None:
+    """The first four commands of both steps: the SOP in `members`, the key in `done`, its
+    error cleared, the count of `members` (the reply the step returns, index 3)."""
+    pipe.sadd(members, sop)
+    pipe.sadd(done, key)
+    pipe.hdel(record.errors_key, key)
+    pipe.scard(members)
+
+
 def multi_stored(record: SeriesProgress, key: str, sop: str) -> int:
     pipe = record.connection.pipeline()
-    pipe.sadd(record.stored_key, sop)
-    pipe.sadd(record.done_key, key)
-    pipe.hdel(record.errors_key, key)
-    pipe.scard(record.stored_key)
+    _multi_count(record, pipe, record.stored_key, record.done_key, key, sop)
     pipe.hsetnx(record.info_key, "attempt", new_attempt_id())
     pipe.hsetnx(record.info_key, "state", SeriesState.RECEIVING.value)
     _multi_touch(record, pipe, pacs_name=record.pacs_name, path=FOLDER, announced=192)
@@ -59,10 +66,7 @@ def multi_stored(record: SeriesProgress, key: str, sop: str) -> int:
 
 def multi_registered(record: SeriesProgress, key: str, sop: str) -> int:
     pipe = record.connection.pipeline()
-    pipe.sadd(record.registered_key, sop)
-    pipe.sadd(record.regdone_key, key)
-    pipe.hdel(record.errors_key, key)
-    pipe.scard(record.registered_key)
+    _multi_count(record, pipe, record.registered_key, record.regdone_key, key, sop)
     _multi_touch(record, pipe)
     return int(pipe.execute()[3])
 
