@@ -135,6 +135,13 @@ class EventMaker:
             self.builder_failed(exc)
             return {}
 
+    def start_builder(self) -> None:
+        """Start the builder process now, when events are read from the files' bytes (the
+        sender thread calls it as it starts): started at the first batch, its start and
+        imports (~140 ms) delayed the first study's events after each Orthanc start."""
+        if self._events is not None and threading.current_thread() is self.owner:
+            self._builder_ready()
+
     def _builder_ready(self) -> bool:
         """Whether a builder process runs (started, or restarted after a failure, when due)."""
         if self.builder is not None:

@@ -58,6 +58,7 @@ class Sender:
     def _run(self) -> None:
         delay = self.settings.retry_min_delay
         self.catch_up.wait_for_orthanc()
+        self.maker.start_builder()
         while not self._stopping.is_set():
             self.catch_up.before_send()
             try:

@@ -239,6 +239,21 @@ def test_the_checkpoint_never_passes_events_still_in_memory(tmp_path, servers, s
     assert len(replayed) == status["replayed"] and min(replayed) > 8
 
 
+def test_the_builder_process_is_started_before_the_first_instance(tmp_path, servers, sink):
+    # Started at the first batch, its start and imports (~140 ms) delayed the first study's
+    # events after every Orthanc start (issue 23's cold start).
+    server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url)
+    servers.append(server.start())
+    wait_for(lambda: server.status()["builder"] == "process", timeout=10,
+             what="the builder process, before any instance")
+    status = server.status()
+    assert status["received"] == 0 and process_running(status["builderPid"])
+    server.store(write_series(tmp_path / "dcm", 3, patient_id="EARLY01"))
+    _assert_in_order_once(sink.wait_for_events(3, level="instance"), 3)
+    after = server.status()
+    assert (after["builderPid"], after["builtInPlugin"], after["builderFailures"]) == (status["builderPid"], 0, 0)
+
+
 def test_a_builder_process_that_dies_loses_nothing_and_is_replaced(tmp_path, servers, sink):
     files = write_series(tmp_path / "dcm", 60, patient_id="BUILD01")
     server = OrthancServer(tmp_path / "orthanc", scheduler_url=sink.url, plugin_options=FAST_RETRY)
