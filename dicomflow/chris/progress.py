@@ -39,7 +39,7 @@ def new_attempt_id(now: float | None = None) -> str:
 #: What every change of a series' record does too (the end of the scripts below): set the facts
 #: given, list the series as recently updated (the index trimmed to INDEX_LENGTH), note its
 #: sender, and keep each of its keys PROGRESS_TTL more. KEYS: info, done, stored, registered,
-#: errors, regdone, senders, index (SeriesProgress._keys); ARGV: 1 SOPInstanceUID, 2 instance
+#: errors, regdone, senders, index (as SeriesProgress._run passes them); ARGV: 1 SOPInstanceUID, 2 instance
 #: key, 3 index member, 4 pacs_name, 5 now, 6 TTL, 7 index length, 8 the attempt id a first
 #: instance starts, then field/value pairs. One script, not a MULTI of ~17 commands: the worker
 #: packs and parses one command per step (issue 23).
