@@ -15,6 +15,7 @@ from rq import get_current_job
 
 from dicomflow.config import load_config
 from dicomflow.settings import Settings
+from worker.ahead import KEYWORD as AHEAD, next_job, wants_ahead
 from worker.dicomcache import DicomCache
 from worker.prefetch import Prefetcher
 
@@ -33,6 +34,8 @@ class WorkerRuntime:
         #: Fetches the next queued job's files while a job runs (None: off, or a fork worker).
         self.prefetcher = (Prefetcher(self.cache, settings.queues)
                            if settings.prefetch and settings.worker_class == "simple" else None)
+        #: Worker function -> whether it takes the `ahead` keyword (worker/ahead.py).
+        self._wants_ahead: dict[str, bool] = {}
         modules = str(settings.services_dir / "modules")
         if modules not in sys.path:
             sys.path.append(modules)
@@ -62,6 +65,13 @@ class WorkerRuntime:
         module_path, _, attr = dotted.rpartition(".")
         module = importlib.import_module(module_path)
         return getattr(module, attr)
+
+    def takes_ahead(self, dotted: str, func: Any) -> bool:
+        """Whether the worker function `dotted` is to be handed the next job (worker/ahead.py)."""
+        wanted = self._wants_ahead.get(dotted)
+        if wanted is None:
+            wanted = self._wants_ahead[dotted] = wants_ahead(func)
+        return wanted
 
     def dcmpath(self, event: Mapping[str, Any], job_id: str) -> Path | None:
         """The local file (instance events) or folder (series/study events) for a job, from the
@@ -133,6 +143,9 @@ def run_service_job(*, jobName: str, worker: str, headers: dict, params: dict, a
             dcmpath = runtime.dcmpath(event, job_id)
         if runtime.prefetcher is not None and job is not None:   # this job has its files: the next one's now
             runtime.prefetcher.start(connection)
+            if runtime.takes_ahead(worker, func):
+                prefetcher = runtime.prefetcher
+                extra[AHEAD] = lambda: next_job(prefetcher, runtime.cache, connection, job, worker)
         return func(jobName=jobName, headers=headers, params=params, added_params=added_params,
                     dcmpath=str(dcmpath) if dcmpath else None, event=event,
                     config=runtime.settings.config, connection=connection, **extra)

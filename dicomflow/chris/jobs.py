@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -109,10 +109,17 @@ def store_instance(settings: ChrisSettings, connection: redis.Redis, dcmpath: Pa
 
 def store_batch(settings: ChrisSettings, connection: redis.Redis,
                 items: Sequence[tuple[Path, Mapping[str, Any]]], register: bool = True,
-                session: requests.Session | None = None, registrar: Executor | None = None) -> dict[str, Any]:
+                session: requests.Session | None = None, registrar: Executor | None = None,
+                started: Mapping[str, Future] | None = None, then: Callable[[], None] | None = None,
+                ) -> dict[str, Any]:
     """Store (and with `register`, register) several instances: a `batchSize` job; CUBE is
     asked over `session` if given, from the threads of `registrar` if given (both kept by the
     caller across jobs: no new connection, no new threads per job).
+
+    `started`: instance key -> the future of `store_instance(..., register=True)` for items
+    begun before the job (a head start, services/modules/chris): their outcome is taken from it.
+    `then`: called once every item is stored and its registration sent, while the job waits
+    for CUBE's answers (to give CUBE the next job's first registration before it idles).
 
     The local work for an instance (read its tags, write the file, count it) runs while CUBE
     answers the registrations before it, which run in threads beside the job, up to
@@ -151,8 +158,13 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
         pending: list[tuple[str, Future]] = []
         mode = None
         try:
+            early = dict(started or {})
             for dcmpath, event in items:
                 key = instance_key(event, Path(dcmpath).stem)
+                if key in early:   # begun before the job: its store and registration are under way
+                    results[key] = {}
+                    pending.append((key, early.pop(key)))
+                    continue
                 try:
                     result, tags, info = _store(settings, connection, Path(dcmpath), event)
                     results[key] = result
@@ -162,6 +174,8 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
                         pending.append((key, registrar.submit(register_one, Path(dcmpath), event, tags, info)))
                 except (MissingTagError, ChrisError) as exc:
                     failures[key] = str(exc)
+            if then is not None:
+                _hint(then)
             for key, future in pending:
                 try:
                     results[key].update(future.result())
@@ -175,6 +189,14 @@ def store_batch(settings: ChrisSettings, connection: redis.Redis,
         raise BatchItemsError(failures, done=[k for k in results if k not in failures])
     registered = sum(1 for r in results.values() if "registered" in r)
     return {"instances": len(items), "stored": len(results), "registered": registered, "results": results}
+
+
+def _hint(then: Callable[[], None]) -> None:
+    """Run `then`, which only starts work early: whatever it raises is logged, the job goes on."""
+    try:
+        then()
+    except Exception:  # noqa: BLE001 - a head start is an optimisation; the job it was for does its own work
+        log.exception("starting on the next job early failed (it will do its own work)")
 
 
 def _store(settings: ChrisSettings, connection: redis.Redis, dcmpath: Path,

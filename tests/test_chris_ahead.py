@@ -1,0 +1,135 @@
+"""worker/ahead.py with the ChRIS service: a lone worker begins the next job's first instance
+while its own job waits for CUBE's last answers, so that CUBE does not idle between two jobs
+(issue 23). Real Redis, a real Orthanc (no plugin) holding the files, the real worker runtime
+and RQ's SimpleWorker, the CUBE double (cube.md) with a cost per registration.
+"""
+
+from __future__ import annotations
+
+import calendar
+import shutil
+
+import pydicom
+import pytest
+from rq import Queue, SimpleWorker
+from rq.job import JobStatus
+from rq.registry import FailedJobRegistry
+
+from dicomflow.chris.progress import series_progress
+from tests.support.chris_env import AET, SAG_FOLDER, SAG_SERIES_UID, SERVICE_MODULES, chris_config
+from tests.support.orthanc import OrthancServer
+from tests.support.services import settings_for
+from worker import runtime
+
+
+@pytest.fixture()
+def orthanc(tmp_path):
+    server = OrthancServer(tmp_path / "orthanc", plugin=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def stored(orthanc, sag_anon, tmp_path):
+    """(Orthanc ids, files) of the first 8 sag-anon files, stored in Orthanc."""
+    files = sorted(sag_anon.glob("*.dcm"))[:8]
+    return [orthanc.post("/instances", f.read_bytes())["ID"] for f in files], files
+
+
+@pytest.fixture()
+def lone_worker(tmp_path, redis_url, services, orthanc, make_cube, monkeypatch):
+    """(the runtime, the CUBE double): the chris service as its worker runtime runs it."""
+    monkeypatch.syspath_prepend(str(SERVICE_MODULES))
+    cube = make_cube("cube5", write_cost=0.05)
+    settings = settings_for(tmp_path, redis_url, services, ORTHANC_URL=orthanc.url,
+                            ORTHANC_USERNAME=orthanc.username, ORTHANC_PASSWORD=orthanc.password,
+                            **chris_config(cube, CHRIS_REGISTRATION="pacsfiles"))
+    worker_runtime = runtime.WorkerRuntime(settings)
+    monkeypatch.setattr(runtime, "_runtime", worker_runtime)
+    return worker_runtime, cube
+
+
+def _enqueue(queue: Queue, ids: list[str]):
+    items = [{"headers": {}, "added_params": {},
+              "event": {"level": "instance", "orthanc": {"instance": i}, "remoteAet": AET}} for i in ids]
+    return queue.enqueue("worker.runtime.run_service_job", jobName="chrisStore", worker="chris.store", headers={},
+                         params={}, added_params={}, event=items[0]["event"], batch=items)
+
+
+def _posts(cube) -> list:
+    return [r for r in cube.registrations() if r.body["path"].startswith(SAG_FOLDER + "/")]
+
+
+def _started(job) -> float:
+    moment = job.started_at
+    return calendar.timegm(moment.utctimetuple()) + moment.microsecond / 1e6
+
+
+def test_a_lone_worker_registers_the_next_jobs_first_instance_before_that_job_starts(
+        lone_worker, connection, stored):
+    _, cube = lone_worker
+    ids, files = stored
+    high = Queue("high", connection=connection)
+    first, second = _enqueue(high, ids[:4]), _enqueue(high, ids[4:])
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert first.get_status(refresh=True) == second.get_status(refresh=True) == JobStatus.FINISHED
+    posts = _posts(cube)
+    assert len(posts) == 8 and {r.status for r in posts} == {201}, "each instance registered once"
+    second.refresh()
+    early = [r for r in posts if r.arrived < _started(second)]
+    assert len(early) == 5, "the second job's first instance reached CUBE before the second job started"
+    assert second.return_value()["registered"] == 4 and second.return_value()["stored"] == 4
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
+    assert progress["stored"] == 8 and progress["registered"] == 8 and progress["errors"] == {}
+
+
+def test_no_head_start_when_another_worker_could_take_the_next_job(lone_worker, connection, stored):
+    """With a second worker on the queue, that worker may start the next job itself: beginning
+    it here too would send CUBE the same registration twice."""
+    _, cube = lone_worker
+    ids, _ = stored
+    high = Queue("high", connection=connection)
+    other = SimpleWorker([high], connection=connection, name="other")
+    other.register_birth()
+    try:
+        _, second = _enqueue(high, ids[:4]), _enqueue(high, ids[4:])
+        SimpleWorker([high], connection=connection).work(burst=True)
+    finally:
+        other.register_death()
+    second.refresh()
+    posts = _posts(cube)
+    assert len(posts) == 8
+    assert len([r for r in posts if r.arrived < _started(second)]) == 4, "nothing of the second job began early"
+
+
+def test_a_head_start_that_fails_fails_its_own_job_which_retries_it(lone_worker, connection, stored, orthanc,
+                                                                    tmp_path):
+    """The next job's first instance, begun early, cannot be registered (no StudyDate): the job
+    it belongs to fails naming it, as if it had run it itself; the first job is untouched, and
+    the retry (with the instance fixed) registers it."""
+    _, cube = lone_worker
+    ids, files = stored
+    broken = tmp_path / "broken.dcm"
+    shutil.copyfile(files[4], broken)
+    dataset = pydicom.dcmread(broken)
+    del dataset.StudyDate
+    dataset.save_as(broken)
+    orthanc.session.delete(f"{orthanc.url}/instances/{ids[4]}").raise_for_status()
+    assert orthanc.post("/instances", broken.read_bytes())["ID"] == ids[4]
+    high = Queue("high", connection=connection)
+    first, second = _enqueue(high, ids[:4]), _enqueue(high, ids[4:])
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert first.get_status(refresh=True) == JobStatus.FINISHED
+    assert second.get_status(refresh=True) == JobStatus.FAILED
+    error = second.latest_result().exc_string
+    assert "1 of 4 instance(s) failed" in error and ids[4] in error and "StudyDate" in error
+    assert sorted(second.get_meta(refresh=True)["chrisDone"]) == sorted(ids[5:])
+    orthanc.session.delete(f"{orthanc.url}/instances/{ids[4]}").raise_for_status()
+    orthanc.post("/instances", files[4].read_bytes())
+    runtime.current_runtime().cache.instance(ids[4]).unlink()   # the cached copy is the broken one
+    FailedJobRegistry(queue=high).requeue(second.id)
+    SimpleWorker([high], connection=connection).work(burst=True)
+    assert second.get_status(refresh=True) == JobStatus.FINISHED
+    assert second.return_value()["skipped"] == 3 and second.return_value()["registered"] == 1
+    posts = [r for r in _posts(cube) if r.status == 201]
+    assert len(posts) == 8 and len({r.body["path"] for r in posts}) == 8
