@@ -17,16 +17,13 @@ from rq.registry import FailedJobRegistry
 
 from dicomflow.chris.progress import series_progress
 from tests.support.chris_env import AET, SAG_FOLDER, SAG_SERIES_UID, SERVICE_MODULES, chris_config
-from tests.support.orthanc import OrthancServer
 from tests.support.services import settings_for
 from worker import runtime
 
 
 @pytest.fixture()
-def orthanc(tmp_path):
-    server = OrthancServer(tmp_path / "orthanc", plugin=False).start()
-    yield server
-    server.stop()
+def orthanc(plain_orthanc):
+    return plain_orthanc
 
 
 @pytest.fixture()

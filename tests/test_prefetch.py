@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 from rq import Queue, SimpleWorker
 
-from tests.support.orthanc import OrthancServer
 from tests.support.services import job, make_service, settings_for
 from worker import runtime
 from worker.prefetch import Prefetcher
@@ -29,10 +28,8 @@ def worker(jobName, headers, params, added_params, **kwargs):
 
 
 @pytest.fixture()
-def orthanc(tmp_path):
-    server = OrthancServer(tmp_path / "orthanc", plugin=False).start()
-    yield server
-    server.stop()
+def orthanc(plain_orthanc):
+    return plain_orthanc
 
 
 @pytest.fixture()

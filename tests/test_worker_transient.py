@@ -13,16 +13,13 @@ import time
 import pytest
 
 from dicomflow.errors import OrthancError, OrthancUnavailableError
-from tests.support.orthanc import OrthancServer
 from tests.support.services import settings_for
 from worker.dicomcache import DicomCache
 
 
 @pytest.fixture()
-def orthanc(tmp_path):
-    server = OrthancServer(tmp_path / "orthanc", plugin=False).start()
-    yield server
-    server.stop()
+def orthanc(plain_orthanc):
+    return plain_orthanc
 
 
 def cache_for(tmp_path, redis_url, services, orthanc, retry: float) -> DicomCache:

@@ -27,3 +27,11 @@ def sink() -> Iterator[EventSink]:
     sink = EventSink().start()
     yield sink
     sink.stop()
+
+
+@pytest.fixture()
+def plain_orthanc(tmp_path) -> Iterator[OrthancServer]:
+    """An Orthanc without the plugin, holding what a test stores in it (the workers' source)."""
+    server = OrthancServer(tmp_path / "orthanc", plugin=False).start()
+    yield server
+    server.stop()
