@@ -28,6 +28,12 @@ def study_state(study_uid: str) -> str:
     return f"{PREFIX}study-state:{study_uid}"
 
 
+def head_start(job_id: str, enqueued_at: str) -> str:
+    """Hash of a head start on one queued run of a job: which worker process holds it, and the
+    outcome of each item it began (worker/ahead.py)."""
+    return f"{PREFIX}ahead:{job_id}:{enqueued_at}"
+
+
 CALLBACK_ERRORS = f"{PREFIX}errors:callback"
 EVENT_ERRORS = f"{PREFIX}errors:event"
 STATS = f"{PREFIX}stats"

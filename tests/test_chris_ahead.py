@@ -7,18 +7,24 @@ and RQ's SimpleWorker, the CUBE double (cube.md) with a cost per registration.
 from __future__ import annotations
 
 import calendar
+import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import pydicom
 import pytest
 from rq import Queue, SimpleWorker
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
 from dicomflow.chris.progress import series_progress
 from tests.support.chris_env import AET, SAG_FOLDER, SAG_SERIES_UID, SERVICE_MODULES, chris_config
+from tests.support.procs import wait_for
 from tests.support.services import settings_for
-from worker import runtime
+from tests.support.stack import REPO
+from worker import ahead, runtime
 
 
 @pytest.fixture()
@@ -130,3 +136,85 @@ def test_a_head_start_that_fails_fails_its_own_job_which_retries_it(lone_worker,
     assert second.return_value()["skipped"] == 3 and second.return_value()["registered"] == 1
     posts = [r for r in _posts(cube) if r.status == 201]
     assert len(posts) == 8 and len({r.body["path"] for r in posts}) == 8
+
+
+def test_a_worker_that_takes_the_job_meanwhile_waits_for_what_was_begun_and_sends_it_no_more(
+        lone_worker, connection, stored, sag_anon, tmp_path):
+    """The race CI met: a worker alone on the queue begins the next job's first instance; a
+    second worker comes up before the first one's job ends and takes that next job. It must
+    take the early instance's outcome, not register it a second time."""
+    worker_runtime, cube = lone_worker
+    ids, files = stored
+    held = cube.hold(pydicom.dcmread(files[3], stop_before_pixels=True).SOPInstanceUID)  # ends the first job
+    early_sop = pydicom.dcmread(files[4], stop_before_pixels=True).SOPInstanceUID
+    high = Queue("high", connection=connection)
+    first, second = _enqueue(high, ids[:4]), _enqueue(high, ids[4:])
+    env = {**os.environ, **worker_runtime.settings.config, "DICOMFLOW_CONFIG": "",
+           "DICOMFLOW_SERVICES_DIR": str(REPO / "services"), "DICOMFLOW_HOME": str(tmp_path / "home-other"),
+           "PYTHONPATH": str(REPO)}
+    other: list[subprocess.CompletedProcess] = []
+
+    def second_worker() -> None:
+        try:
+            wait_for(lambda: any(early_sop in r.body["path"] for r in _posts(cube)), timeout=30,
+                     what="the second job's first instance, begun early, to reach CUBE")
+            other.append(subprocess.run([sys.executable, "-m", "worker.cli", "--burst", "--name", "other"],
+                                        env=env, cwd=REPO, capture_output=True, text=True, timeout=120))
+        finally:
+            held.set()
+
+    director = threading.Thread(target=second_worker)
+    director.start()
+    SimpleWorker([high], connection=connection, name="lone").work(burst=True)
+    director.join(150)
+    assert other and other[0].returncode == 0, other[0].stderr[-3000:] if other else "no second worker"
+    assert first.get_status(refresh=True) == second.get_status(refresh=True) == JobStatus.FINISHED
+    assert Job.fetch(second.id, connection=connection).worker_name == "other", "the second worker ran the second job"
+    posts = _posts(cube)
+    assert len(posts) == 8 and {r.status for r in posts} == {201}, "each instance registered once"
+    assert second.return_value()["registered"] == 4 and second.return_value()["stored"] == 4
+    progress = series_progress(connection, AET, SAG_SERIES_UID)
+    assert progress["stored"] == 8 and progress["registered"] == 8 and progress["errors"] == {}
+
+
+@pytest.fixture()
+def queued(connection):
+    return Queue("high", connection=connection).enqueue("worker.runtime.run_service_job", jobName="x",
+                                                       worker="chris.store", headers={}, params={},
+                                                       added_params={}, event={})
+
+
+def _as_another_process(monkeypatch) -> None:
+    monkeypatch.setattr(ahead, "_NONCE", "another")
+
+
+def test_a_claim_is_held_by_whoever_comes_first(connection, queued, monkeypatch):
+    early = ahead.Claim(connection, queued).take(["a"])
+    assert early.mine and early.begun == {"a": None}
+    _as_another_process(monkeypatch)
+    started = ahead.Claim(connection, queued).take()
+    assert not started.mine and started.begun == {"a": None}, "the job's worker sees what was begun for it"
+    assert not ahead.Claim(connection, queued).take(["b"]).mine
+    assert ahead.Claim(connection, queued).wait("a", timeout=0.05) is None, "nothing recorded yet"
+    monkeypatch.undo()
+    ahead.Claim(connection, queued).record("a", {"result": {"registered": True}})
+    _as_another_process(monkeypatch)
+    assert ahead.Claim(connection, queued).wait("a", timeout=1) == {"result": {"registered": True}}
+    assert ahead.Claim(connection, queued).take().begun == {"a": {"result": {"registered": True}}}
+
+
+def test_a_job_that_started_first_cannot_be_begun_early(connection, queued, monkeypatch):
+    assert ahead.Claim(connection, queued).take().mine
+    _as_another_process(monkeypatch)
+    late = ahead.Claim(connection, queued).take(["a"])
+    assert not late.mine and late.begun == {}, "nothing marked as begun"
+
+
+def test_a_run_queued_again_has_a_claim_of_its_own(connection, queued, monkeypatch):
+    assert ahead.Claim(connection, queued).take(["a"]).mine
+    Queue("high", connection=connection).enqueue_job(Job.fetch(queued.id, connection=connection))
+    again = Job.fetch(queued.id, connection=connection)
+    _as_another_process(monkeypatch)
+    assert again.enqueued_at != queued.enqueued_at
+    claimed = ahead.Claim(connection, again).take()
+    assert claimed.mine and claimed.begun == {}

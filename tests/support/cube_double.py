@@ -161,6 +161,7 @@ class CubeDouble:
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         self._faults: list[int] = []
+        self._holds: dict[str, threading.Event] = {}
         self.port = free_port()
         self._server: _NoDelayServer | _RunserverServer | None = None
         self._thread: threading.Thread | None = None
@@ -202,6 +203,12 @@ class CubeDouble:
         with self._lock:
             self._faults.extend([status] * count)
 
+    def hold(self, text: str) -> threading.Event:
+        """Registrations whose path contains `text` are not answered (nor processed) until the
+        returned event is set: a CUBE slow on one request, for a test to act meanwhile."""
+        gate = self._holds[text] = threading.Event()
+        return gate
+
     def registrations(self, method: str = "POST") -> list[Recorded]:
         """Recorded registration requests (pacsfiles/ and pacs/series/ POSTs)."""
         return [r for r in self.requests if r.method == method
@@ -220,6 +227,10 @@ class CubeDouble:
             response = self._json({"detail": "injected fault"}, fault)
         else:
             body = self._parse_body(request)
+            path = body.get("path", "") if isinstance(body, dict) else ""
+            for text, gate in list(self._holds.items()):
+                if text in str(path):
+                    gate.wait(60)
             auth_kind, user, denied = self._authenticate(request)
             response = denied or self._route(request, user, body)
         with self._lock:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +19,14 @@ from dicomflow.chris.errors import BatchItemsError
 from dicomflow.chris.jobs import finish_series, instance_key, register_instance, store_batch, store_instance
 from dicomflow.chris.settings import ChrisSettings
 from dicomflow.errors import EventError
+from worker.ahead import Claim
 
 if TYPE_CHECKING:
+    from rq.job import Job
+
     from worker.ahead import NextJob
+
+log = logging.getLogger(__name__)
 
 #: One kept connection to each CUBE per worker process, reused by its jobs: a job's first
 #: registration used to open one (and CUBE a thread for it), ~10 ms a job (issue 23).
@@ -72,8 +79,8 @@ def store(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
     done = set(job.meta.get("chrisDone", ())) if job is not None else set()
     items = [(Path(item["dcmpath"]), item["event"]) for item in batch]
     todo = [(path, ev) for path, ev in items if instance_key(ev, path.stem) not in done]
-    started = _take_ahead(job.id if job is not None else None)
     registrar = _registrar(settings)
+    started = _head_starts(settings, connection, job, todo, registrar)
     then = (lambda: _start_ahead(settings, connection, ahead(), registrar)) if ahead is not None else None
     try:
         result = store_batch(settings, connection, todo, register=True, session=_session(settings),
@@ -87,7 +94,39 @@ def store(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
     return result
 
 
-def _take_ahead(job_id: str | None) -> dict[str, Future]:
+def _head_starts(settings: ChrisSettings, connection: redis.Redis, job: Job | None,
+                 todo: list[tuple[Path, Mapping[str, Any]]], registrar: ThreadPoolExecutor) -> dict[str, Future]:
+    """What was begun of this job before it started (instance key -> the future of its store and
+    registration), and the job's claim on the rest (worker/ahead.py): from now on, no worker
+    begins any of it early. What another process began is waited for in the registration
+    threads (`_outcome_of`), not sent again."""
+    if job is None:
+        return {}
+    started = _take_ahead(job.id)
+    claim = Claim(connection, job)
+    elsewhere = claim.take().begun   # begun by another process, or by this one and forgotten
+    for path, event in todo:
+        key = instance_key(event, path.stem)
+        if key in elsewhere and key not in started:
+            started[key] = registrar.submit(_outcome_of, settings, connection, claim, key, path, event)
+    return started
+
+
+def _outcome_of(settings: ChrisSettings, connection: redis.Redis, claim: Claim, key: str, path: Path,
+                event: Mapping[str, Any]) -> dict[str, Any]:
+    """The result of an instance another worker began early for this job: as it recorded it;
+    done here if it failed there (its error is then this job's to report) or never says."""
+    # As long as that worker can take to store and register it, with CUBE's retries.
+    longest = (settings.http_timeout + settings.retry_cap) * settings.http_retries + 10
+    outcome = claim.wait(key, longest)
+    if outcome is not None and "result" in outcome:
+        return outcome["result"]
+    log.info("instance %s was begun early by another worker, which %s: doing it here", key,
+             "failed" if outcome is not None else f"did not say how it went within {longest:.0f} s")
+    return store_instance(settings, connection, path, event, register=True, session=_session(settings))
+
+
+def _take_ahead(job_id: str) -> dict[str, Future]:
     """The head starts begun for job `job_id` (instance key -> future); forgets stale ones."""
     now = time.monotonic()
     mine = {}
@@ -108,18 +147,34 @@ def _start_ahead(settings: ChrisSettings, connection: redis.Redis, upcoming: Nex
     if upcoming is None:
         return
     done = set(upcoming.job.meta.get("chrisDone", ()))
-    begun = 0
+    chosen: dict[str, tuple[Path, Mapping[str, Any]]] = {}
     for item in upcoming.items:
-        if begun == AHEAD_INSTANCES:
+        if len(chosen) == AHEAD_INSTANCES:
             break
         path, event = Path(item["dcmpath"]), item["event"]
         key = instance_key(event, path.stem)
-        if key in done or (upcoming.job.id, key) in _AHEAD:
-            continue
+        if key not in done and (upcoming.job.id, key) not in _AHEAD:
+            chosen[key] = (path, event)
+    if not chosen:
+        return
+    claim = Claim(connection, upcoming.job)
+    if not claim.take(list(chosen)).mine:   # its worker has started it, or another begins it
+        return
+    for key, (path, event) in chosen.items():
         future = registrar.submit(store_instance, settings, connection, path, event, register=True,
                                   session=_session(settings))
+        future.add_done_callback(partial(_record, claim, key))
         _AHEAD[(upcoming.job.id, key)] = (time.monotonic(), future)
-        begun += 1
+
+
+def _record(claim: Claim, key: str, future: Future) -> None:
+    """Record the outcome of an instance begun early, for a worker that took its job meanwhile."""
+    error = future.exception()
+    outcome = {"result": future.result()} if error is None else {"error": f"{type(error).__name__}: {error}"}
+    try:
+        claim.record(key, outcome)
+    except redis.RedisError as exc:   # that worker then does the instance itself, after its wait
+        log.warning("could not record the outcome of %s, begun early: %s", key, exc)
 
 
 def register(jobName: str, headers: Mapping[str, Any], params: Mapping[str, Any],
