@@ -2,7 +2,7 @@
 
 RQ runs one job at a time per worker. A batched ChRIS job ends when CUBE has answered its last
 registration; until the next job has started, read its first file and sent its first
-registration, CUBE has nothing to do: ~14 ms at each of a series' 24 job boundaries, with one
+registration, CUBE has nothing to do: ~14 ms at each of a series' ~25 job boundaries, with one
 worker 0.3-0.5 s of a 4.3 s series (issue 23; `bench/chris_rate.py --verbose`). A worker
 function that takes a keyword `ahead` is handed a callable that names the job this worker will
 run next, with the files of it that this host holds already (fetched ahead, worker/prefetch.py),
